@@ -1,0 +1,28 @@
+"""DeepCache: training-free acceleration of diffusers U-Net pipelines by caching deep features.
+
+Example::
+
+    from DeepCache import DeepCacheSDHelper
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    image = pipe("a photo of an astronaut on a moon").images[0]
+    helper.disable()
+"""
+
+__version__ = "0.2.0"
+
+from .helper import DeepCacheSDHelper  # noqa: E402
+from .layout import UNetLayout, branch_table, retrieval_plan  # noqa: E402
+from .schedule import CacheParams, non_uniform_full_steps, schedule_pattern  # noqa: E402
+
+__all__ = [
+    "DeepCacheSDHelper",
+    "CacheParams",
+    "UNetLayout",
+    "branch_table",
+    "non_uniform_full_steps",
+    "retrieval_plan",
+    "schedule_pattern",
+    "__version__",
+]

@@ -1,0 +1,362 @@
+"""Module plumbing: wire a :class:`~DeepCache.layout.RetrievalPlan` into a live diffusers U-Net.
+
+Nothing here decides *what* runs (that is :mod:`DeepCache.layout` and :mod:`DeepCache.schedule`);
+this module only
+
+* wraps the ``forward`` of the U-Net's path modules (down blocks and their layers/downsamplers,
+  the mid block, up blocks and their layers) on the instance, restorable exactly;
+* adds a forward pre-hook and hook on the U-Net that pick full vs retrieval for each evaluation
+  (module hooks survive accelerate's offload hooks, which rewrite ``unet.forward``);
+* keeps the per-generation state: step counter, the one cached feature, placeholder shapes.
+
+On a retrieval step a skipped module returns an uninitialised placeholder of the shape it had at
+the last full step (its value never reaches the output), and the module whose output enters the
+up layer that consumes skip ``b`` returns the cached feature.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .layout import Boundary, RetrievalPlan, UNetLayout, retrieval_plan
+from .schedule import CacheParams, is_full_step
+
+# U-Net classes whose forward follows the skip-connection model of DeepCache.layout and that the
+# test-suite covers. Others get a clear error instead of a silent no-op.
+SUPPORTED_UNETS = ("UNet2DConditionModel",)
+
+_LAYER_LISTS = ("resnets", "attentions", "motion_modules")  # order in which a block applies them
+
+
+class Mode(enum.Enum):
+    OFF = "off"  # no active generation: every module runs untouched
+    FULL = "full"
+    RETRIEVE = "retrieve"
+
+
+class Action(enum.Enum):
+    RUN = "run"
+    SKIP = "skip"
+    BOUNDARY = "boundary"
+
+
+def unwrap_unet(module: Any) -> Any:
+    """The U-Net inside a ``torch.compile`` wrapper (``OptimizedModule``), or ``module`` itself."""
+    return getattr(module, "_orig_mod", module)
+
+
+def check_supported_unet(unet: Any) -> None:
+    """Raise ``TypeError`` naming the supported classes if ``unet`` cannot be cached."""
+    names = {cls.__name__ for cls in type(unet).__mro__}
+    if not isinstance(unet, nn.Module) or not names.intersection(SUPPORTED_UNETS):
+        raise TypeError(
+            f"DeepCache cannot cache a {type(unet).__name__}: supported U-Nets are {', '.join(SUPPORTED_UNETS)} "
+            "(pass a diffusers pipeline whose `unet` is one of them, or the U-Net itself)."
+        )
+
+
+def _sampler(block: nn.Module, name: str) -> nn.Module | None:
+    samplers = getattr(block, name, None)
+    return samplers[0] if samplers is not None and len(samplers) > 0 else None
+
+
+def layer_modules(block: nn.Module, index: int) -> list[nn.Module]:
+    """The modules that make up layer ``index`` of a down/up block, in the order the block runs them."""
+    modules = []
+    for name in _LAYER_LISTS:
+        seq = getattr(block, name, None)
+        if isinstance(seq, nn.ModuleList) and index < len(seq) and seq[index] is not None:
+            modules.append(seq[index])
+    return modules
+
+
+def unet_layout(unet: nn.Module) -> UNetLayout:
+    """Read the skip-connection layout of a (supported) U-Net."""
+    check_supported_unet(unet)
+    down = [(len(block.resnets), _sampler(block, "downsamplers") is not None) for block in unet.down_blocks]
+    up = [(len(block.resnets), _sampler(block, "upsamplers") is not None) for block in unet.up_blocks]
+    return UNetLayout.from_counts(down, up, has_mid=getattr(unet, "mid_block", None) is not None)
+
+
+def plan_actions(plan: RetrievalPlan, layout: UNetLayout, unet: nn.Module) -> dict[tuple, Action]:
+    """Map every wrapped-module key to what it does on a retrieval step of ``plan``."""
+    actions: dict[tuple, Action] = {}
+    b = plan.boundary
+    for i, block in enumerate(unet.down_blocks):
+        runs = plan.down_block_runs[i]
+        actions[("down_block", i)] = Action.RUN if runs else Action.SKIP
+        for j in range(layout.down[i].num_layers):
+            skip_layer = runs and not plan.down_layer_runs[i][j]
+            for m in range(len(layer_modules(block, j))):
+                actions[("down_layer", i, j, m)] = Action.SKIP if skip_layer else Action.RUN
+        if layout.down[i].has_sampler:
+            actions[("down_sampler", i)] = Action.SKIP if runs and not plan.down_sampler_runs[i] else Action.RUN
+    actions[("mid",)] = Action.BOUNDARY if b.kind == "mid" else Action.SKIP
+    for u, block in enumerate(unet.up_blocks):
+        runs = plan.up_block_runs[u]
+        if b == Boundary("up_block", u):
+            actions[("up_block", u)] = Action.BOUNDARY
+        else:
+            actions[("up_block", u)] = Action.RUN if runs else Action.SKIP
+        for j in range(layout.up[u].num_layers):
+            modules = layer_modules(block, j)
+            skip_layer = runs and not plan.up_layer_runs[u][j]
+            for m in range(len(modules)):
+                if skip_layer and b == Boundary("up_layer", u, j) and m == len(modules) - 1:
+                    actions[("up_layer", u, j, m)] = Action.BOUNDARY
+                else:
+                    actions[("up_layer", u, j, m)] = Action.SKIP if skip_layer else Action.RUN
+    return actions
+
+
+def _path_modules(unet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
+    for i, block in enumerate(unet.down_blocks):
+        yield ("down_block", i), block
+        for j in range(len(block.resnets)):
+            for m, module in enumerate(layer_modules(block, j)):
+                yield ("down_layer", i, j, m), module
+        sampler = _sampler(block, "downsamplers")
+        if sampler is not None:
+            yield ("down_sampler", i), sampler
+    yield ("mid",), unet.mid_block
+    for u, block in enumerate(unet.up_blocks):
+        yield ("up_block", u), block
+        for j in range(len(block.resnets)):
+            for m, module in enumerate(layer_modules(block, j)):
+                yield ("up_layer", u, j, m), module
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-generation state
+
+
+@dataclass
+class Generation:
+    """State of one generation (one pipeline call, or one bare-U-Net loop between resets)."""
+
+    params: CacheParams
+    actions: dict[tuple, Action]
+    num_steps: Callable[[], int | None] = lambda: None
+    step: int = 0
+    steps: list[bool] = field(default_factory=list)  # True = full step, per U-Net evaluation
+    cache: Any = None  # the boundary output of the last full step (a clone)
+    cache_key: tuple | None = None  # (shape, dtype, device) of the sample at that full step
+    cache_versions: tuple[int, ...] | None = None
+    clone_handout: bool = False  # hand out copies of the cache (its consumer modifies it in place)
+    specs: dict[tuple, tuple[pytree.TreeSpec, list]] = field(default_factory=dict)
+    _num_steps_value: int | None = None
+    _num_steps_read: bool = False
+
+    def total_steps(self) -> int | None:
+        if not self._num_steps_read:
+            self._num_steps_value = self.num_steps()
+            self._num_steps_read = True
+        return self._num_steps_value
+
+    def release(self) -> None:
+        self.cache = None
+        self.cache_key = None
+        self.cache_versions = None
+        self.specs.clear()
+
+    def cache_bytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(self.cache) if torch.is_tensor(t))
+
+
+def _tensor_spec(out: Any) -> tuple[pytree.TreeSpec, list]:
+    leaves, spec = pytree.tree_flatten(out)
+    return spec, [(tuple(x.shape), x.dtype, x.device) if torch.is_tensor(x) else (None, x, None) for x in leaves]
+
+
+def _placeholder(spec: tuple[pytree.TreeSpec, list]) -> Any:
+    treespec, leaves = spec
+    values = [
+        torch.empty(shape, dtype=dtype, device=device) if shape is not None else dtype
+        for shape, dtype, device in leaves
+    ]
+    return pytree.tree_unflatten(values, treespec)
+
+
+def _versions(tree: Any) -> tuple[int, ...] | None:
+    try:
+        return tuple(t._version for t in pytree.tree_leaves(tree) if torch.is_tensor(t))
+    except RuntimeError:  # inference tensors (torch.inference_mode) have no version counter
+        return None
+
+
+def _clone(tree: Any) -> Any:
+    return pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# The patch on one U-Net
+
+
+class UNetPatch:
+    """Hooks on one U-Net, shared by every helper that caches it; removed when the last one leaves."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.layout = unet_layout(unet)
+        self.owners: set[int] = set()
+        self.stack: list[Generation] = []  # active generations, innermost last
+        self.mode = Mode.OFF
+        self.gen: Generation | None = None  # the generation of the evaluation in progress
+        self.clone_handout = False  # set once a consumer was seen modifying the cached feature in place
+        self._saved: list[tuple[nn.Module, bool, Any, Callable]] = []
+        self._handles: list[Any] = []
+        self._actions_by_branch: dict[int, dict[tuple, Action]] = {}
+
+    # -- plan -------------------------------------------------------------------------------
+    def actions_for(self, branch: int) -> dict[tuple, Action]:
+        if branch not in self._actions_by_branch:
+            plan = retrieval_plan(self.layout, branch)
+            self._actions_by_branch[branch] = plan_actions(plan, self.layout, self.unet)
+        return self._actions_by_branch[branch]
+
+    def consumer_modifies_in_place(self, branch: int) -> bool:
+        """Whether the block that consumes the cached feature scales it in place (FreeU does)."""
+        if self.clone_handout:
+            return True
+        boundary = retrieval_plan(self.layout, branch).boundary
+        index = {"mid": 0, "up_block": boundary.block + 1, "up_layer": boundary.block}[boundary.kind]
+        block = self.unet.up_blocks[index]
+        return all(getattr(block, name, None) for name in ("s1", "s2", "b1", "b2"))
+
+    # -- install / remove ---------------------------------------------------------------------
+    def install(self) -> None:
+        for key, module in _path_modules(self.unet):
+            had_own = "forward" in module.__dict__
+            previous = module.__dict__.get("forward")
+            original = module.forward
+            wrapper = functools.update_wrapper(functools.partial(_wrapped_forward, self, key, original), original)
+            module.forward = wrapper
+            self._saved.append((module, had_own, previous, wrapper))
+        self._handles.append(self.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        self._handles.append(self.unet.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, had_own, previous, wrapper in reversed(self._saved):
+            if module.__dict__.get("forward") is wrapper:
+                if had_own:
+                    module.forward = previous
+                else:
+                    del module.forward
+            # else: someone wrapped our wrapper; with the patch gone it passes straight through.
+        self._saved.clear()
+        self.stack.clear()
+        self.mode = Mode.OFF
+        self.gen = None
+
+    # -- per evaluation -------------------------------------------------------------------------
+    @torch.compiler.disable
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        gen = self.stack[-1] if self.stack else None
+        self.gen = gen
+        if gen is None:
+            self.mode = Mode.OFF
+            return None
+        sample = args[0] if args else kwargs.get("sample")
+        key = (tuple(sample.shape), sample.dtype, sample.device) if torch.is_tensor(sample) else None
+        k = gen.step
+        gen.step += 1
+        if gen.params.needs_num_steps and gen.total_steps() is None:
+            raise ValueError(
+                'skip_mode="non-uniform" needs the number of steps: pipelines provide it, for a bare U-Net call '
+                "helper.reset_states(num_inference_steps=N) before the loop."
+            )
+        full = (
+            is_full_step(gen.params, k, gen.total_steps())
+            or gen.cache is None
+            or key is None
+            or gen.cache_key != key
+            or (gen.cache_versions is not None and _versions(gen.cache) != gen.cache_versions)
+        )
+        if full:
+            gen.cache = None  # free the old feature before computing the new one
+            gen.cache_key = key
+        gen.steps.append(full)
+        self.mode = Mode.FULL if full else Mode.RETRIEVE
+        return None
+
+    @torch.compiler.disable
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        gen, mode = self.gen, self.mode
+        self.mode = Mode.OFF
+        self.gen = None
+        if gen is not None and mode is Mode.RETRIEVE and gen.cache is not None and not gen.clone_handout:
+            if gen.cache_versions is None or _versions(gen.cache) != gen.cache_versions:
+                # An unexpected consumer modified the cached feature in place: refresh the cache at the next
+                # step and hand out copies from now on (this U-Net remembers it for later generations).
+                self.clone_handout = True
+                gen.clone_handout = True
+                gen.cache = None
+        return None
+
+
+def _wrapped_forward(patch: UNetPatch, key: tuple, original: Callable, *args: Any, **kwargs: Any) -> Any:
+    mode = patch.mode
+    if mode is Mode.OFF:
+        return original(*args, **kwargs)
+    gen = patch.gen
+    action = gen.actions.get(key, Action.RUN)
+    if mode is Mode.FULL:
+        out = original(*args, **kwargs)
+        if action is Action.SKIP:
+            gen.specs[key] = _tensor_spec(out)
+        elif action is Action.BOUNDARY:
+            gen.cache = _clone(out)
+            gen.cache_versions = _versions(gen.cache)
+            if gen.cache_versions is None:  # untrackable (inference mode): never hand out the original
+                gen.clone_handout = True
+        return out
+    if action is Action.RUN:
+        return original(*args, **kwargs)
+    if action is Action.SKIP:
+        return _placeholder(gen.specs[key])
+    return _clone(gen.cache) if gen.clone_handout else gen.cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: one patch per U-Net, shared by helpers
+
+_PATCHES: "weakref.WeakKeyDictionary[nn.Module, UNetPatch]" = weakref.WeakKeyDictionary()
+
+
+def acquire(unet: nn.Module, owner: object) -> UNetPatch:
+    """Install (or join) the patch on ``unet`` for ``owner``."""
+    patch = _PATCHES.get(unet)
+    if patch is None:
+        patch = UNetPatch(unet)
+        patch.install()
+        _PATCHES[unet] = patch
+    patch.owners.add(id(owner))
+    return patch
+
+
+def release(unet: nn.Module, owner: object) -> None:
+    """Leave the patch on ``unet``; the last owner to leave removes it."""
+    patch = _PATCHES.get(unet)
+    if patch is None:
+        return
+    patch.owners.discard(id(owner))
+    if not patch.owners:
+        patch.remove()
+        del _PATCHES[unet]
+
+
+def patch_of(unet: nn.Module) -> UNetPatch | None:
+    return _PATCHES.get(unet)

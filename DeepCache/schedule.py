@@ -1,0 +1,203 @@
+"""Which U-Net evaluations are full steps: pure functions, no model needed.
+
+A *full step* runs the whole U-Net and refreshes the cache; a *retrieval step* runs only the
+shallow branch and reuses the deep feature cached at the last full step. Steps are counted
+per generation from 0: step ``k`` is the ``k``-th U-Net evaluation of the current pipeline call
+(a second-order scheduler such as Heun evaluates the U-Net about twice per denoising step, and
+each evaluation counts).
+
+Example::
+
+    >>> from DeepCache.schedule import CacheParams, schedule_pattern
+    >>> p = CacheParams(cache_interval=3)
+    >>> "".join("F" if full else "r" for full in schedule_pattern(p, 10))
+    'FrrFrrFrrF'
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+SKIP_MODES = ("uniform", "non-uniform", "custom")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """Validated caching parameters (what :meth:`DeepCacheSDHelper.set_params` accepts).
+
+    Important args:
+        cache_interval: U-Net evaluations between cache refreshes (1 = no caching). 3 is a good start.
+        cache_branch_id: the skip connection whose deeper layers are cached (0 = shallowest, fastest).
+
+    Args to tinker with:
+        skip_mode: ``"uniform"`` (a full step every ``cache_interval`` evaluations),
+            ``"non-uniform"`` (the paper's Eq. 7: full steps dense around ``center``) or
+            ``"custom"`` (exactly the steps in ``full_steps``).
+        center: non-uniform only; the step around which full steps are densest (paper: 15 of 50).
+        pow: non-uniform only; > 1, how strongly full steps gather around ``center`` (paper: 1.4).
+        full_steps: custom only; the step indices that are full steps (step 0 is always full).
+        start_step: no caching before this step (all earlier steps are full).
+        end_step: no caching from this step on (``None`` = cache until the end).
+    """
+
+    cache_interval: int = 1
+    cache_branch_id: int = 0
+    skip_mode: str = "uniform"
+    center: int = 15
+    pow: float = 1.4
+    full_steps: tuple[int, ...] | None = field(default=None)
+    start_step: int = 0
+    end_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.cache_interval) or self.cache_interval < 1:
+            raise ValueError(
+                f"cache_interval must be an integer >= 1 (1 disables caching), got {self.cache_interval!r}."
+            )
+        if not _is_int(self.cache_branch_id) or self.cache_branch_id < 0:
+            raise ValueError(
+                f"cache_branch_id must be an integer >= 0 (0 = shallowest skip branch), got {self.cache_branch_id!r}."
+            )
+        if self.skip_mode not in SKIP_MODES:
+            raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {self.skip_mode!r}.")
+        if not _is_int(self.center) or self.center < 0:
+            raise ValueError(f"center must be an integer step index >= 0, got {self.center!r}.")
+        if isinstance(self.pow, bool) or not isinstance(self.pow, (int, float)) or not math.isfinite(self.pow) or self.pow <= 1:
+            raise ValueError(f"pow must be a finite number > 1 (the paper uses 1.4), got {self.pow!r}.")
+        if self.skip_mode == "custom":
+            if self.full_steps is None:
+                raise ValueError('skip_mode="custom" needs full_steps, e.g. full_steps=[0, 1, 2, 4, 8, 16].')
+        elif self.full_steps is not None:
+            raise ValueError(f'full_steps is only used with skip_mode="custom" (got skip_mode={self.skip_mode!r}).')
+        if self.full_steps is not None:
+            steps = tuple(self.full_steps)
+            if not all(_is_int(s) and s >= 0 for s in steps):
+                raise ValueError(f"full_steps must be integer step indices >= 0, got {list(self.full_steps)!r}.")
+            object.__setattr__(self, "full_steps", tuple(sorted(set(steps))))
+        if not _is_int(self.start_step) or self.start_step < 0:
+            raise ValueError(f"start_step must be an integer >= 0, got {self.start_step!r}.")
+        if self.end_step is not None and (not _is_int(self.end_step) or self.end_step <= self.start_step):
+            raise ValueError(
+                f"end_step must be None or an integer > start_step ({self.start_step}), got {self.end_step!r}."
+            )
+
+    @property
+    def needs_num_steps(self) -> bool:
+        """Whether the pattern depends on the total number of steps (non-uniform schedules)."""
+        return self.skip_mode == "non-uniform" and self.cache_interval > 1
+
+
+def non_uniform_full_steps(num_steps: int, num_full: int, center: int, pow: float = 1.4) -> tuple[int, ...]:
+    """Full-step indices of the paper's non-uniform schedule (Eq. 7), symmetric around ``center``.
+
+    ``num_full`` points are spaced evenly in ``u`` between ``-center**(1/p)`` and
+    ``(num_steps-1-center)**(1/p)`` and mapped to ``center + sign(u)*|u|**p`` (floored), so the gaps
+    between full steps grow with the distance from ``center`` on both sides. Index 0 is always
+    included. If flooring merges points, ``p`` is lowered by 0.02 (as the original does) until
+    ``num_full`` distinct indices remain; ``p = 1`` gives evenly spaced steps.
+
+    The original implementation computes ``(-center)**(1/p)`` with NumPy, which is NaN, so its
+    schedule is not the formula's; this function implements the formula as written.
+
+    >>> non_uniform_full_steps(50, 10, center=15, pow=1.4)
+    (0, 6, 11, 14, 17, 21, 27, 33, 41, 49)
+    """
+    if not _is_int(num_steps) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+    if not _is_int(num_full) or not 1 <= num_full <= num_steps:
+        raise ValueError(f"num_full must be an integer in [1, num_steps={num_steps}], got {num_full!r}.")
+    if not _is_int(center) or not 0 <= center < num_steps:
+        raise ValueError(
+            f"center={center!r} must be a step index in [0, {num_steps - 1}] for a {num_steps}-step generation; "
+            "lower it with set_params(center=...)."
+        )
+    if num_full == 1:
+        return (0,)
+    p = float(pow)
+    while True:
+        p_eff = max(p, 1.0)
+        lo = -(center ** (1.0 / p_eff))
+        hi = (num_steps - 1 - center) ** (1.0 / p_eff)
+        points = set()
+        for i in range(num_full):
+            u = lo + (hi - lo) * i / (num_full - 1)
+            x = center + math.copysign(abs(u) ** p_eff, u)
+            points.add(min(num_steps - 1, max(0, int(math.floor(x + 1e-9)))))
+        points.add(0)
+        if len(points) >= num_full or p_eff <= 1.0:
+            break
+        p -= 0.02
+    steps = sorted(points)
+    if len(steps) < num_full:  # p reached 1 and rounding still merged points: fill evenly
+        missing = [s for s in range(num_steps) if s not in points]
+        steps = sorted(steps + missing[: num_full - len(steps)])
+    return tuple(steps[:num_full]) if len(steps) > num_full else tuple(steps)
+
+
+def is_full_step(params: CacheParams, step: int, num_steps: int | None = None) -> bool:
+    """Whether U-Net evaluation ``step`` (0-based, within one generation) is a full step.
+
+    Step 0 is always full. ``num_steps`` (U-Net evaluations in the generation) is only needed by
+    the non-uniform schedule; without it, that schedule makes every step full.
+
+    >>> is_full_step(CacheParams(cache_interval=3), 3), is_full_step(CacheParams(cache_interval=3), 4)
+    (True, False)
+    """
+    if step <= 0:
+        return True
+    if step < params.start_step or (params.end_step is not None and step >= params.end_step):
+        return True
+    if params.skip_mode == "uniform":
+        return (step - params.start_step) % params.cache_interval == 0
+    if params.skip_mode == "custom":
+        assert params.full_steps is not None
+        return step in params.full_steps or step == params.start_step
+    if num_steps is None or step >= num_steps:
+        return True
+    return step in _non_uniform_set(params, num_steps) or step == params.start_step
+
+
+@functools.lru_cache(maxsize=64)
+def _non_uniform_set(params: CacheParams, num_steps: int) -> frozenset[int]:
+    num_full = -(-num_steps // params.cache_interval)
+    return frozenset(non_uniform_full_steps(num_steps, num_full, params.center, params.pow))
+
+
+def schedule_pattern(params: CacheParams, num_steps: int) -> tuple[bool, ...]:
+    """The full (True) / retrieval (False) pattern of a ``num_steps``-evaluation generation.
+
+    >>> schedule_pattern(CacheParams(cache_interval=2, start_step=1, end_step=5), 7)
+    (True, True, False, True, False, True, True)
+    """
+    if not _is_int(num_steps) or num_steps < 0:
+        raise ValueError(f"num_steps must be an integer >= 0, got {num_steps!r}.")
+    return tuple(is_full_step(params, k, num_steps) for k in range(num_steps))
+
+
+def format_pattern(pattern: Iterable[bool]) -> str:
+    """Render a pattern as a string: ``F`` for a full step, ``r`` for a retrieval step.
+
+    >>> format_pattern((True, False, False, True))
+    'FrrF'
+    """
+    return "".join("F" if full else "r" for full in pattern)
+
+
+def as_params(params: CacheParams | None = None, **overrides: object) -> CacheParams:
+    """A new :class:`CacheParams` from an existing one (or the defaults) with ``overrides`` applied."""
+    base = params if params is not None else CacheParams()
+    values = {name: getattr(base, name) for name in base.__dataclass_fields__}
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise TypeError(f"unknown parameter(s) {unknown}; valid ones are {sorted(values)}.")
+    values.update(overrides)
+    if isinstance(values.get("full_steps"), Sequence) and not isinstance(values["full_steps"], tuple):
+        values["full_steps"] = tuple(values["full_steps"])  # type: ignore[arg-type]
+    return CacheParams(**values)  # type: ignore[arg-type]

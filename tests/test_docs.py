@@ -1,0 +1,47 @@
+"""The README and the command line say what the code does."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import DeepCache
+from DeepCache._patch import unet_layout
+from DeepCache.cli import main
+from DeepCache.layout import branch_table_markdown
+
+from .tiny import tiny_sd_unet, tiny_sdxl_unet
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize("name, make", [("sd", tiny_sd_unet), ("sdxl", tiny_sdxl_unet)])
+def test_readme_branch_tables_are_generated(name: str, make) -> None:
+    text = README.read_text()
+    match = re.search(rf"<!-- branch-table:{name}:start -->\n(.*?)\n<!-- branch-table:{name}:end -->", text, re.S)
+    assert match, f"README lacks the {name} branch table markers"
+    assert match.group(1) == branch_table_markdown(unet_layout(make()))
+
+
+def test_readme_snippet_is_the_public_contract() -> None:
+    text = README.read_text()
+    assert "from DeepCache import DeepCacheSDHelper\nhelper = DeepCacheSDHelper(pipe=pipe)\n" in text
+    assert "helper.set_params(cache_interval=3, cache_branch_id=0)\nhelper.enable()\n" in text
+
+
+def test_version_flag(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"DeepCache {DeepCache.__version__}"
+
+
+def test_console_script_help_lists_the_subcommands() -> None:
+    out = subprocess.run([sys.executable, "-m", "DeepCache", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "usage: deepcache" in out
+    for command in ("bench", "demo", "eval"):
+        assert command in out
