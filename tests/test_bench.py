@@ -1,0 +1,395 @@
+"""Tests of ``deepcache bench``: grid, configs, FLOP counting, JSON schema and the CLI (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from DeepCache import bench
+from DeepCache.bench import BenchConfig, BenchReport, ScenarioResult, Variant, preset_config
+from DeepCache.bench_flops import (
+    StepFlops,
+    count_flops,
+    count_unet_step_flops,
+    ideal_speedup_pattern,
+    ideal_speedup_uniform,
+)
+from DeepCache.bench_models import build_meta_unet, build_meta_vae, load_config, tiny_config
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One CPU thread: far faster than two on a machine shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- scenarios and the grid ------------------------------------------------------------------------
+
+
+def test_variant_parse_and_labels() -> None:
+    assert Variant.parse("3,0") == Variant(3, 0, "uniform")
+    assert Variant.parse(" 5 , 1 ,non-uniform") == Variant(5, 1, "non-uniform")
+    assert Variant.parse("5,1").label == "I=5, B=1"
+    assert Variant.parse("5,1,non-uniform").label == "I=5, B=1, non-uniform"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("3", "expected INTERVAL,BRANCH"),
+        ("3,0,uniform,4", "expected INTERVAL,BRANCH"),
+        ("a,0", "must be integers"),
+        ("3,0,quadratic", "MODE must be uniform or non-uniform"),
+        ("3,0,custom", "MODE must be uniform or non-uniform"),
+        ("0,0", "cache_interval must be an integer >= 1"),
+        ("3,-1", "cache_branch_id must be an integer >= 0"),
+    ],
+)
+def test_variant_parse_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Variant.parse(text)
+
+
+def test_docs_table_preset_grid_is_the_documented_table() -> None:
+    cfg = preset_config("docs-table")
+    assert (cfg.model, cfg.steps, cfg.scheduler) == ("sd21", 50, "ddim")
+    assert cfg.shapes() == [(r, r, b) for r in (512, 768, 1024) for b in (8, 4, 1)]
+    assert [v.label for v in cfg.variants] == ["I=3, B=0", "I=5, B=0", "I=5, B=1"]
+    scenarios = cfg.scenarios()
+    assert len(scenarios) == 9 * 4
+    assert [s.label for s in scenarios[:5]] == [
+        "512x512 b8 original", "512x512 b8 I=3, B=0", "512x512 b8 I=5, B=0", "512x512 b8 I=5, B=1",
+        "512x512 b4 original",
+    ]
+    assert scenarios[-1] == bench.Scenario(1024, 1024, 1, Variant(5, 1))
+
+
+def test_tiny_divides_resolutions_and_non_square() -> None:
+    cfg = preset_config("docs-table", tiny=True)
+    assert cfg.shapes_hw() == [(64, 64), (96, 96), (128, 128)]
+    cfg = BenchConfig(resolutions=((768, 512), 256), batch_sizes=(2,), variants=())
+    assert cfg.shapes() == [(768, 512, 2), (256, 256, 2)]
+    assert [s.label for s in cfg.scenarios()] == ["768x512 b2 original", "256x256 b2 original"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"resolutions": (500,)}, "multiple of 8"),
+        ({"resolutions": (512,), "tiny": True, "model": "sd15"}, None),
+        ({"resolutions": (520,), "tiny": True, "model": "sd15"}, "multiple of 8"),
+        ({"model": "/some/path", "tiny": True}, "--tiny needs a built-in model"),
+        ({"batch_sizes": (0,)}, "batch sizes must be >= 1"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"scheduler": "lms"}, "unknown scheduler"),
+        ({"dtype": "int8"}, "unknown dtype"),
+    ],
+)
+def test_config_validation(kwargs: dict, message: str | None) -> None:
+    if message is None:
+        BenchConfig(**kwargs)
+    else:
+        with pytest.raises(ValueError, match=message):
+            BenchConfig(**kwargs)
+
+
+def test_unknown_preset_and_model() -> None:
+    with pytest.raises(ValueError, match="unknown preset 'paper'"):
+        preset_config("paper")
+    with pytest.raises(ValueError, match="unknown built-in model 'sd3'"):
+        load_config("sd3")
+
+
+# -- shipped configs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, unet_m, vae_m", [("sd15", 859.52, 83.65), ("sd21", 865.91, 83.65), ("sdxl", 2567.46, 83.65)])
+def test_full_size_param_counts_on_meta(name: str, unet_m: float, vae_m: float) -> None:
+    cfg = load_config(name)
+    unet = build_meta_unet(cfg["unet"])
+    vae = build_meta_vae(cfg["vae"])
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 2) == unet_m
+    assert round(sum(p.numel() for p in vae.parameters()) / 1e6, 2) == vae_m
+    assert next(unet.parameters()).device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_tiny_config_keeps_structure(name: str) -> None:
+    full = load_config(name)
+    before = json.dumps(full, sort_keys=True)
+    tiny = tiny_config(full)
+    assert json.dumps(full, sort_keys=True) == before  # input not mutated
+    for key in ("down_block_types", "up_block_types", "mid_block_type"):
+        assert tiny["unet"][key] == full["unet"][key]
+    assert tiny["unet"]["layers_per_block"] == 2
+    assert len(tiny["unet"]["block_out_channels"]) == len(full["unet"]["block_out_channels"])
+    assert len(tiny["vae"]["block_out_channels"]) == 4  # latents stay 8x smaller than images
+    assert "text_encoder" not in tiny
+    unet = build_meta_unet(tiny["unet"])
+    assert sum(p.numel() for p in unet.parameters()) < 5e6
+
+
+# -- FLOP counting -------------------------------------------------------------------------------------
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.lin = torch.nn.Linear(8, 16)
+
+    def forward(self, img: torch.Tensor, tokens: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> tuple:
+        a = self.conv(img)  # (2, 4, 8, 8) outputs, 3*3*3 MACs each
+        b = self.lin(tokens).relu()  # (10, 8) @ (8, 16); relu is not counted
+        c = F.scaled_dot_product_attention(q, kv, kv)  # QK^T and PV
+        return a, b, c
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_count_flops_toy_model_exact(device: str) -> None:
+    toy = _Toy().to(device)
+    img = torch.zeros(2, 3, 8, 8, device=device)
+    tokens = torch.zeros(10, 8, device=device)
+    q = torch.zeros(2, 4, 16, 8, device=device)
+    kv = torch.zeros(2, 4, 32, 8, device=device)
+    conv = 2 * (2 * 4 * 8 * 8) * (3 * 3 * 3)
+    lin = 2 * 10 * 8 * 16
+    sdpa = 2 * (2 * 4 * 16 * 32 * 8) * 2
+    assert (conv, lin, sdpa) == (27_648, 2_560, 131_072)
+    assert count_flops(lambda: toy(img, tokens, q, kv)) == conv + lin + sdpa
+
+
+def test_cpu_sdpa_is_counted() -> None:
+    # torch does not count aten._scaled_dot_product_flash_attention_for_cpu by itself
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.zeros(1, 2, 4, 8)
+    with FlopCounterMode(display=False) as plain:
+        F.scaled_dot_product_attention(q, q, q)
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * (2 * 4 * 4 * 8) * 2
+    assert plain.get_total_flops() in (0, 2 * (2 * 4 * 4 * 8) * 2)
+
+
+def test_ideal_speedup_formulas() -> None:
+    assert ideal_speedup_uniform(1, 0.0) == 1.0
+    assert ideal_speedup_uniform(1, 0.7) == 1.0
+    assert ideal_speedup_uniform(3, 0.0) == 3.0
+    assert ideal_speedup_uniform(5, 0.25) == pytest.approx(5 / 2)
+    assert ideal_speedup_pattern((True,) * 50, 100, 10) == 1.0
+    assert ideal_speedup_pattern((True, False, False), 100, 10) == pytest.approx(300 / 120)
+    assert ideal_speedup_pattern((True, False, False), 100, 10, fixed_flops=30) == pytest.approx(330 / 150)
+    # many steps of a uniform pattern tend to N / (1 + (N-1) f)
+    pattern = tuple(k % 4 == 0 for k in range(4000))
+    assert ideal_speedup_pattern(pattern, 1.0, 0.2) == pytest.approx(ideal_speedup_uniform(4, 0.2))
+    with pytest.raises(ValueError):
+        ideal_speedup_uniform(0, 0.1)
+    with pytest.raises(ValueError):
+        ideal_speedup_pattern((), 1.0, 0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_unet() -> torch.nn.Module:
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel.from_config(tiny_config(load_config("sd15"))["unet"]).eval()
+
+
+@pytest.mark.parametrize("branch", [0, 1, 5])
+def test_unet_step_flops_retrieval_fewer_and_meta_equals_cpu(tiny_sd15_unet: torch.nn.Module, branch: int) -> None:
+    cpu = count_unet_step_flops(tiny_sd15_unet, batch=2, latent_height=8, latent_width=8, cache_branch_id=branch)
+    meta = count_unet_step_flops(build_meta_unet(tiny_sd15_unet.config), batch=2, latent_height=8, latent_width=8,
+                                 cache_branch_id=branch)
+    assert cpu == meta  # CPU SDPA formula == meta's decomposed bmm count
+    assert 0 < cpu.retrieval < cpu.full
+    assert ideal_speedup_uniform(1, cpu.ratio) == 1.0
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_flops_are_linear_in_batch(name: str) -> None:
+    """The benchmark counts at batch 1 and scales: check that this is exact."""
+    cfg = tiny_config(load_config(name))
+    unet, vae = build_meta_unet(cfg["unet"]), build_meta_vae(cfg["vae"])
+    one = count_unet_step_flops(unet, batch=1, latent_height=16, latent_width=8, cache_branch_id=1)
+    three = count_unet_step_flops(unet, batch=3, latent_height=16, latent_width=8, cache_branch_id=1)
+    assert three == StepFlops(full=3 * one.full, retrieval=3 * one.retrieval)
+    from DeepCache.bench_flops import count_vae_decode_flops
+
+    assert count_vae_decode_flops(vae, batch=3, latent_height=16, latent_width=8) == 3 * count_vae_decode_flops(
+        vae, batch=1, latent_height=16, latent_width=8)
+
+
+def test_unet_step_flops_grow_with_branch_full_size_sd21() -> None:
+    unet = build_meta_unet(load_config("sd21")["unet"])
+    counts = [count_unet_step_flops(unet, batch=2, latent_height=64, latent_width=64, cache_branch_id=b) for b in (0, 1)]
+    assert counts[0].full == counts[1].full == 1_608_514_928_640
+    assert counts[0].retrieval < counts[1].retrieval < counts[0].full
+    assert counts[0].ratio == pytest.approx(0.0787, abs=1e-4)
+
+
+# -- a real (tiny) run ------------------------------------------------------------------------------
+
+RESULT_KEYS = {f.name for f in dataclasses.fields(ScenarioResult)}
+SETTINGS_KEYS = {
+    "model", "resolutions", "batch_sizes", "variants", "steps", "scheduler", "dtype", "device", "guidance_scale",
+    "repeats", "warmup_steps", "tiny", "seed", "threads", "count_flops", "preset", "model_name", "model_source", "weights",
+    "timed", "text_encoding", "output_type", "shapes_run", "tiny_resolution_divisor", "flops_only",
+}
+ENV_KEYS = {"python", "platform", "torch", "diffusers", "transformers", "deepcache", "device", "gpu_name", "cuda",
+            "cpu_threads", "dtype", "attention_backend", "sdpa_kernels_enabled", "cudnn_benchmark", "date_utc"}
+
+
+@pytest.fixture(scope="module")
+def tiny_report() -> BenchReport:
+    cfg = BenchConfig(model="sd15", resolutions=(512,), batch_sizes=(1,), variants=(Variant(3, 0), Variant(2, 1)),
+                      steps=4, scheduler="ddim", device="cpu", repeats=2, warmup_steps=1, tiny=True, threads=1)
+    seen: list[str] = []
+    report = bench.run_benchmark(cfg, progress=False, on_result=lambda r: seen.append(r.variant))
+    assert seen == ["original", "I=3, B=0", "I=2, B=1"]
+    return report
+
+
+def test_run_tiny_results(tiny_report: BenchReport) -> None:
+    rows = tiny_report.results
+    assert [(r.height, r.batch_size, r.variant) for r in rows] == [(64, 1, "original"), (64, 1, "I=3, B=0"), (64, 1, "I=2, B=1")]
+    base, i3, i2 = rows
+    assert [r.pattern for r in rows] == ["FFFF", "FrrF", "FrFr"]
+    assert (i3.full_steps, i3.retrieval_steps, i3.unet_calls) == (2, 2, 4)
+    assert base.speedup == 1.0 and base.ideal_speedup == 1.0 and base.achieved_fraction == 1.0
+    for r in rows:
+        assert len(r.seconds_all) == 2 and r.seconds == pytest.approx(sorted(r.seconds_all)[0] / 2 + sorted(r.seconds_all)[1] / 2)
+        assert r.peak_memory_bytes is None and r.memory_overhead is None  # CPU: n/a
+        assert r.step_ms_full is not None and r.step_ms_full > 0
+        assert r.flops_full_step == base.flops_full_step
+    assert i3.speedup == pytest.approx(base.seconds / i3.seconds)
+    assert i3.step_ms_retrieval is not None and base.step_ms_retrieval is None
+    assert i3.flops_retrieval_step < i2.flops_retrieval_step < i3.flops_full_step
+    assert i3.ideal_speedup == pytest.approx(ideal_speedup_pattern((True, False, False, True), i3.flops_full_step,
+                                                                   i3.flops_retrieval_step, i3.flops_vae_decode))
+    assert i3.ideal_speedup_uniform == pytest.approx(ideal_speedup_uniform(3, i3.flop_ratio))
+    assert i3.achieved_fraction == pytest.approx(i3.speedup / i3.ideal_speedup)
+
+
+def test_json_schema(tiny_report: BenchReport) -> None:
+    data = json.loads(json.dumps(bench._clean(tiny_report.to_json())))
+    assert set(data) == {"schema_version", "tool", "settings", "env", "results"}
+    assert data["schema_version"] == 1
+    assert set(data["settings"]) == SETTINGS_KEYS
+    assert set(data["env"]) == ENV_KEYS
+    assert all(set(r) == RESULT_KEYS for r in data["results"])
+    s = data["settings"]
+    assert (s["weights"], s["text_encoding"], s["model_name"], s["dtype"]) == ("random", "excluded", "sd15-tiny", "float32")
+    assert "VAE decode" in s["timed"] and s["shapes_run"] == [[64, 64, 1]]
+    assert s["variants"][0] == {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform", "label": "I=3, B=0"}
+    assert data["env"]["attention_backend"] == "torch SDPA (AttnProcessor2_0)"
+
+
+def _result(h: int, b: int, variant: str, seconds: float, speedup: float) -> ScenarioResult:
+    none = {f.name: None for f in dataclasses.fields(ScenarioResult)}
+    return ScenarioResult(**{**none, "model": "m", "height": h, "width": h, "batch_size": b, "variant": variant,
+                             "steps": 50, "seconds": seconds, "seconds_all": [seconds], "speedup": speedup,
+                             "unet_calls": 50, "full_steps": 50, "retrieval_steps": 0, "pattern": "F" * 50})
+
+
+def test_markdown_table_layout_exact() -> None:
+    report = BenchReport(settings={}, env={}, results=[
+        _result(512, 8, "original", 2.653, 1.0), _result(512, 8, "I=3, B=0", 1.149, 2.309),
+        _result(1024, 1, "original", 11.69, 1.0), _result(1024, 1, "I=3, B=0", 5.27, 2.218),
+    ])
+    assert bench.markdown_table(report) == (
+        "| Resolution | Batch size | Original | DeepCache (I=3, B=0) |\n"
+        "|---|---|---|---|\n"
+        "| 512 | 8 | 2.653 | 1.149 (2.31×) |\n"
+        "| 1024 | 1 | 11.69 | 5.270 (2.22×) |"
+    )
+
+
+def test_memory_overhead_column() -> None:
+    assert bench._overhead(None, None) is None and bench._overhead(5, None) is None
+    assert bench._overhead(102 * 2**20, 100 * 2**20) == pytest.approx(0.02)
+    base = _result(512, 1, "original", 1.0, 1.0)
+    var = _result(512, 1, "I=3, B=0", 0.5, 2.0)
+    base.peak_memory_bytes, base.memory_overhead = 10 * 2**30, 0.0
+    var.peak_memory_bytes, var.memory_overhead = int(10.2 * 2**30), 0.02
+    rows = bench.markdown_details(BenchReport(settings={}, env={}, results=[base, var])).splitlines()
+    assert rows[2].endswith("| 10.00 | +0.0 % |") and rows[3].endswith("| 10.20 | +2.0 % |")
+    assert "| 512 | 1 | I=3, B=0 | 0.500 | 2.00× | n/a | n/a |" in rows[3]
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------
+
+
+def test_cli_docs_table_tiny(tmp_path, capsys) -> None:
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    rc = bench.main(["--preset", "docs-table", "--device", "cpu", "--tiny", "--steps", "2", "--repeats", "1",
+                     "--warmup-steps", "0", "--threads", "1", "--no-progress", "--jsonl", "--out", str(out), "--markdown", str(md)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    lines = [json.loads(x) for x in stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 36 and all(set(x) == RESULT_KEYS for x in lines)
+    data = json.loads(out.read_text())
+    assert [(r["height"], r["batch_size"], r["variant"]) for r in data["results"]] == [
+        (h, b, v) for h in (64, 96, 128) for b in (8, 4, 1) for v in ("original", "I=3, B=0", "I=5, B=0", "I=5, B=1")
+    ]
+    assert data["settings"]["preset"] == "docs-table" and data["settings"]["tiny"] is True
+    text = md.read_text()
+    assert "| Resolution | Batch size | Original | DeepCache (I=3, B=0) | DeepCache (I=5, B=0) | DeepCache (I=5, B=1) |" in text
+    assert text.count("\n| 96 | ") == 3 + 12  # 3 summary rows + 12 detailed rows
+    assert "TINY models" in text and "Random weights" in text and text in stdout
+
+
+def test_cli_registered_and_errors(capsys) -> None:
+    from DeepCache import cli
+
+    args = cli.build_parser().parse_args(["bench", "--preset", "docs-table", "--variant", "3,0"])
+    assert args.func is not None and args.preset == "docs-table"
+    assert cli.main(["bench", "--variant", "3;0", "--flops-only"]) == 2
+    assert "malformed variant '3;0'" in capsys.readouterr().err
+    assert bench.main(["--resolution", "big", "--flops-only"]) == 2
+    assert "malformed resolution 'big'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "paper"])
+
+
+def test_cli_flops_only_full_size_sdxl(capsys) -> None:
+    rc = bench.main(["--model", "sdxl", "--resolution", "1024", "--variant", "3,0", "--flops-only", "--jsonl"])
+    assert rc == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["variant"] for r in rows] == ["original", "I=3, B=0"]
+    assert rows[1]["pattern"] == "Frr" * 16 + "Fr" and rows[1]["seconds"] is None
+    assert rows[1]["flops_full_step"] == 13_522_472_796_160
+    assert math.isclose(rows[1]["ideal_speedup_uniform"], 3 / (1 + 2 * rows[1]["flop_ratio"]))
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_on_cpu(tmp_path) -> None:
+    """tools/gpu_bench.sh end to end with tiny models on CPU (one stage to keep it short)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "STAGES": "sd15-512"}
+    proc = subprocess.run(
+        ["bash", str(root / "tools" / "gpu_bench.sh"), "--tiny", "--device", "cpu", "--dtype", "float32", "--threads", "1",
+         "--steps", "3", "--repeats", "1", "--warmup-steps", "0", "--no-flops"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    events = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"stage"')]
+    assert [e["stage"] for e in events] == ["env", "sd15-512", "sd15-512", "done"]
+    assert events[-1]["status"] == 0
+    rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"model"')]
+    assert [r["variant"] for r in rows] == ["original", "I=3, B=0", "I=5, B=0", "I=5, B=1"]
+    assert {p.name for p in tmp_path.iterdir()} == {"env.json", "benchmarks.md", "sd15-512.json", "sd15-512.md",
+                                                   "sd15-512.log", "sd15-512.err"}
+    data = json.loads((tmp_path / "sd15-512.json").read_text())
+    assert data["settings"]["dtype"] == "float32" and data["settings"]["repeats"] == 1
+    assert "### sd15-512" in (tmp_path / "benchmarks.md").read_text()
