@@ -406,3 +406,26 @@ def test_freeu_in_place_scaling_does_not_corrupt_the_cache() -> None:
         first = run(pipe)
         second = run(pipe)
     assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+@pytest.mark.parametrize("offload_first", [True, False], ids=["offload-then-enable", "enable-then-offload"])
+def test_model_cpu_offload_across_repeated_calls(offload_first: bool) -> None:
+    # The original distorted every image after the first with enable_model_cpu_offload(): its state
+    # survived the offload hooks that diffusers re-applies at the end of each call.
+    reference_pipe = tiny_sd_pipe()
+    with DeepCacheSDHelper(pipe=reference_pipe) as helper:
+        helper.set_params(cache_interval=3, cache_branch_id=1)
+        expected = run(reference_pipe)
+    pipe = tiny_sd_pipe()
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=1)
+    if offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+        helper.enable()
+    else:
+        helper.enable()
+        pipe.enable_model_cpu_offload(device="cpu")
+    outputs = [run(pipe) for _ in range(3)]
+    assert all(torch.equal(out, expected) for out in outputs)
+    helper.disable()
+    assert torch.equal(run(pipe), run(tiny_sd_pipe()))
