@@ -31,9 +31,23 @@ from .schedule import CacheParams, is_full_step
 
 # U-Net classes whose forward follows the skip-connection model of DeepCache.layout and that the
 # test-suite covers. Others get a clear error instead of a silent no-op.
-SUPPORTED_UNETS = ("UNet2DConditionModel",)
+SUPPORTED_UNETS = (
+    "UNet2DConditionModel",  # SD 1.x/2.x, SDXL (+ img2img, inpaint, refiner, ControlNet, T2I-Adapter, IP-Adapter)
+    "UNet2DModel",  # DDPM / DDIM / LDM pipelines
+    "UNetSpatioTemporalConditionModel",  # Stable Video Diffusion
+    "UNetMotionModel",  # AnimateDiff
+    "UNet3DConditionModel",  # text-to-video (TextToVideoSDPipeline, VideoToVideoSDPipeline)
+)
 
-_LAYER_LISTS = ("resnets", "attentions", "motion_modules")  # order in which a block applies them
+# Blocks that do not follow the skip-connection model: skip-sample blocks thread a second running
+# sample through the up path (a skipped up block would corrupt it); k-diffusion up blocks consume one
+# skip connection per block instead of one per layer.
+_UNSUPPORTED_BLOCKS = ("KDownBlock2D", "KCrossAttnDownBlock2D", "KUpBlock2D", "KCrossAttnUpBlock2D")
+
+# The modules of one layer, in the order a block applies them (a block has a subset of these lists):
+# UNet2DConditionModel resnet -> attention; UNetMotionModel resnet -> attention -> motion module;
+# UNet3DConditionModel resnet -> temporal conv -> attention -> temporal attention.
+_LAYER_LISTS = ("resnets", "temp_convs", "attentions", "temp_attentions", "motion_modules")
 
 
 class Mode(enum.Enum):
@@ -61,6 +75,15 @@ def check_supported_unet(unet: Any) -> None:
             f"DeepCache cannot cache a {type(unet).__name__}: supported U-Nets are {', '.join(SUPPORTED_UNETS)} "
             "(pass a diffusers pipeline whose `unet` is one of them, or the U-Net itself)."
         )
+    for kind in ("down_blocks", "up_blocks"):
+        for i, block in enumerate(getattr(unet, kind, None) or ()):
+            name = type(block).__name__
+            if hasattr(block, "skip_conv") or name in _UNSUPPORTED_BLOCKS or not hasattr(block, "resnets"):
+                raise TypeError(
+                    f"DeepCache cannot cache this {type(unet).__name__}: {kind}[{i}] is a {name}, whose skip connections "
+                    "do not follow the layout DeepCache caches (one skip per layer, consumed one per up layer). "
+                    "Skip-sample blocks (Skip*/AttnSkip*) and k-diffusion blocks (K*) are not supported."
+                )
 
 
 def _sampler(block: nn.Module, name: str) -> nn.Module | None:
@@ -151,7 +174,10 @@ class Generation:
     cache_key: tuple | None = None  # (shape, dtype, device) of the sample at that full step
     cache_versions: tuple[int, ...] | None = None
     clone_handout: bool = False  # hand out copies of the cache (its consumer modifies it in place)
+    # output specs of the skipped modules at the last full step (a new dict per full step, so a compiled
+    # full step always sees an empty one: one graph, not one for the first full step and one for later ones)
     specs: dict[tuple, tuple[pytree.TreeSpec, list]] = field(default_factory=dict)
+    cache_from_graph: bool = False  # the cache was produced inside a torch.compile graph
     _num_steps_value: int | None = None
     _num_steps_read: bool = False
 
@@ -206,7 +232,7 @@ class UNetPatch:
     """Hooks on one U-Net, shared by every helper that caches it; removed when the last one leaves."""
 
     def __init__(self, unet: nn.Module) -> None:
-        self.unet = unet
+        self._unet_ref = weakref.ref(unet)  # weak: a dormant patch (see release) must not keep the U-Net alive
         self.layout = unet_layout(unet)
         self.owners: set[int] = set()
         self.stack: list[Generation] = []  # active generations, innermost last
@@ -216,6 +242,16 @@ class UNetPatch:
         self._saved: list[tuple[nn.Module, bool, Any, Callable]] = []
         self._handles: list[Any] = []
         self._actions_by_branch: dict[int, dict[tuple, Action]] = {}
+        # key -> (module, original forward, wrapper): reinstalling reuses the same wrapper objects, so the
+        # graphs torch.compile made with them (it guards on their identity) stay valid across disable/enable
+        self._wrappers: dict[tuple, tuple[nn.Module, Callable, Callable]] = {}
+
+    @property
+    def unet(self) -> nn.Module:
+        unet = self._unet_ref()
+        if unet is None:
+            raise RuntimeError("the U-Net of this DeepCache patch was garbage-collected")
+        return unet
 
     # -- plan -------------------------------------------------------------------------------
     def actions_for(self, branch: int) -> dict[tuple, Action]:
@@ -239,7 +275,12 @@ class UNetPatch:
             had_own = "forward" in module.__dict__
             previous = module.__dict__.get("forward")
             original = module.forward
-            wrapper = functools.update_wrapper(functools.partial(_wrapped_forward, self, key, original), original)
+            cached = self._wrappers.get(key)
+            if cached is not None and cached[0] is module and cached[1] == original:
+                wrapper = cached[2]
+            else:
+                wrapper = functools.update_wrapper(functools.partial(_wrapped_forward, self, key, original), original)
+                self._wrappers[key] = (module, original, wrapper)
             module.forward = wrapper
             self._saved.append((module, had_own, previous, wrapper))
         self._handles.append(self.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
@@ -288,6 +329,8 @@ class UNetPatch:
         if full:
             gen.cache = None  # free the old feature before computing the new one
             gen.cache_key = key
+            gen.cache_versions = None
+            gen.specs = {}
         gen.steps.append(full)
         self.mode = Mode.FULL if full else Mode.RETRIEVE
         return None
@@ -297,6 +340,15 @@ class UNetPatch:
         gen, mode = self.gen, self.mode
         self.mode = Mode.OFF
         self.gen = None
+        if gen is not None and mode is Mode.FULL and gen.cache is not None:
+            if gen.cache_from_graph:
+                # A compiled graph produced the cache. Under CUDA graphs (mode="reduce-overhead") its outputs
+                # live in a pool that the next replay overwrites: keep a copy made outside any graph.
+                gen.cache = _clone(gen.cache)
+                gen.cache_from_graph = False
+            gen.cache_versions = _versions(gen.cache)
+            if gen.cache_versions is None:  # untrackable (inference mode): never hand out the original
+                gen.clone_handout = True
         if gen is not None and mode is Mode.RETRIEVE and gen.cache is not None and not gen.clone_handout:
             if gen.cache_versions is None or _versions(gen.cache) != gen.cache_versions:
                 # An unexpected consumer modified the cached feature in place: refresh the cache at the next
@@ -318,10 +370,10 @@ def _wrapped_forward(patch: UNetPatch, key: tuple, original: Callable, *args: An
         if action is Action.SKIP:
             gen.specs[key] = _tensor_spec(out)
         elif action is Action.BOUNDARY:
+            # Only tensor work and attribute stores here (a compiled graph replays them); the version
+            # bookkeeping runs in the post-hook, outside any graph.
             gen.cache = _clone(out)
-            gen.cache_versions = _versions(gen.cache)
-            if gen.cache_versions is None:  # untrackable (inference mode): never hand out the original
-                gen.clone_handout = True
+            gen.cache_from_graph = torch.compiler.is_compiling()
         return out
     if action is Action.RUN:
         return original(*args, **kwargs)
@@ -334,13 +386,17 @@ def _wrapped_forward(patch: UNetPatch, key: tuple, original: Callable, *args: An
 # Registry: one patch per U-Net, shared by helpers
 
 _PATCHES: "weakref.WeakKeyDictionary[nn.Module, UNetPatch]" = weakref.WeakKeyDictionary()
+# Removed patches, kept (weakly, per U-Net) so that enabling again reuses their wrappers and compiled graphs.
+_DORMANT: "weakref.WeakKeyDictionary[nn.Module, UNetPatch]" = weakref.WeakKeyDictionary()
 
 
 def acquire(unet: nn.Module, owner: object) -> UNetPatch:
     """Install (or join) the patch on ``unet`` for ``owner``."""
     patch = _PATCHES.get(unet)
     if patch is None:
-        patch = UNetPatch(unet)
+        patch = _DORMANT.pop(unet, None)
+        if patch is None or patch.layout != unet_layout(unet):
+            patch = UNetPatch(unet)
         patch.install()
         _PATCHES[unet] = patch
     patch.owners.add(id(owner))
@@ -356,6 +412,7 @@ def release(unet: nn.Module, owner: object) -> None:
     if not patch.owners:
         patch.remove()
         del _PATCHES[unet]
+        _DORMANT[unet] = patch
 
 
 def patch_of(unet: nn.Module) -> UNetPatch | None:

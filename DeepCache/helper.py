@@ -87,8 +87,9 @@ def _resolve(target: Any) -> tuple[Any | None, nn.Module]:
 class DeepCacheSDHelper:
     """Cache a diffusers U-Net's deep features between denoising steps.
 
-    Works on a diffusers pipeline whose ``unet`` is supported (Stable Diffusion 1.x/2.x, SDXL) or on a
-    bare U-Net. Every ``pipe(...)`` call is one generation: the step counter and the cache start fresh
+    Works on a diffusers pipeline whose ``unet`` is supported (``UNet2DConditionModel``: SD 1.x/2.x, SDXL
+    and their variants; ``UNet2DModel``: DDPM/DDIM/LDM; ``UNetSpatioTemporalConditionModel``: SVD;
+    ``UNetMotionModel``: AnimateDiff; ``UNet3DConditionModel``: text-to-video) or on a bare U-Net. Every ``pipe(...)`` call is one generation: the step counter and the cache start fresh
     and the cache is released when the call returns (or raises). For a bare U-Net driven by your own
     loop, call :meth:`reset_states` before each generation.
 
