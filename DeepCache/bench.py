@@ -55,6 +55,9 @@ from .schedule import SKIP_MODES, CacheParams, schedule_pattern
 
 SCHEMA_VERSION = 1
 
+#: ``--compile`` modes (``auto``: ``reduce-overhead``, i.e. CUDA graphs, on CUDA; ``default`` on CPU).
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 #: What the benchmark times, stated in every output.
 TIMED = "pipeline call end to end: U-Net denoising loop + VAE decode (text encoding excluded: random prompt embeddings)"
 
@@ -126,10 +129,12 @@ class Scenario:
     width: int
     batch_size: int
     variant: Variant | None = None
+    compiled: bool = False  # the U-Net runs under torch.compile (BenchConfig.compile)
 
     @property
     def label(self) -> str:
-        return f"{self.height}x{self.width} b{self.batch_size} {self.variant.label if self.variant else 'original'}"
+        name = self.variant.label if self.variant else "original"
+        return f"{self.height}x{self.width} b{self.batch_size} {'compiled ' if self.compiled else ''}{name}"
 
 
 @dataclass(frozen=True)
@@ -157,9 +162,13 @@ class BenchConfig:
     threads: int | None = None  # CPU threads for torch (None = torch's default)
     count_flops: bool = True
     preset: str | None = None
-    # compile: reserved for a later ``--compile [MODE]`` option (not implemented here).
+    # torch.compile mode for the extra compiled columns (None = eager only; "auto" = reduce-overhead on
+    # CUDA, default on CPU); see COMPILE_MODES and docs/compile.md
+    compile: str | None = None
 
     def __post_init__(self) -> None:
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}.")
         if not self.resolutions or not self.batch_sizes:
             raise ValueError("need at least one resolution and one batch size.")
         if any(int(b) < 1 for b in self.batch_sizes):
@@ -195,9 +204,10 @@ class BenchConfig:
         return [(h, w, int(b)) for (h, w) in self.shapes_hw() for b in self.batch_sizes]
 
     def scenarios(self) -> list[Scenario]:
-        """The grid: every shape × (original, then each variant)."""
+        """The grid: every shape × (original, then each variant) [× (eager, compiled) with ``compile``]."""
         runs: list[Variant | None] = [None, *self.variants]
-        return [Scenario(h, w, b, v) for (h, w, b) in self.shapes() for v in runs]
+        modes = (False, True) if self.compile else (False,)
+        return [Scenario(h, w, b, v, c) for (h, w, b) in self.shapes() for c in modes for v in runs]
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -259,6 +269,13 @@ class ScenarioResult:
     ideal_speedup_unet: float | None  # U-Net loop alone
     ideal_speedup_uniform: float | None  # N / (1 + (N-1) f), uniform schedules only
     achieved_fraction: float | None  # speedup / ideal_speedup
+    # --compile only (None otherwise)
+    compile_mode: str | None = None  # the torch.compile mode of this row (None = eager)
+    warmup_seconds: float | None = None  # the scenario's warm-up call; compiled rows: compile + warm-up
+    graphs_compiled: int | None = None  # graphs dynamo compiled during the warm-up call
+    recompiles_timed: int | None = None  # graphs compiled during the timed calls (0 expected)
+    speedup_vs_compiled: float | None = None  # compiled baseline median / this median (compiled rows)
+    achieved_fraction_compiled: float | None = None  # speedup_vs_compiled / ideal_speedup
 
 
 @dataclass
@@ -352,9 +369,12 @@ class _StepTimer:
             return ev
         return time.perf_counter()
 
+    # compiler.disable: under torch.compile every Python frame in the call is a candidate for a graph
+    @torch.compiler.disable
     def _pre(self, module: Any, args: Any) -> None:
         self._open = self._now()
 
+    @torch.compiler.disable
     def _post(self, module: Any, args: Any, output: Any) -> None:
         self._marks.append((self._open, self._now()))
 
@@ -452,6 +472,7 @@ def _settings(cfg: BenchConfig, built_name: str, source: str, weights: str, devi
         "shapes_run": [list(x) for x in cfg.shapes()],
         "tiny_resolution_divisor": TINY_RESOLUTION_DIVISOR if cfg.tiny else None,
         "flops_only": False,
+        "compile_mode": cfg.compile,  # run_benchmark replaces "auto" by the mode used
     })
     return s
 
@@ -469,7 +490,9 @@ def _overhead(peak: int | None, base_peak: int | None) -> float | None:
 
 
 def _make_result(built: BuiltPipeline, cfg: BenchConfig, sc: Scenario, samples: list[_Sample],
-                 base: ScenarioResult | None, flops: _FlopCache | None) -> ScenarioResult:
+                 base: ScenarioResult | None, flops: _FlopCache | None, *, compile_mode: str | None = None,
+                 warmup_seconds: float | None = None, graphs_compiled: int | None = None,
+                 recompiles_timed: int | None = None, cbase: ScenarioResult | None = None) -> ScenarioResult:
     if any(len(s.step_ms) != len(s.pattern) for s in samples):
         print(f"deepcache bench: warning: {sc.label}: timed {[len(s.step_ms) for s in samples]} U-Net calls but the "
               f"helper reported {[len(s.pattern) for s in samples]} steps; per-step medians skip those runs.",
@@ -514,7 +537,34 @@ def _make_result(built: BuiltPipeline, cfg: BenchConfig, sc: Scenario, samples: 
             if v.skip_mode == "uniform":
                 r.ideal_speedup_uniform = ideal_speedup_uniform(v.cache_interval, step.ratio)
         r.achieved_fraction = r.speedup / r.ideal_speedup
+    r.compile_mode, r.warmup_seconds = compile_mode, warmup_seconds
+    r.graphs_compiled, r.recompiles_timed = graphs_compiled, recompiles_timed
+    if sc.compiled:
+        r.speedup_vs_compiled = (cbase.seconds / med) if cbase is not None else 1.0
+        if r.ideal_speedup:
+            r.achieved_fraction_compiled = r.speedup_vs_compiled / r.ideal_speedup
     return r
+
+
+def _graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _compile_unet(unet: torch.nn.Module, mode: str, n_graphs: int) -> torch.nn.Module:
+    """``torch.compile`` the U-Net for the compiled columns: static shapes, one graph per step kind.
+
+    DeepCache needs nothing special: its per-step decision runs in forward hooks outside the graphs,
+    so the U-Net compiles to two graphs per shape and branch (full step, retrieval step).
+    """
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # every (shape, branch, step kind) is a graph
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n_graphs + 8))
+    return torch.compile(unet, mode=mode, fullgraph=True, dynamic=False)
 
 
 def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
@@ -538,12 +588,21 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
     helper = DeepCacheSDHelper(pipe=pipe)
     timer = _StepTimer(pipe.unet, device)
     runs: list[Variant | None] = [None, *cfg.variants]
-    total = len(cfg.shapes()) * len(runs) * ((1 if cfg.warmup_steps else 0) + cfg.repeats)
-    bar = _Progress(total, progress)
     cuda = device.type == "cuda"
+    compile_mode = None if cfg.compile is None else (
+        ("reduce-overhead" if cuda else "default") if cfg.compile == "auto" else cfg.compile)
+    report.settings["compile_mode"] = compile_mode
+    eager_unet, compiled_unet = pipe.unet, None
+    if compile_mode is not None:
+        branches = {v.cache_branch_id for v in cfg.variants}
+        compiled_unet = _compile_unet(eager_unet, compile_mode, len(cfg.shapes()) * (1 + 2 * len(branches)))
+    kinds = (False, True) if compiled_unet is not None else (False,)
+    total = len(cfg.shapes()) * len(runs) * len(kinds) * ((1 if cfg.warmup_steps else 0) + cfg.repeats)
+    bar = _Progress(total, progress)
 
     def call(sc: Scenario, inputs: dict[str, torch.Tensor], steps: int) -> _Sample:
         gen = torch.Generator(device).manual_seed(cfg.seed)
+        pipe.unet = compiled_unet if sc.compiled else eager_unet
         if sc.variant is not None:
             v = sc.variant
             p = v.params_for(steps)
@@ -573,28 +632,45 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
 
     try:
         for (h, w, b) in cfg.shapes():
-            scenarios = [Scenario(h, w, b, v) for v in runs]
+            scenarios = [Scenario(h, w, b, v, c) for c in kinds for v in runs]
             inputs = make_inputs(built, batch_size=b, device=device, dtype=dtype, seed=cfg.seed)
+            warm: dict[Scenario, tuple[float, int]] = {}  # seconds and graphs compiled by the warm-up call
             if cfg.warmup_steps:
                 for sc in scenarios:
+                    g0, t0 = _graph_count(), time.perf_counter()
                     call(sc, inputs, cfg.warmup_steps)
+                    warm[sc] = (time.perf_counter() - t0, _graph_count() - g0)
                     bar.update(f"warm-up {sc.label}")
             samples: dict[Scenario, list[_Sample]] = {sc: [] for sc in scenarios}
+            recompiles: dict[Scenario, int] = {sc: 0 for sc in scenarios}
             for rep in range(cfg.repeats):
                 k = rep % len(scenarios)  # rotate the order every round: no scenario always runs first
                 for sc in scenarios[k:] + scenarios[:k]:
+                    g0 = _graph_count()
                     samples[sc].append(call(sc, inputs, cfg.steps))
+                    recompiles[sc] += _graph_count() - g0
                     bar.update(sc.label)
             base: ScenarioResult | None = None
+            cbase: ScenarioResult | None = None
             for sc in scenarios:
-                res = _make_result(built, cfg, sc, samples[sc], base, flops)
-                if sc.variant is None:
+                extra: dict[str, Any] = {}
+                if compile_mode is not None:
+                    ws, wg = warm.get(sc, (None, None))
+                    extra = dict(compile_mode=compile_mode if sc.compiled else None, warmup_seconds=ws,
+                                 graphs_compiled=wg, recompiles_timed=recompiles[sc], cbase=cbase)
+                res = _make_result(built, cfg, sc, samples[sc], base, flops, **extra)
+                if sc.variant is None and not sc.compiled:
                     base = res
+                if sc.variant is None and sc.compiled:
+                    cbase = res
+                    res.speedup_vs_compiled = 1.0
+                    res.achieved_fraction_compiled = 1.0
                 report.results.append(res)
                 if on_result is not None:
                     on_result(res)
             del inputs
     finally:
+        pipe.unet = eager_unet
         bar.close()
         timer.remove()
     return report
@@ -690,25 +766,55 @@ def markdown_table(report: BenchReport) -> str:
     for r in report.results:
         if r.variant != "original" and r.variant not in labels:
             labels.append(r.variant)
+    compiled = any(r.compile_mode for r in report.results)
     head = "| Resolution | Batch size | Original | " + " | ".join(f"DeepCache ({lab})" for lab in labels) + " |"
-    sep = "|" + "---|" * (3 + len(labels))
-    rows: dict[tuple[int, int, int], dict[str, ScenarioResult]] = {}
+    if compiled:  # speedups stay relative to the eager original; compiled DeepCache also vs the compiled original
+        head += " Compiled original | " + " | ".join(f"Compiled DeepCache ({lab})" for lab in labels) + " |"
+    sep = "|" + "---|" * (3 + len(labels) + ((1 + len(labels)) if compiled else 0))
+    rows: dict[tuple[int, int, int], dict[tuple[bool, str], ScenarioResult]] = {}
     for r in report.results:
-        rows.setdefault((r.height, r.width, r.batch_size), {})[r.variant] = r
+        rows.setdefault((r.height, r.width, r.batch_size), {})[(bool(r.compile_mode), r.variant)] = r
     lines = [head, sep]
     for (h, w, b), by in rows.items():
         res = str(h) if h == w else f"{h}x{w}"
-        base = by.get("original")
-        cells = [_fmt_s(base.seconds) if base else "n/a"]
-        for lab in labels:
-            cell = by.get(lab)
-            if cell is None:
-                cells.append("n/a")
-            elif math.isnan(cell.seconds):
-                cells.append(f"ideal {cell.ideal_speedup:.2f}×" if cell.ideal_speedup else "n/a")
+        cells: list[str] = []
+        for kind in ((False, True) if compiled else (False,)):
+            base = by.get((kind, "original"))
+            if kind:
+                cells.append(f"{_fmt_s(base.seconds)} ({base.speedup:.2f}×)" if base else "n/a")
             else:
-                cells.append(f"{_fmt_s(cell.seconds)} ({cell.speedup:.2f}×)")
+                cells.append(_fmt_s(base.seconds) if base else "n/a")
+            for lab in labels:
+                cell = by.get((kind, lab))
+                if cell is None:
+                    cells.append("n/a")
+                elif math.isnan(cell.seconds):
+                    cells.append(f"ideal {cell.ideal_speedup:.2f}×" if cell.ideal_speedup else "n/a")
+                elif kind and cell.speedup_vs_compiled is not None:
+                    cells.append(f"{_fmt_s(cell.seconds)} ({cell.speedup:.2f}×; {cell.speedup_vs_compiled:.2f}× vs compiled)")
+                else:
+                    cells.append(f"{_fmt_s(cell.seconds)} ({cell.speedup:.2f}×)")
         lines.append(f"| {res} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_compile(report: BenchReport) -> str:
+    """``--compile`` rows: compile + warm-up time, graph counts, speedups vs the compiled original."""
+    head = ("| Res | Batch | Variant | Mode | Compile + warm-up s | Graphs compiled | Recompiles (timed) | Seconds | "
+            "Speedup vs eager original | Speedup vs compiled original | Ideal (FLOPs, e2e) | Achieved vs compiled | "
+            "Full step ms | Retrieval step ms |")
+    lines = [head, "|" + "---|" * 14]
+    for r in report.results:
+        if not r.compile_mode:
+            continue
+        res = str(r.height) if r.height == r.width else f"{r.height}x{r.width}"
+        lines.append("| " + " | ".join([
+            res, str(r.batch_size), r.variant, r.compile_mode, _fmt(r.warmup_seconds, ".1f"),
+            _fmt(r.graphs_compiled, "d"), _fmt(r.recompiles_timed, "d"), _fmt_s(r.seconds), _fmt(r.speedup, ".2f", "×"),
+            _fmt(r.speedup_vs_compiled, ".2f", "×"), _fmt(r.ideal_speedup, ".2f", "×"),
+            _fmt(r.achieved_fraction_compiled * 100 if r.achieved_fraction_compiled is not None else None, ".0f", " %"),
+            _fmt(r.step_ms_full, ".1f"), _fmt(r.step_ms_retrieval, ".1f"),
+        ]) + " |")
     return "\n".join(lines)
 
 
@@ -720,7 +826,8 @@ def markdown_details(report: BenchReport) -> str:
     for r in report.results:
         res = str(r.height) if r.height == r.width else f"{r.height}x{r.width}"
         lines.append("| " + " | ".join([
-            res, str(r.batch_size), r.variant, _fmt_s(r.seconds), _fmt(r.speedup, ".2f", "×"),
+            res, str(r.batch_size), ("compiled " if r.compile_mode else "") + r.variant, _fmt_s(r.seconds),
+            _fmt(r.speedup, ".2f", "×"),
             _fmt(r.ideal_speedup, ".2f", "×"), _fmt(r.achieved_fraction * 100 if r.achieved_fraction is not None else None, ".0f", " %"),
             _fmt(r.ideal_speedup_uniform, ".2f", "×"), _fmt(r.flop_ratio, ".3f"),
             _fmt(r.step_ms_full, ".1f"), _fmt(r.step_ms_retrieval, ".1f"),
@@ -759,6 +866,11 @@ def render_markdown(report: BenchReport) -> str:
              "Ideal (FLOPs, e2e) = (n·F + V) / (n_full·F + n_retr·R + V) for this run's step pattern, with F/R the "
              "full/retrieval U-Net step FLOPs and V the VAE decode (torch.utils.flop_counter, attention included); "
              "Achieved = speedup / ideal."]
+    if any(r.compile_mode for r in report.results):
+        parts += [markdown_compile(report),
+                  "Compiled rows: torch.compile(pipe.unet, mode=..., fullgraph=True, dynamic=False); DeepCache's step "
+                  "decision runs outside the graphs (two graphs per shape and branch). Compile + warm-up s is the "
+                  "scenario's first (warm-up) call; timed calls come after it."]
     return "\n\n".join(parts) + "\n"
 
 
@@ -803,6 +915,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if val is not None:
             values[key] = val
     values["tiny"] = bool(args.tiny)
+    values["compile"] = args.compile
     values["count_flops"] = not args.no_flops
     values["preset"] = args.preset
     return BenchConfig(**values)
@@ -843,6 +956,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the random prompt embeddings and latents (default 0)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own; 1 is fastest on a busy machine)")
     p.add_argument("--tiny", action="store_true", help=f"tiny models of the same structure, resolutions / {TINY_RESOLUTION_DIVISOR} (CI smoke test)")
+    p.add_argument("--compile", nargs="?", const="auto", choices=COMPILE_MODES, metavar="MODE",
+                   help="also time the compiled U-Net (compiled original and compiled DeepCache columns, compile time "
+                   "reported separately); MODE: auto (reduce-overhead on CUDA, default on CPU), "
+                   + ", ".join(COMPILE_MODES[1:]))
     p.add_argument("--flops-only", action="store_true", help="count FLOPs and ideal speedups only (meta device; no timing)")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     p.add_argument("--out", metavar="PATH", help="write the JSON report here")

@@ -105,6 +105,10 @@ class DeepCacheSDHelper:
         helper.enable()
         image = pipe("a photo of an astronaut on a moon").images[0]
         helper.disable()
+
+    ``torch.compile`` works as is, before or after :meth:`enable`: ``pipe.unet = torch.compile(pipe.unet,
+    mode="reduce-overhead", fullgraph=True)`` gives two graphs per shape and branch (full step, retrieval
+    step) and no recompilation across steps, calls, or disable/enable (see ``docs/compile.md``).
     """
 
     def __init__(self, pipe: Any = None) -> None:

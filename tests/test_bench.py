@@ -240,7 +240,7 @@ RESULT_KEYS = {f.name for f in dataclasses.fields(ScenarioResult)}
 SETTINGS_KEYS = {
     "model", "resolutions", "batch_sizes", "variants", "steps", "scheduler", "dtype", "device", "guidance_scale",
     "repeats", "warmup_steps", "tiny", "seed", "threads", "count_flops", "preset", "model_name", "model_source", "weights",
-    "timed", "text_encoding", "output_type", "shapes_run", "tiny_resolution_divisor", "flops_only",
+    "timed", "text_encoding", "output_type", "shapes_run", "tiny_resolution_divisor", "flops_only", "compile", "compile_mode",
 }
 ENV_KEYS = {"python", "platform", "torch", "diffusers", "transformers", "deepcache", "device", "gpu_name", "cuda",
             "cpu_threads", "dtype", "attention_backend", "sdpa_kernels_enabled", "cudnn_benchmark", "date_utc"}
@@ -343,6 +343,41 @@ def test_cli_docs_table_tiny(tmp_path, capsys) -> None:
     assert "| Resolution | Batch size | Original | DeepCache (I=3, B=0) | DeepCache (I=5, B=0) | DeepCache (I=5, B=1) |" in text
     assert text.count("\n| 96 | ") == 3 + 12  # 3 summary rows + 12 detailed rows
     assert "TINY models" in text and "Random weights" in text and text in stdout
+
+
+def test_compile_grid_and_validation() -> None:
+    cfg = BenchConfig(variants=(Variant(3, 0),), compile="auto")
+    assert [s.label for s in cfg.scenarios()] == ["512x512 b1 original", "512x512 b1 I=3, B=0",
+                                                  "512x512 b1 compiled original", "512x512 b1 compiled I=3, B=0"]
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        BenchConfig(compile="fast")
+
+
+def test_cli_compile_columns(tmp_path, capsys, monkeypatch) -> None:
+    """The --compile plumbing (columns, fields, graph counting) with torch.compile replaced by a stand-in.
+
+    Compiling even the tiny SD1.5 takes minutes on 2 CPU cores; that DeepCache compiles to two graphs,
+    without recompiles and with the same images, is tested on a smaller U-Net in tests/test_compile.py.
+    """
+    monkeypatch.setattr(bench, "_compile_unet", lambda unet, mode, n_graphs: unet)
+    out = tmp_path / "r.json"
+    rc = bench.main(["--model", "sd15", "--device", "cpu", "--tiny", "--steps", "2", "--repeats", "1", "--warmup-steps",
+                     "2", "--threads", "1", "--variant", "2,0", "--compile", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert ("| Resolution | Batch size | Original | DeepCache (I=2, B=0) | Compiled original | "
+            "Compiled DeepCache (I=2, B=0) |\n|---|---|---|---|---|---|\n| 64 | 1 | ") in text
+    assert "vs compiled) |" in text and "| Compile + warm-up s | Graphs compiled | Recompiles (timed) |" in text
+    data = json.loads(out.read_text())
+    assert data["settings"]["compile"] == "auto" and data["settings"]["compile_mode"] == "default"  # CPU
+    rows = data["results"]
+    assert [(r["variant"], r["compile_mode"]) for r in rows] == [
+        ("original", None), ("I=2, B=0", None), ("original", "default"), ("I=2, B=0", "default")]
+    assert all(r["warmup_seconds"] > 0 and r["graphs_compiled"] == 0 == r["recompiles_timed"] for r in rows)
+    assert rows[2]["speedup_vs_compiled"] == 1.0 and rows[0]["speedup_vs_compiled"] is None
+    assert math.isclose(rows[3]["speedup_vs_compiled"], rows[2]["seconds"] / rows[3]["seconds"])
+    assert math.isclose(rows[3]["achieved_fraction_compiled"], rows[3]["speedup_vs_compiled"] / rows[3]["ideal_speedup"])
+    assert rows[3]["pattern"].startswith("Fr")
 
 
 def test_cli_registered_and_errors(capsys) -> None:

@@ -5,6 +5,11 @@
 #   1. docs-table : SD2.1, DDIM, 512/768/1024 x batch 8/4/1, original vs DeepCache (3,0) (5,0) (5,1)
 #   2. sd15-512   : SD1.5 512x512, batch 1, same variants, DDIM
 #   3. sdxl-1024  : SDXL 1024x1024, batch 1, same variants, DDIM
+# Compiled stages (not in the default STAGES; issue 5 targets; run them with
+# STAGES="sd21-512-compiled sdxl-1024-compiled"): eager and torch.compile(mode="reduce-overhead", fullgraph=True)
+# baseline and DeepCache (3,0), batch 1, DDIM, 50 steps; compile + warm-up time reported separately.
+#   4. sd21-512-compiled  : SD2.1 512x512   (~3 min on an H200: 70 s compile per graph kind)
+#   5. sdxl-1024-compiled : SDXL 1024x1024 (~5 min on an H200: ~2 min compile per graph kind)
 # Each stage prints one JSON line per finished scenario (so a time-out still returns what finished) and
 # writes $OUT/<stage>.json, <stage>.md, <stage>.log (stdout) and <stage>.err (stderr); at the end
 # $OUT/benchmarks.md holds all tables. Expected device time on an H200 with REPEATS=3: ~6-7 minutes
@@ -16,7 +21,8 @@
 # CPU smoke test of the whole script (tiny models, seconds):
 #     OUT=/tmp/gpu_bench_cpu bash tools/gpu_bench.sh --tiny --device cpu --dtype float32 --threads 1 --steps 3 --repeats 1 --warmup-steps 1
 # Extra arguments are appended to every `python -m DeepCache.bench` call (scalar options override).
-# Environment: OUT (default ./out/gpu_bench), REPEATS (default 3), STAGES (default "docs-table sd15-512 sdxl-1024").
+# Environment: OUT (default ./out/gpu_bench), REPEATS (default 3), STAGES (default "docs-table sd15-512 sdxl-1024"),
+# COMPILE_MODE (compiled stages; default reduce-overhead).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -64,6 +70,10 @@ for stage in $STAGES; do
                 --scheduler ddim --dtype float16 || status=1 ;;
     sdxl-1024) bench sdxl-1024 --model sdxl --resolution 1024 --batch-size 1 "${VARIANTS[@]}" --steps 50 \
                  --scheduler ddim --dtype float16 || status=1 ;;
+    sd21-512-compiled) bench sd21-512-compiled --model sd21 --resolution 512 --batch-size 1 --variant 3,0 --steps 50 \
+                         --scheduler ddim --dtype float16 --compile "${COMPILE_MODE:-reduce-overhead}" || status=1 ;;
+    sdxl-1024-compiled) bench sdxl-1024-compiled --model sdxl --resolution 1024 --batch-size 1 --variant 3,0 --steps 50 \
+                          --scheduler ddim --dtype float16 --compile "${COMPILE_MODE:-reduce-overhead}" || status=1 ;;
     *) echo "unknown stage $stage" >&2; status=1 ;;
   esac
 done
