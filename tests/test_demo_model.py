@@ -1,0 +1,155 @@
+"""The procedural data, the offline tokenizer, the classifier and a smoke run of the training script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from DeepCache.demo_model import data
+from DeepCache.demo_model.tokenizer import build_tokenizer, learn_merges
+
+ASSETS = Path(__file__).resolve().parents[1] / "DeepCache" / "assets"
+
+
+def test_dataset_is_deterministic_and_seed_dependent() -> None:
+    a, b, c = data.make_dataset(16, seed=3), data.make_dataset(16, seed=3), data.make_dataset(16, seed=4)
+    assert np.array_equal(a.images, b.images) and a.captions == b.captions
+    assert not np.array_equal(a.images, c.images)
+    assert a.images.shape == (16, 32, 32, 3) and a.images.dtype == np.uint8
+
+
+def test_captions_describe_the_pixels() -> None:
+    batch = data.make_dataset(64, seed=0)
+    for image, text in zip(batch.images, batch.captions):
+        attrs = data.parse_caption(text)
+        assert data.caption(attrs) == text
+        # The corner opposite the shape shows the exact background colour.
+        row = 31 if attrs.position.startswith("top") else 0
+        col = 31 if attrs.position.endswith("left") else 0
+        assert tuple(image[row, col]) == data.PALETTE[attrs.background]
+        # The quadrant of the shape contains its colour, the opposite quadrant does not.
+        quadrant = image[:16, :16] if attrs.position == "top left" else None
+        ys = slice(0, 16) if attrs.position.startswith("top") else slice(16, 32)
+        xs = slice(0, 16) if attrs.position.endswith("left") else slice(16, 32)
+        fg = np.array(data.PALETTE[attrs.colour])
+        assert (np.abs(image[ys, xs].astype(int) - fg).sum(-1) == 0).any(), text
+        opposite = image[
+            slice(16, 32) if ys.start == 0 else slice(0, 16), slice(16, 32) if xs.start == 0 else slice(0, 16)
+        ]
+        assert not (np.abs(opposite.astype(int) - fg).sum(-1) == 0).any(), text
+        del quadrant
+
+
+def test_large_shapes_cover_more_pixels_than_small() -> None:
+    rng = np.random.default_rng(0)
+    for shape in data.SHAPES:
+        areas = {}
+        for size in data.SIZES:
+            attrs = data.Attributes(shape, "red", "blue", "top left", size)
+            image = data.render(attrs, rng)
+            areas[size] = int((image == np.array(data.PALETTE["red"])).all(-1).sum())
+        assert areas["large"] > 2 * areas["small"] > 0, (shape, areas)
+
+
+def test_attribute_validation_and_parsing_errors() -> None:
+    with pytest.raises(ValueError, match="invisible"):
+        data.Attributes("circle", "red", "red", "top left", "small")
+    with pytest.raises(ValueError, match="one of"):
+        data.Attributes("hexagon", "red", "blue", "top left", "small")
+    with pytest.raises(ValueError, match="expected 'a <size>"):
+        data.parse_caption("a cat")
+    assert len(data.all_attributes()) == 3 * 6 * 5 * 4 * 2
+
+
+def test_tokenizer_keeps_every_caption_word_whole_and_round_trips(tmp_path: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    tokenizer = build_tokenizer(data.caption_words(), max_length=16)
+    for attrs in data.all_attributes()[::7]:
+        text = data.caption(attrs)
+        ids = tokenizer(text)["input_ids"]
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        words = text.replace(",", " ,").split()
+        assert tokens == ["<|startoftext|>"] + [w + "</w>" for w in words] + ["<|endoftext|>"]
+        assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ,", ",") == text
+        assert len(ids) <= 16
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = CLIPTokenizer.from_pretrained(tmp_path)
+    text = "a large blue triangle on a white background, bottom right"
+    assert (
+        reloaded(text, padding="max_length", max_length=16)["input_ids"]
+        == tokenizer(text, padding="max_length", max_length=16)["input_ids"]
+    )
+    # Unknown words still tokenize (into byte-level pieces), never to an unknown token.
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("zebra")["input_ids"])
+    assert "".join(pieces[1:-1]) == "zebra</w>" and len(pieces) > 3
+
+
+def test_learn_merges_is_deterministic() -> None:
+    merges = learn_merges(["red", "green", "square"])
+    assert merges == learn_merges(["red", "green", "square"])
+    # ('r', 'e') occurs twice (red, green); every other pair once, so ties go alphabetically.
+    assert merges == [
+        ("r", "e"),
+        ("a", "r"),
+        ("ar", "e</w>"),
+        ("e", "n</w>"),
+        ("g", "re"),
+        ("gre", "en</w>"),
+        ("q", "u"),
+        ("qu", "are</w>"),
+        ("re", "d</w>"),
+        ("s", "quare</w>"),
+    ]
+    with pytest.raises(ValueError, match="empty"):
+        learn_merges([])
+
+
+def test_classifier_forward_shapes() -> None:
+    from DeepCache.demo_model.classifier import FEATURE_DIM, ShapeClassifier
+
+    logits, feats = ShapeClassifier()(torch.zeros(3, 3, 32, 32))
+    assert {k: tuple(v.shape) for k, v in logits.items()} == {
+        name: (3, len(classes)) for name, classes in data.ATTRIBUTE_CLASSES.items()
+    }
+    assert feats.shape == (3, FEATURE_DIM)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        ShapeClassifier()(torch.zeros(3, 32, 32))
+
+
+def test_training_smoke_run_writes_a_loadable_pipeline(tmp_path: Path) -> None:
+    """`deepcache train-demo-model --smoke`: a few steps of every stage, then load and generate offline."""
+    from diffusers import StableDiffusionPipeline
+
+    from DeepCache.cli import main
+    from DeepCache.demo_model.classifier import load_classifier
+
+    threads = torch.get_num_threads()
+    assert main(["train-demo-model", "--out", str(tmp_path), "--smoke"]) == 0
+    assert torch.get_num_threads() == threads  # the run restores the process's thread count
+    summary = json.loads((tmp_path / "training-summary.json").read_text())
+    assert summary["unet_steps_done"] == 3 and summary["config"]["unet_channels"] == [8, 16, 16]
+    assert {"vae_mse", "unet_loss", "decoder_mse", "classifier_acc_shape"} <= set(summary)
+    assert (tmp_path / "demo-model" / "deepcache-demo.json").is_file()
+    assert {p.name for p in (tmp_path / "demo-model" / "tokenizer").iterdir()} >= {"vocab.json", "merges.txt"}
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "demo-model", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
+    image = pipe("a small red circle on a blue background, top left", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+    classifier = load_classifier(tmp_path / "demo-classifier")
+    assert classifier.feature_dim == 32
+
+
+@pytest.mark.skipif(not (ASSETS / "demo-model" / "model_index.json").is_file(), reason="embedded model not built")
+def test_shipped_assets_fit_the_size_budget() -> None:
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert total <= 20 * 1024 * 1024, f"assets are {total / 2**20:.1f} MiB; the budget is 20 MB"
+    unet = json.loads((ASSETS / "demo-model" / "unet" / "config.json").read_text())
+    assert len(unet["block_out_channels"]) >= 3 and unet["layers_per_block"] == 2
+    index = json.loads((ASSETS / "demo-model" / "model_index.json").read_text())
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"] and index["safety_checker"] == [None, None]
