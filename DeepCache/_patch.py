@@ -20,7 +20,7 @@ import enum
 import functools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -109,11 +109,9 @@ def unet_layout(unet: nn.Module) -> UNetLayout:
     return UNetLayout.from_counts(down, up, has_mid=getattr(unet, "mid_block", None) is not None)
 
 
-def plan_actions(plan: RetrievalPlan, layout: UNetLayout, unet: nn.Module) -> dict[tuple, Action]:
-    """Map every wrapped-module key to what it does on a retrieval step of ``plan``."""
+def _down_actions(plan: RetrievalPlan, layout: UNetLayout, down_blocks: Iterable[nn.Module]) -> dict[tuple, Action]:
     actions: dict[tuple, Action] = {}
-    b = plan.boundary
-    for i, block in enumerate(unet.down_blocks):
+    for i, block in enumerate(down_blocks):
         runs = plan.down_block_runs[i]
         actions[("down_block", i)] = Action.RUN if runs else Action.SKIP
         for j in range(layout.down[i].num_layers):
@@ -122,6 +120,13 @@ def plan_actions(plan: RetrievalPlan, layout: UNetLayout, unet: nn.Module) -> di
                 actions[("down_layer", i, j, m)] = Action.SKIP if skip_layer else Action.RUN
         if layout.down[i].has_sampler:
             actions[("down_sampler", i)] = Action.SKIP if runs and not plan.down_sampler_runs[i] else Action.RUN
+    return actions
+
+
+def plan_actions(plan: RetrievalPlan, layout: UNetLayout, unet: nn.Module) -> dict[tuple, Action]:
+    """Map every wrapped-module key to what it does on a retrieval step of ``plan``."""
+    actions = _down_actions(plan, layout, unet.down_blocks)
+    b = plan.boundary
     actions[("mid",)] = Action.BOUNDARY if b.kind == "mid" else Action.SKIP
     for u, block in enumerate(unet.up_blocks):
         runs = plan.up_block_runs[u]
@@ -140,7 +145,25 @@ def plan_actions(plan: RetrievalPlan, layout: UNetLayout, unet: nn.Module) -> di
     return actions
 
 
-def _path_modules(unet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
+def controlnet_actions(plan: RetrievalPlan, layout: UNetLayout, controlnet: nn.Module) -> dict[tuple, Action]:
+    """What a ControlNet does on a retrieval step: only the residuals for skips ``0..b`` are consumed."""
+    actions = _down_actions(plan, layout, controlnet.down_blocks)
+    actions[("mid",)] = Action.SKIP
+    actions[("zero_conv_mid",)] = Action.SKIP
+    for skip in range(layout.num_branches):
+        actions[("zero_conv", skip)] = Action.RUN if skip <= plan.branch else Action.SKIP
+    return actions
+
+
+def _controlnet_modules(controlnet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
+    yield from _down_path_modules(controlnet)
+    yield ("mid",), controlnet.mid_block
+    for skip, conv in enumerate(controlnet.controlnet_down_blocks):
+        yield ("zero_conv", skip), conv
+    yield ("zero_conv_mid",), controlnet.controlnet_mid_block
+
+
+def _down_path_modules(unet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
     for i, block in enumerate(unet.down_blocks):
         yield ("down_block", i), block
         for j in range(len(block.resnets)):
@@ -149,6 +172,10 @@ def _path_modules(unet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
         sampler = _sampler(block, "downsamplers")
         if sampler is not None:
             yield ("down_sampler", i), sampler
+
+
+def _path_modules(unet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
+    yield from _down_path_modules(unet)
     yield ("mid",), unet.mid_block
     for u, block in enumerate(unet.up_blocks):
         yield ("up_block", u), block
@@ -178,6 +205,7 @@ class Generation:
     # full step always sees an empty one: one graph, not one for the first full step and one for later ones)
     specs: dict[tuple, tuple[pytree.TreeSpec, list]] = field(default_factory=dict)
     cache_from_graph: bool = False  # the cache was produced inside a torch.compile graph
+    pending: int | None = None  # a step a ControlNet already ran as a retrieval step (the U-Net must follow)
     _num_steps_value: int | None = None
     _num_steps_read: bool = False
 
@@ -303,6 +331,39 @@ class UNetPatch:
         self.gen = None
 
     # -- per evaluation -------------------------------------------------------------------------
+    def _decide(self, gen: Generation, k: int, key: tuple | None) -> bool:
+        """Whether evaluation ``k`` of ``gen`` must be a full step (schedule, or no usable cache)."""
+        if gen.params.needs_num_steps and gen.total_steps() is None:
+            raise ValueError(
+                'skip_mode="non-uniform" needs the number of steps: pipelines provide it, for a bare U-Net call '
+                "helper.reset_states(num_inference_steps=N) before the loop."
+            )
+        return (
+            is_full_step(gen.params, k, gen.total_steps())
+            or gen.cache is None
+            or key is None
+            or gen.cache_key != key
+            or (gen.cache_versions is not None and _versions(gen.cache) != gen.cache_versions)
+        )
+
+    def peek(self, sample: Any) -> bool | None:
+        """Decide the *next* evaluation ahead of the U-Net (a ControlNet runs before it).
+
+        Returns None outside a generation. A retrieval decision is a commitment the U-Net's pre-hook keeps
+        (the ControlNet then computes only the shallow residuals); a full one commits nothing, since full
+        residuals are valid for either kind of step.
+        """
+        gen = self.stack[-1] if self.stack else None
+        if gen is None:
+            return None
+        if gen.pending == gen.step:
+            return False
+        key = (tuple(sample.shape), sample.dtype, sample.device) if torch.is_tensor(sample) else None
+        full = self._decide(gen, gen.step, key)
+        if not full:
+            gen.pending = gen.step
+        return full
+
     @torch.compiler.disable
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         gen = self.stack[-1] if self.stack else None
@@ -314,18 +375,14 @@ class UNetPatch:
         key = (tuple(sample.shape), sample.dtype, sample.device) if torch.is_tensor(sample) else None
         k = gen.step
         gen.step += 1
-        if gen.params.needs_num_steps and gen.total_steps() is None:
-            raise ValueError(
-                'skip_mode="non-uniform" needs the number of steps: pipelines provide it, for a bare U-Net call '
-                "helper.reset_states(num_inference_steps=N) before the loop."
-            )
-        full = (
-            is_full_step(gen.params, k, gen.total_steps())
-            or gen.cache is None
-            or key is None
-            or gen.cache_key != key
-            or (gen.cache_versions is not None and _versions(gen.cache) != gen.cache_versions)
-        )
+        full = self._decide(gen, k, key)
+        committed, gen.pending = gen.pending == k, None
+        if committed and full:
+            raise RuntimeError(
+                    "DeepCache: a ControlNet ran the shallow path for this step but the U-Net cannot reuse its cache "
+                    f"(its input is {key}, the cache was made for {gen.cache_key}). Please report this; "
+                    "disable the helper for this pipeline meanwhile."
+                )
         if full:
             gen.cache = None  # free the old feature before computing the new one
             gen.cache_key = key
@@ -356,6 +413,98 @@ class UNetPatch:
                 self.clone_handout = True
                 gen.clone_handout = True
                 gen.cache = None
+        return None
+
+
+@dataclass
+class _ControlNetState:
+    """What a ControlNet's wrappers read during one of its evaluations (no cache: it never has a boundary)."""
+
+    actions: dict[tuple, Action]
+    specs: dict[tuple, tuple[pytree.TreeSpec, list]] = field(default_factory=dict)
+    generation: Generation | None = None  # the U-Net generation whose full step recorded ``specs``
+
+
+class ControlNetPatch:
+    """Runs only the shallow part of a ``ControlNetModel`` on the U-Net's retrieval steps.
+
+    A ControlNet computes one residual per U-Net skip connection plus one for the mid block, before the U-Net
+    runs. On a retrieval step with branch ``b`` the U-Net consumes only the residuals of skips ``0..b``, so the
+    ControlNet's deeper down layers, its mid block and their zero convolutions return placeholders. The step's
+    kind is decided once, ahead of the U-Net (:meth:`UNetPatch.peek`), and the U-Net keeps that decision.
+    """
+
+    def __init__(self, controlnet: nn.Module, unet_patch: UNetPatch) -> None:
+        self.controlnet = controlnet
+        self.unet_patch = unet_patch
+        down = [(len(block.resnets), _sampler(block, "downsamplers") is not None) for block in controlnet.down_blocks]
+        if (
+            tuple((b.num_layers, b.has_sampler) for b in unet_patch.layout.down) != tuple(down)
+            or len(controlnet.controlnet_down_blocks) != unet_patch.layout.num_branches
+        ):
+            raise ValueError("the ControlNet's down path does not mirror the U-Net's")
+        self.mode = Mode.OFF
+        self.gen: _ControlNetState | None = None
+        self._states: dict[int, _ControlNetState] = {}
+        self._saved: list[tuple[nn.Module, bool, Any, Callable]] = []
+        self._handles: list[Any] = []
+
+    def _state(self, branch: int) -> _ControlNetState:
+        if branch not in self._states:
+            plan = retrieval_plan(self.unet_patch.layout, branch)
+            self._states[branch] = _ControlNetState(controlnet_actions(plan, self.unet_patch.layout, self.controlnet))
+        return self._states[branch]
+
+    def install(self) -> None:
+        for key, module in _controlnet_modules(self.controlnet):
+            had_own = "forward" in module.__dict__
+            previous = module.__dict__.get("forward")
+            original = module.forward
+            wrapper = functools.update_wrapper(functools.partial(_wrapped_forward, self, key, original), original)
+            module.forward = wrapper
+            self._saved.append((module, had_own, previous, wrapper))
+        self._handles.append(self.controlnet.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        self._handles.append(self.controlnet.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, had_own, previous, wrapper in reversed(self._saved):
+            if module.__dict__.get("forward") is wrapper:
+                if had_own:
+                    module.forward = previous
+                else:
+                    del module.forward
+        self._saved.clear()
+        self.mode = Mode.OFF
+        self.gen = None
+
+    @torch.compiler.disable
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.mode, self.gen = Mode.OFF, None
+        unet_patch = self.unet_patch
+        generation = unet_patch.stack[-1] if unet_patch.stack else None
+        if generation is None:
+            return None
+        state = self._state(generation.params.cache_branch_id)
+        if state.generation is not generation:
+            # No full run of this ControlNet in this generation yet, so no placeholder shapes: run it in full
+            # (full residuals are valid whatever the U-Net does) and commit nothing.
+            state.generation, state.specs = generation, {}
+            self.mode, self.gen = Mode.FULL, state
+            return None
+        full = unet_patch.peek(args[0] if args else kwargs.get("sample"))
+        if full is None:
+            return None
+        if full:
+            state.specs = {}
+        self.mode, self.gen = (Mode.FULL if full else Mode.RETRIEVE), state
+        return None
+
+    @torch.compiler.disable
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.mode, self.gen = Mode.OFF, None
         return None
 
 
@@ -417,3 +566,37 @@ def release(unet: nn.Module, owner: object) -> None:
 
 def patch_of(unet: nn.Module) -> UNetPatch | None:
     return _PATCHES.get(unet)
+
+
+_CONTROLNET_PATCHES: "weakref.WeakKeyDictionary[nn.Module, ControlNetPatch]" = weakref.WeakKeyDictionary()
+
+
+def controlnets_of(pipeline: Any) -> list[nn.Module]:
+    """The plain ``ControlNetModel``s of a pipeline (inside a ``MultiControlNetModel`` too)."""
+    controlnet = getattr(pipeline, "controlnet", None)
+    nets = getattr(controlnet, "nets", None)
+    candidates = list(nets) if nets is not None else [controlnet]
+    return [
+        _patch_target for _patch_target in (unwrap_unet(c) for c in candidates if c is not None)
+        if type(_patch_target).__name__ == "ControlNetModel"
+    ]
+
+
+def acquire_controlnet(controlnet: nn.Module, unet_patch: UNetPatch) -> bool:
+    """Make ``controlnet`` run shallow on ``unet_patch``'s retrieval steps. False if it cannot."""
+    patch = _CONTROLNET_PATCHES.get(controlnet)
+    if patch is not None:
+        return patch.unet_patch is unet_patch
+    try:
+        patch = ControlNetPatch(controlnet, unet_patch)
+    except (ValueError, AttributeError):
+        return False  # a ControlNet that does not mirror the U-Net: it runs in full, which is always correct
+    patch.install()
+    _CONTROLNET_PATCHES[controlnet] = patch
+    return True
+
+
+def release_controlnet(controlnet: nn.Module) -> None:
+    patch = _CONTROLNET_PATCHES.pop(controlnet, None)
+    if patch is not None:
+        patch.remove()

@@ -117,6 +117,7 @@ class DeepCacheSDHelper:
         self._enabled = False
         self._pipeline: Any | None = None  # the pipeline we patched (None for a bare U-Net)
         self._unet: nn.Module | None = None  # the U-Net we patched
+        self._controlnets: list[nn.Module] = []  # ControlNets that run shallow on retrieval steps
         self._bare: _patch.Generation | None = None  # the running generation of a bare U-Net
         self._bare_num_steps: int | None = None
         self._last_steps: tuple[bool, ...] = ()
@@ -210,6 +211,7 @@ class DeepCacheSDHelper:
         self._unet = unet
         self._pipeline = pipeline
         if pipeline is not None:
+            self._controlnets = [cn for cn in _patch.controlnets_of(pipeline) if _patch.acquire_controlnet(cn, patch)]
             _PIPE_HELPERS[pipeline] = self
             if not hasattr(type(pipeline), "_deepcache_original_class"):
                 pipeline.__class__ = _generation_subclass(type(pipeline))
@@ -231,6 +233,9 @@ class DeepCacheSDHelper:
             self._bare.release()
             self._bare = None
             self._last_steps = tuple(self._last_steps)
+        for controlnet in self._controlnets:
+            _patch.release_controlnet(controlnet)
+        self._controlnets = []
         if pipeline is not None:
             if _PIPE_HELPERS.get(pipeline) is self:
                 del _PIPE_HELPERS[pipeline]

@@ -536,3 +536,61 @@ def test_support_matrix_names_only_tests_that_exist_and_covers_every_case() -> N
     scheduler_tests = {node for node in collected if node.startswith("tests/test_schedulers.py::")}
     composition_tests = {node for node in collected if node.startswith("tests/test_composition.py::")}
     assert (pipeline_tests | scheduler_tests | composition_tests) - set(ids) == set(), "a matrix test has no README row"
+
+
+def _controlnet_probe(controlnet) -> tuple[list[dict[str, set]], list]:
+    """Per ControlNet call: which down layers (by skip id) and the mid block computed."""
+    calls: list[dict[str, set]] = []
+    handles = [controlnet.register_forward_pre_hook(lambda m, a: calls.append({"down": set(), "mid": set()}))]
+
+    def probe(leaf, kind, skip):
+        handles.append(leaf.register_forward_pre_hook(lambda m, a: calls[-1][kind].add(skip)))
+
+    skip = 1
+    for block in controlnet.down_blocks:
+        for resnet in block.resnets:
+            probe(resnet.norm1, "down", skip)
+            skip += 1
+        for sampler in block.downsamplers or []:
+            probe(sampler.conv, "down", skip)
+            skip += 1
+    probe(controlnet.mid_block.resnets[0].norm1, "mid", 0)
+    return calls, handles
+
+
+@pytest.mark.parametrize("branch", [0, 1, 4])
+@pytest.mark.parametrize("num_controlnets", [1, 2], ids=["single", "multi"])
+def test_controlnet_runs_only_its_shallow_part_on_retrieval_steps(branch: int, num_controlnets: int) -> None:
+    pipe = tp.sd_controlnet_pipe(num_controlnets=num_controlnets)
+    images = [tp.image(seed=s) for s in range(num_controlnets)]
+    kwargs = dict(image=images[0] if num_controlnets == 1 else images, **prompt_kwargs())
+    case = Case("cn", lambda: pipe, lambda: kwargs, steps=7)
+    nets = list(getattr(pipe.controlnet, "nets", [pipe.controlnet]))
+    reference = OriginalRule(pipe.unet, 3, branch)
+    try:
+        expected = output(pipe, case)
+    finally:
+        reference.remove()
+    probes = [_controlnet_probe(net) for net in nets]
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=branch)
+    try:
+        with helper:
+            got = output(pipe, case)
+            pattern = helper.last_steps
+    finally:
+        for _, handles in probes:
+            for handle in handles:
+                handle.remove()
+    assert torch.equal(got, expected)  # bit-identical to the algorithm with a full ControlNet
+    assert format_pattern(pattern) == "FrrFrrF"
+    n = len(nets[0].controlnet_down_blocks)
+    for calls, _ in probes:
+        assert len(calls) == len(pattern)
+        for full, ran in zip(pattern, calls):
+            top = n - 1 if full else branch
+            assert ran["down"] == set(range(1, top + 1))
+            assert ran["mid"] == ({0} if full else set())
+    for net in nets:
+        assert _no_instance_forward(net)
+    assert not helper._controlnets
