@@ -184,6 +184,50 @@ def _path_modules(unet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
                 yield ("up_layer", u, j, m), module
 
 
+def _install(
+    owner: Any, root: nn.Module, modules: Iterable[tuple[tuple, nn.Module]], reuse: dict | None = None
+) -> tuple[list[tuple[nn.Module, bool, Any, Callable]], list[Any]]:
+    """Wrap each module's ``forward`` (restorably) and hook ``root`` with ``owner``'s pre/post hooks.
+
+    With ``reuse`` (key -> (module, original forward, wrapper)), a wrapper made earlier for the same module
+    and forward is installed again instead of a new one: torch.compile guards on the wrapper's identity.
+    """
+    saved = []
+    for key, module in modules:
+        had_own = "forward" in module.__dict__
+        previous = module.__dict__.get("forward")
+        original = module.forward
+        cached = reuse.get(key) if reuse is not None else None
+        if cached is not None and cached[0] is module and cached[1] == original:
+            wrapper = cached[2]
+        else:
+            wrapper = functools.update_wrapper(functools.partial(_wrapped_forward, owner, key, original), original)
+            if reuse is not None:
+                reuse[key] = (module, original, wrapper)
+        module.forward = wrapper
+        saved.append((module, had_own, previous, wrapper))
+    handles = [
+        root.register_forward_pre_hook(owner._pre_hook, with_kwargs=True),
+        root.register_forward_hook(owner._post_hook, with_kwargs=True, always_call=True),
+    ]
+    return saved, handles
+
+
+def _uninstall(saved: list[tuple[nn.Module, bool, Any, Callable]], handles: list[Any]) -> None:
+    """Undo :func:`_install`: remove the hooks and give every module its own ``forward`` back."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+    for module, had_own, previous, wrapper in reversed(saved):
+        if module.__dict__.get("forward") is wrapper:
+            if had_own:
+                module.forward = previous
+            else:
+                del module.forward
+        # else: someone wrapped our wrapper; with the patch gone it passes straight through.
+    saved.clear()
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-generation state
 
@@ -299,33 +343,10 @@ class UNetPatch:
 
     # -- install / remove ---------------------------------------------------------------------
     def install(self) -> None:
-        for key, module in _path_modules(self.unet):
-            had_own = "forward" in module.__dict__
-            previous = module.__dict__.get("forward")
-            original = module.forward
-            cached = self._wrappers.get(key)
-            if cached is not None and cached[0] is module and cached[1] == original:
-                wrapper = cached[2]
-            else:
-                wrapper = functools.update_wrapper(functools.partial(_wrapped_forward, self, key, original), original)
-                self._wrappers[key] = (module, original, wrapper)
-            module.forward = wrapper
-            self._saved.append((module, had_own, previous, wrapper))
-        self._handles.append(self.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        self._handles.append(self.unet.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+        self._saved, self._handles = _install(self, self.unet, _path_modules(self.unet), self._wrappers)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module, had_own, previous, wrapper in reversed(self._saved):
-            if module.__dict__.get("forward") is wrapper:
-                if had_own:
-                    module.forward = previous
-                else:
-                    del module.forward
-            # else: someone wrapped our wrapper; with the patch gone it passes straight through.
-        self._saved.clear()
+        _uninstall(self._saved, self._handles)
         self.stack.clear()
         self.mode = Mode.OFF
         self.gen = None
@@ -456,27 +477,10 @@ class ControlNetPatch:
         return self._states[branch]
 
     def install(self) -> None:
-        for key, module in _controlnet_modules(self.controlnet):
-            had_own = "forward" in module.__dict__
-            previous = module.__dict__.get("forward")
-            original = module.forward
-            wrapper = functools.update_wrapper(functools.partial(_wrapped_forward, self, key, original), original)
-            module.forward = wrapper
-            self._saved.append((module, had_own, previous, wrapper))
-        self._handles.append(self.controlnet.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        self._handles.append(self.controlnet.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+        self._saved, self._handles = _install(self, self.controlnet, _controlnet_modules(self.controlnet))
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module, had_own, previous, wrapper in reversed(self._saved):
-            if module.__dict__.get("forward") is wrapper:
-                if had_own:
-                    module.forward = previous
-                else:
-                    del module.forward
-        self._saved.clear()
+        _uninstall(self._saved, self._handles)
         self.mode = Mode.OFF
         self.gen = None
 
