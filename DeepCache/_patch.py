@@ -1,32 +1,54 @@
-"""Module plumbing: wire a :class:`~DeepCache.layout.RetrievalPlan` into a live diffusers U-Net.
+"""Module plumbing: wire the pure retrieval plan (:mod:`DeepCache.layout`) into live diffusers modules.
 
-Nothing here decides *what* runs (that is :mod:`DeepCache.layout` and :mod:`DeepCache.schedule`);
-this module only
+What is *decided* here, and nothing more:
 
-* wraps the ``forward`` of the U-Net's path modules (down blocks and their layers/downsamplers,
-  the mid block, up blocks and their layers) on the instance, restorable exactly;
-* adds a forward pre-hook and hook on the U-Net that pick full vs retrieval for each evaluation
-  (module hooks survive accelerate's offload hooks, which rewrite ``unet.forward``);
-* keeps the per-generation state: step counter, the one cached feature, placeholder shapes.
+* **full or retrieval, per U-Net evaluation**, in a forward pre-hook on the U-Net (outside any
+  ``torch.compile`` graph): the schedule (:func:`~DeepCache.schedule.is_full_step`) says so, unless the
+  generation has no usable cache (none yet, another input shape/dtype/device, or modified in place);
+* **which generation an evaluation belongs to**: the innermost generation of this U-Net opened in the
+  caller's context (:func:`running`, a ``contextvars`` variable set by the pipeline call), else the
+  generation of an enabled bare-U-Net helper, else none (the U-Net runs untouched);
+* **when the patch comes off**: once no live owner (:class:`Lease`) is left and no generation is running.
 
-On a retrieval step a skipped module returns an uninitialised placeholder of the shape it had at
-the last full step (its value never reaches the output), and the module whose output enters the
-up layer that consumes skip ``b`` returns the cached feature.
+What each wrapped module does on a retrieval step comes from :func:`~DeepCache.layout.retrieval_action`
+(U-Net) and :func:`~DeepCache.layout.controlnet_retrieval_action` (ControlNet). The wrappers read the
+evaluation in progress from a per-patch ``threading.local`` (one per thread, so concurrent generations on
+one U-Net never see each other's state; dynamo guards on it like on any attribute).
+
+On a retrieval step a skipped module returns a placeholder of the shape it had at the last full step
+(uninitialised, or NaN under ``DEEPCACHE_NAN_PLACEHOLDERS=1``: its value must never reach the output), and
+the module whose output enters the up layer that consumes skip ``b`` returns the cached feature.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
+import math
+import os
+import sys
+import threading
+import warnings
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .layout import Boundary, RetrievalPlan, UNetLayout, retrieval_plan
+from .layout import (
+    Action,
+    ModuleKey,
+    Site,
+    UNetLayout,
+    controlnet_retrieval_action,
+    retrieval_action,
+    retrieval_plan,
+)
 from .schedule import CacheParams, is_full_step
 
 # U-Net classes whose forward follows the skip-connection model of DeepCache.layout and that the
@@ -48,18 +70,6 @@ _UNSUPPORTED_BLOCKS = ("KDownBlock2D", "KCrossAttnDownBlock2D", "KUpBlock2D", "K
 # UNet2DConditionModel resnet -> attention; UNetMotionModel resnet -> attention -> motion module;
 # UNet3DConditionModel resnet -> temporal conv -> attention -> temporal attention.
 _LAYER_LISTS = ("resnets", "temp_convs", "attentions", "temp_attentions", "motion_modules")
-
-
-class Mode(enum.Enum):
-    OFF = "off"  # no active generation: every module runs untouched
-    FULL = "full"
-    RETRIEVE = "retrieve"
-
-
-class Action(enum.Enum):
-    RUN = "run"
-    SKIP = "skip"
-    BOUNDARY = "boundary"
 
 
 def unwrap_unet(module: Any) -> Any:
@@ -109,179 +119,75 @@ def unet_layout(unet: nn.Module) -> UNetLayout:
     return UNetLayout.from_counts(down, up, has_mid=getattr(unet, "mid_block", None) is not None)
 
 
-def _down_actions(plan: RetrievalPlan, layout: UNetLayout, down_blocks: Iterable[nn.Module]) -> dict[tuple, Action]:
-    actions: dict[tuple, Action] = {}
-    for i, block in enumerate(down_blocks):
-        runs = plan.down_block_runs[i]
-        actions[("down_block", i)] = Action.RUN if runs else Action.SKIP
-        for j in range(layout.down[i].num_layers):
-            skip_layer = runs and not plan.down_layer_runs[i][j]
-            for m in range(len(layer_modules(block, j))):
-                actions[("down_layer", i, j, m)] = Action.SKIP if skip_layer else Action.RUN
-        if layout.down[i].has_sampler:
-            actions[("down_sampler", i)] = Action.SKIP if runs and not plan.down_sampler_runs[i] else Action.RUN
-    return actions
+# ----------------------------------------------------------------------------------------------
+# Which modules are wrapped, under which key
 
 
-def plan_actions(plan: RetrievalPlan, layout: UNetLayout, unet: nn.Module) -> dict[tuple, Action]:
-    """Map every wrapped-module key to what it does on a retrieval step of ``plan``."""
-    actions = _down_actions(plan, layout, unet.down_blocks)
-    b = plan.boundary
-    actions[("mid",)] = Action.BOUNDARY if b.kind == "mid" else Action.SKIP
-    for u, block in enumerate(unet.up_blocks):
-        runs = plan.up_block_runs[u]
-        if b == Boundary("up_block", u):
-            actions[("up_block", u)] = Action.BOUNDARY
-        else:
-            actions[("up_block", u)] = Action.RUN if runs else Action.SKIP
-        for j in range(layout.up[u].num_layers):
-            modules = layer_modules(block, j)
-            skip_layer = runs and not plan.up_layer_runs[u][j]
-            for m in range(len(modules)):
-                if skip_layer and b == Boundary("up_layer", u, j) and m == len(modules) - 1:
-                    actions[("up_layer", u, j, m)] = Action.BOUNDARY
-                else:
-                    actions[("up_layer", u, j, m)] = Action.SKIP if skip_layer else Action.RUN
-    return actions
-
-
-def controlnet_actions(plan: RetrievalPlan, layout: UNetLayout, controlnet: nn.Module) -> dict[tuple, Action]:
-    """What a ControlNet does on a retrieval step: only the residuals for skips ``0..b`` are consumed."""
-    actions = _down_actions(plan, layout, controlnet.down_blocks)
-    actions[("mid",)] = Action.SKIP
-    actions[("zero_conv_mid",)] = Action.SKIP
-    for skip in range(layout.num_branches):
-        actions[("zero_conv", skip)] = Action.RUN if skip <= plan.branch else Action.SKIP
-    return actions
-
-
-def _controlnet_modules(controlnet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
-    yield from _down_path_modules(controlnet)
-    yield ("mid",), controlnet.mid_block
-    for skip, conv in enumerate(controlnet.controlnet_down_blocks):
-        yield ("zero_conv", skip), conv
-    yield ("zero_conv_mid",), controlnet.controlnet_mid_block
-
-
-def _down_path_modules(unet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
-    for i, block in enumerate(unet.down_blocks):
-        yield ("down_block", i), block
+def _down_path(net: nn.Module) -> Iterator[tuple[ModuleKey, nn.Module]]:
+    for i, block in enumerate(net.down_blocks):
+        yield ModuleKey(Site.DOWN_BLOCK, i), block
         for j in range(len(block.resnets)):
-            for m, module in enumerate(layer_modules(block, j)):
-                yield ("down_layer", i, j, m), module
+            modules = layer_modules(block, j)
+            for m, module in enumerate(modules):
+                yield ModuleKey(Site.DOWN_LAYER, i, j, m, len(modules)), module
         sampler = _sampler(block, "downsamplers")
         if sampler is not None:
-            yield ("down_sampler", i), sampler
+            yield ModuleKey(Site.DOWN_SAMPLER, i), sampler
 
 
-def _path_modules(unet: nn.Module) -> Iterator[tuple[tuple, nn.Module]]:
-    yield from _down_path_modules(unet)
-    yield ("mid",), unet.mid_block
+def unet_modules(unet: nn.Module) -> list[tuple[ModuleKey, nn.Module]]:
+    """The U-Net modules DeepCache wraps: down blocks with their layers and samplers, the mid block, up blocks
+    with their layers (up samplers run inside their block)."""
+    modules = list(_down_path(unet))
+    modules.append((ModuleKey(Site.MID), unet.mid_block))
     for u, block in enumerate(unet.up_blocks):
-        yield ("up_block", u), block
+        modules.append((ModuleKey(Site.UP_BLOCK, u), block))
         for j in range(len(block.resnets)):
-            for m, module in enumerate(layer_modules(block, j)):
-                yield ("up_layer", u, j, m), module
+            layer = layer_modules(block, j)
+            modules += [(ModuleKey(Site.UP_LAYER, u, j, m, len(layer)), module) for m, module in enumerate(layer)]
+    return modules
 
 
-def _install(
-    owner: Any, root: nn.Module, modules: Iterable[tuple[tuple, nn.Module]], reuse: dict | None = None
-) -> tuple[list[tuple[nn.Module, bool, Any, Callable]], list[Any]]:
-    """Wrap each module's ``forward`` (restorably) and hook ``root`` with ``owner``'s pre/post hooks.
-
-    With ``reuse`` (key -> (module, original forward, wrapper)), a wrapper made earlier for the same module
-    and forward is installed again instead of a new one: torch.compile guards on the wrapper's identity.
-    """
-    saved = []
-    for key, module in modules:
-        had_own = "forward" in module.__dict__
-        previous = module.__dict__.get("forward")
-        original = module.forward
-        cached = reuse.get(key) if reuse is not None else None
-        if cached is not None and cached[0] is module and cached[1] == original:
-            wrapper = cached[2]
-        else:
-            wrapper = functools.update_wrapper(functools.partial(_wrapped_forward, owner, key, original), original)
-            if reuse is not None:
-                reuse[key] = (module, original, wrapper)
-        module.forward = wrapper
-        saved.append((module, had_own, previous, wrapper))
-    handles = [
-        root.register_forward_pre_hook(owner._pre_hook, with_kwargs=True),
-        root.register_forward_hook(owner._post_hook, with_kwargs=True, always_call=True),
-    ]
-    return saved, handles
-
-
-def _uninstall(saved: list[tuple[nn.Module, bool, Any, Callable]], handles: list[Any]) -> None:
-    """Undo :func:`_install`: remove the hooks and give every module its own ``forward`` back."""
-    for handle in handles:
-        handle.remove()
-    handles.clear()
-    for module, had_own, previous, wrapper in reversed(saved):
-        if module.__dict__.get("forward") is wrapper:
-            if had_own:
-                module.forward = previous
-            else:
-                del module.forward
-        # else: someone wrapped our wrapper; with the patch gone it passes straight through.
-    saved.clear()
+def controlnet_modules(controlnet: nn.Module) -> list[tuple[ModuleKey, nn.Module]]:
+    """The ControlNet modules DeepCache wraps: its down path, mid block and zero convolutions."""
+    modules = list(_down_path(controlnet))
+    modules.append((ModuleKey(Site.MID), controlnet.mid_block))
+    modules += [(ModuleKey(Site.CONTROL_SKIP, s), conv) for s, conv in enumerate(controlnet.controlnet_down_blocks)]
+    modules.append((ModuleKey(Site.CONTROL_MID), controlnet.controlnet_mid_block))
+    return modules
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-generation state
+# Placeholders and cached values
+
+#: Set to 1 to fill placeholders with NaN: a placeholder that some computation consumes then poisons the
+#: output, so tests catch it (the test-suite runs with it on). Read when a generation starts.
+NAN_PLACEHOLDERS_ENV = "DEEPCACHE_NAN_PLACEHOLDERS"
 
 
-@dataclass
-class Generation:
-    """State of one generation (one pipeline call, or one bare-U-Net loop between resets)."""
-
-    params: CacheParams
-    actions: dict[tuple, Action]
-    num_steps: Callable[[], int | None] = lambda: None
-    step: int = 0
-    steps: list[bool] = field(default_factory=list)  # True = full step, per U-Net evaluation
-    cache: Any = None  # the boundary output of the last full step (a clone)
-    cache_key: tuple | None = None  # (shape, dtype, device) of the sample at that full step
-    cache_versions: tuple[int, ...] | None = None
-    clone_handout: bool = False  # hand out copies of the cache (its consumer modifies it in place)
-    # output specs of the skipped modules at the last full step (a new dict per full step, so a compiled
-    # full step always sees an empty one: one graph, not one for the first full step and one for later ones)
-    specs: dict[tuple, tuple[pytree.TreeSpec, list]] = field(default_factory=dict)
-    cache_from_graph: bool = False  # the cache was produced inside a torch.compile graph
-    pending: int | None = None  # a step a ControlNet already ran as a retrieval step (the U-Net must follow)
-    _num_steps_value: int | None = None
-    _num_steps_read: bool = False
-
-    def total_steps(self) -> int | None:
-        if not self._num_steps_read:
-            self._num_steps_value = self.num_steps()
-            self._num_steps_read = True
-        return self._num_steps_value
-
-    def release(self) -> None:
-        self.cache = None
-        self.cache_key = None
-        self.cache_versions = None
-        self.specs.clear()
-
-    def cache_bytes(self) -> int:
-        if self.cache is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(self.cache) if torch.is_tensor(t))
+def nan_placeholders() -> bool:
+    """Whether ``DEEPCACHE_NAN_PLACEHOLDERS`` asks for NaN-filled placeholders (debugging aid)."""
+    return os.environ.get(NAN_PLACEHOLDERS_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _tensor_spec(out: Any) -> tuple[pytree.TreeSpec, list]:
+Spec = tuple[pytree.TreeSpec, list]
+
+
+def _tensor_spec(out: Any) -> Spec:
     leaves, spec = pytree.tree_flatten(out)
     return spec, [(tuple(x.shape), x.dtype, x.device) if torch.is_tensor(x) else (None, x, None) for x in leaves]
 
 
-def _placeholder(spec: tuple[pytree.TreeSpec, list]) -> Any:
+def _placeholder(spec: Spec, poison: bool) -> Any:
     treespec, leaves = spec
-    values = [
-        torch.empty(shape, dtype=dtype, device=device) if shape is not None else dtype
-        for shape, dtype, device in leaves
-    ]
+    values = []
+    for shape, dtype, device in leaves:
+        if shape is None:
+            values.append(dtype)
+        elif poison and dtype.is_floating_point:
+            values.append(torch.full(shape, math.nan, dtype=dtype, device=device))
+        else:
+            values.append(torch.empty(shape, dtype=dtype, device=device))
     return pytree.tree_unflatten(values, treespec)
 
 
@@ -296,27 +202,281 @@ def _clone(tree: Any) -> Any:
     return pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, tree)
 
 
+def _input_key(sample: Any) -> tuple | None:
+    return (tuple(sample.shape), sample.dtype, sample.device) if torch.is_tensor(sample) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-generation state
+
+
+class Mode(enum.Enum):
+    OFF = "off"  # no generation: every wrapped module runs untouched
+    FULL = "full"
+    RETRIEVE = "retrieve"
+
+
+@dataclass
+class ControlNetState:
+    """One ControlNet's state within one generation: the placeholder shapes of its skipped modules."""
+
+    actions: tuple[Action, ...]  # per wrapped module, on a retrieval step of the generation's branch
+    poison: bool = False  # NaN placeholders (DEEPCACHE_NAN_PLACEHOLDERS)
+    specs: dict[int, Spec] = field(default_factory=dict)
+    ran_full: bool = False  # it ran in full once in this generation (so ``specs`` can be filled)
+
+    def reset(self) -> None:
+        self.specs = {}
+        self.ran_full = False
+
+
+@dataclass
+class Generation:
+    """The state of one generation (one pipeline call, or one bare-U-Net loop between resets).
+
+    It belongs to its caller: a pipeline call opens it with :func:`running`, and only evaluations in that
+    context see it. Dropping it frees everything it holds.
+    """
+
+    patch: "UNetPatch"
+    params: CacheParams
+    actions: tuple[Action, ...]  # per wrapped U-Net module, on a retrieval step (see DeepCache.layout)
+    num_steps: Callable[[], int | None] = lambda: None  # U-Net evaluations in the generation, if known
+    clone_handout: bool = False  # hand out copies of the cache (its consumer modifies it in place)
+    poison: bool = False  # NaN placeholders (DEEPCACHE_NAN_PLACEHOLDERS)
+    step: int = 0  # the next evaluation's index
+    steps: list[bool] = field(default_factory=list)  # True = full step, per U-Net evaluation so far
+    cache: Any = None  # the boundary output of the last full step (a clone)
+    cache_key: tuple | None = None  # (shape, dtype, device) of the sample at that full step
+    cache_versions: tuple[int, ...] | None = None
+    cache_from_graph: bool = False  # the cache was produced inside a torch.compile graph
+    # output specs of the skipped modules at the last full step (a new dict per full step, so a compiled
+    # full step always sees an empty one: one graph, not one for the first full step and one for later ones)
+    specs: dict[int, Spec] = field(default_factory=dict)
+    pending: int | None = None  # a step a ControlNet already ran as a retrieval step (the U-Net must follow)
+    controlnets: dict["ControlNetPatch", ControlNetState] = field(default_factory=dict)
+    _total: tuple[int | None] | None = None
+
+    def total_steps(self) -> int | None:
+        if self._total is None:
+            self._total = (self.num_steps(),)
+        return self._total[0]
+
+    def release(self) -> None:
+        """Free the cached feature and the placeholder shapes (the step history stays)."""
+        self.cache = None
+        self.cache_key = None
+        self.cache_versions = None
+        self.cache_from_graph = False
+        self.specs = {}
+        for state in self.controlnets.values():
+            state.reset()
+
+    def reset(self) -> None:
+        """Start over: the next evaluation is step 0 (a full step), nothing cached."""
+        self.release()
+        self.step = 0
+        self.steps = []
+        self.pending = None
+        self._total = None
+
+    def cache_bytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(self.cache) if torch.is_tensor(t))
+
+    def controlnet_state(self, patch: "ControlNetPatch") -> ControlNetState:
+        state = self.controlnets.get(patch)
+        if state is None:
+            state = self.controlnets[patch] = ControlNetState(patch.actions_for(self.params.cache_branch_id), self.poison)
+        return state
+
+
+# the generations opened by pipeline calls in this context (thread / task), innermost last
+_GENERATIONS: contextvars.ContextVar[tuple[Generation, ...]] = contextvars.ContextVar(
+    "deepcache_generations", default=()
+)
+
+
+@contextlib.contextmanager
+def running(gen: Generation) -> Iterator[Generation]:
+    """Make ``gen`` the generation of its U-Net for the evaluations run in this context, then free it."""
+    patch = gen.patch
+    patch.generation_started()
+    token = _GENERATIONS.set(_GENERATIONS.get() + (gen,))
+    try:
+        yield gen
+    finally:
+        _GENERATIONS.reset(token)
+        patch.local.mode, patch.local.gen = Mode.OFF, None  # an evaluation interrupted by BaseException
+        gen.release()
+        patch.generation_ended()
+
+
+class _Evaluation(threading.local):
+    """The evaluation in progress on one patch, per thread (what the wrapped modules read)."""
+
+    mode: Mode = Mode.OFF
+    gen: Generation | None = None  # U-Net patches
+    state: ControlNetState | None = None  # ControlNet patches
+
+
+# ----------------------------------------------------------------------------------------------
+# Installing wrappers and hooks
+
+Wrapper = Callable[..., Any]
+
+
+class _Wrapping:
+    """The wrapped ``forward`` of a set of modules and the pre/post hooks on their root, restorable exactly."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self._forward = forward  # forward(patch, index, original, *args, **kwargs)
+        self._saved: list[tuple[nn.Module, bool, Any, Wrapper]] = []
+        self._handles: list[Any] = []
+        # index -> (module, original forward, wrapper): reinstalling reuses the same wrapper objects, so the
+        # graphs torch.compile made with them (it guards on their identity) stay valid across disable/enable
+        self._wrappers: dict[int, tuple[nn.Module, Any, Wrapper]] = {}
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def install(self, patch: Any, root: nn.Module, modules: list[tuple[ModuleKey, nn.Module]]) -> None:
+        for index, (_, module) in enumerate(modules):
+            had_own = "forward" in module.__dict__
+            previous = module.__dict__.get("forward")
+            original = module.forward
+            cached = self._wrappers.get(index)
+            if cached is not None and cached[0] is module and cached[1] == original:
+                wrapper = cached[2]
+            else:
+                wrapper = functools.update_wrapper(functools.partial(self._forward, patch, index, original), original)
+                self._wrappers[index] = (module, original, wrapper)
+            module.forward = wrapper
+            self._saved.append((module, had_own, previous, wrapper))
+        self._handles = [
+            root.register_forward_pre_hook(patch._pre_hook, with_kwargs=True),
+            root.register_forward_hook(patch._post_hook, with_kwargs=True, always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for module, had_own, previous, wrapper in reversed(self._saved):
+            if module.__dict__.get("forward") is wrapper:
+                if had_own:
+                    module.forward = previous
+                else:
+                    del module.forward
+            # else: someone wrapped our wrapper; with the patch gone it passes straight through.
+        self._saved = []
+
+
+# ----------------------------------------------------------------------------------------------
+# Ownership: leases held by enabled helpers, released explicitly or when the helper is collected
+
+# One lock for installing and removing patches. Weakref callbacks (a helper collected while enabled) never
+# wait for it: they queue their release, and whoever holds the lock runs the queue before letting go.
+_LOCK = threading.Lock()
+_QUEUE: deque[Callable[[], None]] = deque()
+
+
+def _drain() -> None:
+    while _QUEUE:
+        if not _LOCK.acquire(blocking=False):
+            return  # the holder drains when it lets go
+        try:
+            while _QUEUE:
+                _QUEUE.popleft()()
+        finally:
+            _LOCK.release()
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    with _LOCK:
+        yield
+    _drain()
+
+
+class Lease:
+    """An enabled helper's hold on a U-Net patch (and on the ControlNet patches of its pipeline).
+
+    The helper keeps it; the patches keep only weak references. :meth:`release` lets go; so does dropping
+    the lease (a helper garbage-collected while enabled), so a dead helper never keeps a U-Net patched.
+    """
+
+    def __init__(self, unet_patch: "UNetPatch") -> None:
+        self.unet_patch = unet_patch
+        self.controlnets: list[ControlNetPatch] = []
+        self.bare: Generation | None = None  # the running generation of a bare-U-Net helper
+        self.released = False
+        self.ref = weakref.ref(self, _lease_collected(unet_patch))
+
+    def release(self) -> None:
+        with _locked():
+            if not self.released:
+                self.released = True
+                _let_go(self.ref, self.unet_patch, self.controlnets)
+                self.bare = None
+
+
+def _lease_collected(unet_patch: "UNetPatch") -> Callable[[weakref.ref], None]:
+    patch_ref = weakref.ref(unet_patch)
+
+    def collected(ref: weakref.ref) -> None:
+        def release() -> None:
+            patch = patch_ref()
+            if patch is not None:
+                _let_go(ref, patch, [cn for cn in patch.controlnet_patches() if ref in cn.owners])
+
+        _QUEUE.append(release)
+        _drain()
+
+    return collected
+
+
+def _let_go(ref: weakref.ref, unet_patch: "UNetPatch", controlnets: list["ControlNetPatch"]) -> None:
+    """(Lock held.) Remove one owner; patches that lose their last owner come off."""
+    for cn in controlnets:
+        cn.owners.pop(ref, None)
+        if not cn.owners:
+            unet_patch.when_idle(cn.remove)
+    unet_patch.owners.pop(ref, None)
+    if not unet_patch.owners:
+        unet_patch.when_idle(unet_patch.remove)
+
+
 # ----------------------------------------------------------------------------------------------
 # The patch on one U-Net
 
 
+class DeepCacheWarning(UserWarning):
+    """DeepCache runs a module uncached, or in full, where the user may expect caching."""
+
+
 class UNetPatch:
-    """Hooks on one U-Net, shared by every helper that caches it; removed when the last one leaves."""
+    """Hooks on one U-Net, shared by every helper that caches it; removed when the last owner leaves.
+
+    It holds the U-Net weakly and no generation state of its own: a generation lives with the pipeline call
+    that runs it (:func:`running`) or with the bare-U-Net helper that drives it.
+    """
 
     def __init__(self, unet: nn.Module) -> None:
-        self._unet_ref = weakref.ref(unet)  # weak: a dormant patch (see release) must not keep the U-Net alive
+        self._unet_ref = weakref.ref(unet)
         self.layout = unet_layout(unet)
-        self.owners: set[int] = set()
-        self.stack: list[Generation] = []  # active generations, innermost last
-        self.mode = Mode.OFF
-        self.gen: Generation | None = None  # the generation of the evaluation in progress
+        self.local = _Evaluation()
+        self.owners: dict[weakref.ref, None] = {}  # live leases, oldest first
         self.clone_handout = False  # set once a consumer was seen modifying the cached feature in place
-        self._saved: list[tuple[nn.Module, bool, Any, Callable]] = []
-        self._handles: list[Any] = []
-        self._actions_by_branch: dict[int, dict[tuple, Action]] = {}
-        # key -> (module, original forward, wrapper): reinstalling reuses the same wrapper objects, so the
-        # graphs torch.compile made with them (it guards on their identity) stay valid across disable/enable
-        self._wrappers: dict[tuple, tuple[nn.Module, Callable, Callable]] = {}
+        self._wrapping = _Wrapping(_unet_module_forward)
+        self._keys: tuple[ModuleKey, ...] = ()
+        self._actions: dict[int, tuple[Action, ...]] = {}
+        self._controlnets: "weakref.WeakSet[ControlNetPatch]" = weakref.WeakSet()
+        self._running = 0  # generations in progress (pipeline calls), across threads
+        self._idle: list[Callable[[], None]] = []  # removals waiting for them to finish
+        self._warned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # pipelines told that they run uncached
 
     @property
     def unet(self) -> nn.Module:
@@ -325,12 +485,17 @@ class UNetPatch:
             raise RuntimeError("the U-Net of this DeepCache patch was garbage-collected")
         return unet
 
+    @property
+    def installed(self) -> bool:
+        return self._wrapping.installed
+
     # -- plan -------------------------------------------------------------------------------
-    def actions_for(self, branch: int) -> dict[tuple, Action]:
-        if branch not in self._actions_by_branch:
+    def actions_for(self, branch: int) -> tuple[Action, ...]:
+        table = self._actions.get(branch)
+        if table is None:
             plan = retrieval_plan(self.layout, branch)
-            self._actions_by_branch[branch] = plan_actions(plan, self.layout, self.unet)
-        return self._actions_by_branch[branch]
+            table = self._actions[branch] = tuple(retrieval_action(plan, key) for key in self._keys)
+        return table
 
     def consumer_modifies_in_place(self, branch: int) -> bool:
         """Whether the block that consumes the cached feature scales it in place (FreeU does)."""
@@ -341,17 +506,66 @@ class UNetPatch:
         block = self.unet.up_blocks[index]
         return all(getattr(block, name, None) for name in ("s1", "s2", "b1", "b2"))
 
-    # -- install / remove ---------------------------------------------------------------------
+    def new_generation(self, params: CacheParams, num_steps: Callable[[], int | None] = lambda: None) -> Generation:
+        branch = params.cache_branch_id
+        return Generation(
+            patch=self,
+            params=params,
+            actions=self.actions_for(branch),
+            num_steps=num_steps,
+            clone_handout=self.consumer_modifies_in_place(branch),
+            poison=nan_placeholders(),
+        )
+
+    # -- install / remove (lock held) -------------------------------------------------------------
     def install(self) -> None:
-        self._saved, self._handles = _install(self, self.unet, _path_modules(self.unet), self._wrappers)
+        if self.installed:
+            return
+        unet = self.unet
+        modules = unet_modules(unet)
+        keys = tuple(key for key, _ in modules)
+        if keys != self._keys:  # same keys: keep the tables (compiled graphs guard on them)
+            self._keys, self._actions = keys, {}
+        self._wrapping.install(self, unet, modules)
 
     def remove(self) -> None:
-        _uninstall(self._saved, self._handles)
-        self.stack.clear()
-        self.mode = Mode.OFF
-        self.gen = None
+        if not self.owners:  # an owner may have come back while the removal waited
+            self._wrapping.remove()
+
+    def when_idle(self, action: Callable[[], None]) -> None:
+        """Run ``action`` now if no generation is running on this U-Net, else when the last one ends."""
+        if self._running:
+            self._idle.append(action)
+        else:
+            action()
+
+    def generation_started(self) -> None:
+        with _locked():
+            self._running += 1
+
+    def generation_ended(self) -> None:
+        with _locked():
+            self._running -= 1
+            if not self._running:
+                idle, self._idle = self._idle, []
+                for action in idle:
+                    action()
+
+    def controlnet_patches(self) -> list["ControlNetPatch"]:
+        return list(self._controlnets)
 
     # -- per evaluation -------------------------------------------------------------------------
+    def current_generation(self) -> Generation | None:
+        """The generation an evaluation of this U-Net in the current context belongs to, if any."""
+        for gen in reversed(_GENERATIONS.get()):
+            if gen.patch is self:
+                return gen
+        for ref in reversed(list(self.owners)):
+            lease = ref()
+            if lease is not None and lease.bare is not None:
+                return lease.bare
+        return None
+
     def _decide(self, gen: Generation, k: int, key: tuple | None) -> bool:
         """Whether evaluation ``k`` of ``gen`` must be a full step (schedule, or no usable cache)."""
         if gen.params.needs_num_steps and gen.total_steps() is None:
@@ -367,58 +581,57 @@ class UNetPatch:
             or (gen.cache_versions is not None and _versions(gen.cache) != gen.cache_versions)
         )
 
-    def peek(self, sample: Any) -> bool | None:
-        """Decide the *next* evaluation ahead of the U-Net (a ControlNet runs before it).
+    def peek(self, gen: Generation, sample: Any) -> bool:
+        """Decide ``gen``'s *next* evaluation ahead of the U-Net (a ControlNet runs before it).
 
-        Returns None outside a generation. A retrieval decision is a commitment the U-Net's pre-hook keeps
-        (the ControlNet then computes only the shallow residuals); a full one commits nothing, since full
-        residuals are valid for either kind of step.
+        A retrieval decision is a commitment the U-Net's pre-hook keeps (the ControlNet then computes only
+        the residuals a retrieval step consumes); a full one commits nothing, since full residuals are valid
+        for either kind of step.
         """
-        gen = self.stack[-1] if self.stack else None
-        if gen is None:
-            return None
         if gen.pending == gen.step:
             return False
-        key = (tuple(sample.shape), sample.dtype, sample.device) if torch.is_tensor(sample) else None
-        full = self._decide(gen, gen.step, key)
+        full = self._decide(gen, gen.step, _input_key(sample))
         if not full:
             gen.pending = gen.step
         return full
 
     @torch.compiler.disable
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        gen = self.stack[-1] if self.stack else None
-        self.gen = gen
+        local = self.local
+        local.mode, local.gen = Mode.OFF, None
+        gen = self.current_generation()
         if gen is None:
-            self.mode = Mode.OFF
+            if self.owners:
+                self._warn_if_a_pipeline_runs_uncached()
             return None
-        sample = args[0] if args else kwargs.get("sample")
-        key = (tuple(sample.shape), sample.dtype, sample.device) if torch.is_tensor(sample) else None
+        key = _input_key(args[0] if args else kwargs.get("sample"))
         k = gen.step
         gen.step += 1
         full = self._decide(gen, k, key)
         committed, gen.pending = gen.pending == k, None
         if committed and full:
             raise RuntimeError(
-                    "DeepCache: a ControlNet ran the shallow path for this step but the U-Net cannot reuse its cache "
-                    f"(its input is {key}, the cache was made for {gen.cache_key}). Please report this; "
-                    "disable the helper for this pipeline meanwhile."
-                )
+                "DeepCache: a ControlNet ran the shallow path for this step but the U-Net cannot reuse its cache "
+                f"(its input is {key}, the cache was made for {gen.cache_key}). Please report this; "
+                "disable the helper for this pipeline meanwhile."
+            )
         if full:
             gen.cache = None  # free the old feature before computing the new one
             gen.cache_key = key
             gen.cache_versions = None
             gen.specs = {}
         gen.steps.append(full)
-        self.mode = Mode.FULL if full else Mode.RETRIEVE
+        local.mode, local.gen = (Mode.FULL if full else Mode.RETRIEVE), gen
         return None
 
     @torch.compiler.disable
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        gen, mode = self.gen, self.mode
-        self.mode = Mode.OFF
-        self.gen = None
-        if gen is not None and mode is Mode.FULL and gen.cache is not None:
+        local = self.local
+        gen, mode = local.gen, local.mode
+        local.mode, local.gen = Mode.OFF, None
+        if gen is None:
+            return None
+        if mode is Mode.FULL and gen.cache is not None:
             if gen.cache_from_graph:
                 # A compiled graph produced the cache. Under CUDA graphs (mode="reduce-overhead") its outputs
                 # live in a pool that the next replay overwrites: keep a copy made outside any graph.
@@ -427,7 +640,7 @@ class UNetPatch:
             gen.cache_versions = _versions(gen.cache)
             if gen.cache_versions is None:  # untrackable (inference mode): never hand out the original
                 gen.clone_handout = True
-        if gen is not None and mode is Mode.RETRIEVE and gen.cache is not None and not gen.clone_handout:
+        if mode is Mode.RETRIEVE and gen.cache is not None and not gen.clone_handout:
             if gen.cache_versions is None or _versions(gen.cache) != gen.cache_versions:
                 # An unexpected consumer modified the cached feature in place: refresh the cache at the next
                 # step and hand out copies from now on (this U-Net remembers it for later generations).
@@ -436,92 +649,47 @@ class UNetPatch:
                 gen.cache = None
         return None
 
+    def _warn_if_a_pipeline_runs_uncached(self) -> None:
+        pipeline = _calling_pipeline(self.unet)
+        if pipeline is None or pipeline in self._warned:
+            return
+        self._warned.add(pipeline)
+        name = type(pipeline).__name__
+        warnings.warn(
+            f"this {name} runs a U-Net that DeepCache caches for another pipeline, but no DeepCacheSDHelper is enabled "
+            f"on it, so it runs uncached (views made with {name}.from_pipe(...) do not inherit the helper; copy.copy "
+            "views do). To cache it: DeepCacheSDHelper(pipe=this_pipeline).enable(). If uncached is intended, ignore "
+            "this warning (it is said once per pipeline).",
+            DeepCacheWarning,
+            stacklevel=2,
+        )
 
-@dataclass
-class _ControlNetState:
-    """What a ControlNet's wrappers read during one of its evaluations (no cache: it never has a boundary)."""
 
-    actions: dict[tuple, Action]
-    specs: dict[tuple, tuple[pytree.TreeSpec, list]] = field(default_factory=dict)
-    generation: Generation | None = None  # the U-Net generation whose full step recorded ``specs``
-
-
-class ControlNetPatch:
-    """Runs only the shallow part of a ``ControlNetModel`` on the U-Net's retrieval steps.
-
-    A ControlNet computes one residual per U-Net skip connection plus one for the mid block, before the U-Net
-    runs. On a retrieval step with branch ``b`` the U-Net consumes only the residuals of skips ``0..b``, so the
-    ControlNet's deeper down layers, its mid block and their zero convolutions return placeholders. The step's
-    kind is decided once, ahead of the U-Net (:meth:`UNetPatch.peek`), and the U-Net keeps that decision.
-    """
-
-    def __init__(self, controlnet: nn.Module, unet_patch: UNetPatch) -> None:
-        self.controlnet = controlnet
-        self.unet_patch = unet_patch
-        down = [(len(block.resnets), _sampler(block, "downsamplers") is not None) for block in controlnet.down_blocks]
-        if (
-            tuple((b.num_layers, b.has_sampler) for b in unet_patch.layout.down) != tuple(down)
-            or len(controlnet.controlnet_down_blocks) != unet_patch.layout.num_branches
-        ):
-            raise ValueError("the ControlNet's down path does not mirror the U-Net's")
-        self.mode = Mode.OFF
-        self.gen: _ControlNetState | None = None
-        self._states: dict[int, _ControlNetState] = {}
-        self._saved: list[tuple[nn.Module, bool, Any, Callable]] = []
-        self._handles: list[Any] = []
-
-    def _state(self, branch: int) -> _ControlNetState:
-        if branch not in self._states:
-            plan = retrieval_plan(self.unet_patch.layout, branch)
-            self._states[branch] = _ControlNetState(controlnet_actions(plan, self.unet_patch.layout, self.controlnet))
-        return self._states[branch]
-
-    def install(self) -> None:
-        self._saved, self._handles = _install(self, self.controlnet, _controlnet_modules(self.controlnet))
-
-    def remove(self) -> None:
-        _uninstall(self._saved, self._handles)
-        self.mode = Mode.OFF
-        self.gen = None
-
-    @torch.compiler.disable
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.mode, self.gen = Mode.OFF, None
-        unet_patch = self.unet_patch
-        generation = unet_patch.stack[-1] if unet_patch.stack else None
-        if generation is None:
+def _calling_pipeline(unet: nn.Module, max_depth: int = 64) -> Any | None:
+    """The pipeline object whose method is running ``unet`` in this thread (found on the call stack), if any."""
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
             return None
-        state = self._state(generation.params.cache_branch_id)
-        if state.generation is not generation:
-            # No full run of this ControlNet in this generation yet, so no placeholder shapes: run it in full
-            # (full residuals are valid whatever the U-Net does) and commit nothing.
-            state.generation, state.specs = generation, {}
-            self.mode, self.gen = Mode.FULL, state
-            return None
-        full = unet_patch.peek(args[0] if args else kwargs.get("sample"))
-        if full is None:
-            return None
-        if full:
-            state.specs = {}
-        self.mode, self.gen = (Mode.FULL if full else Mode.RETRIEVE), state
-        return None
-
-    @torch.compiler.disable
-    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.mode, self.gen = Mode.OFF, None
-        return None
+        candidate = frame.f_locals.get("self")
+        if callable(candidate) and not isinstance(candidate, (nn.Module, UNetPatch)):
+            if unwrap_unet(getattr(candidate, "unet", None)) is unet:
+                return candidate
+        frame = frame.f_back
+    return None
 
 
-def _wrapped_forward(patch: UNetPatch, key: tuple, original: Callable, *args: Any, **kwargs: Any) -> Any:
-    mode = patch.mode
+def _unet_module_forward(patch: UNetPatch, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
+    local = patch.local
+    mode = local.mode
     if mode is Mode.OFF:
         return original(*args, **kwargs)
-    gen = patch.gen
-    action = gen.actions.get(key, Action.RUN)
+    gen = local.gen
+    action = gen.actions[index]
     if mode is Mode.FULL:
         out = original(*args, **kwargs)
         if action is Action.SKIP:
-            gen.specs[key] = _tensor_spec(out)
+            gen.specs[index] = _tensor_spec(out)
         elif action is Action.BOUNDARY:
             # Only tensor work and attribute stores here (a compiled graph replays them); the version
             # bookkeeping runs in the post-hook, outside any graph.
@@ -531,76 +699,200 @@ def _wrapped_forward(patch: UNetPatch, key: tuple, original: Callable, *args: An
     if action is Action.RUN:
         return original(*args, **kwargs)
     if action is Action.SKIP:
-        return _placeholder(gen.specs[key])
+        return _placeholder(gen.specs[index], gen.poison)
     return _clone(gen.cache) if gen.clone_handout else gen.cache
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry: one patch per U-Net, shared by helpers
+# The patch on one ControlNet
+
+
+class ControlNetPatch:
+    """Runs only the part of a ``ControlNetModel`` that the U-Net's retrieval steps consume.
+
+    A ControlNet computes one residual per U-Net skip connection plus one for the mid block, before the U-Net
+    runs. On a retrieval step with branch ``b`` the U-Net consumes the residuals of skips ``0..b`` (and the
+    mid one only at the deepest branch, where the cached feature is the mid block's output), so the rest of
+    the ControlNet returns placeholders. The step's kind is decided once, ahead of the U-Net
+    (:meth:`UNetPatch.peek`), and the U-Net keeps that decision.
+    """
+
+    def __init__(self, controlnet: nn.Module, unet_patch: UNetPatch) -> None:
+        layout = unet_patch.layout
+        down = tuple((len(block.resnets), _sampler(block, "downsamplers") is not None) for block in controlnet.down_blocks)
+        if tuple((b.num_layers, b.has_sampler) for b in layout.down) != down:
+            raise ValueError(f"its down path {down} does not mirror the U-Net's")
+        if len(controlnet.controlnet_down_blocks) != layout.num_branches:
+            raise ValueError(
+                f"it has {len(controlnet.controlnet_down_blocks)} zero convolutions for the U-Net's "
+                f"{layout.num_branches} skip connections"
+            )
+        self._controlnet_ref = weakref.ref(controlnet)
+        self.unet_patch = unet_patch
+        self.local = _Evaluation()
+        self.owners: dict[weakref.ref, None] = {}
+        self._modules_keys = tuple(key for key, _ in controlnet_modules(controlnet))
+        self._actions: dict[int, tuple[Action, ...]] = {}
+        self._wrapping = _Wrapping(_controlnet_module_forward)
+
+    @property
+    def installed(self) -> bool:
+        return self._wrapping.installed
+
+    def actions_for(self, branch: int) -> tuple[Action, ...]:
+        table = self._actions.get(branch)
+        if table is None:
+            plan = retrieval_plan(self.unet_patch.layout, branch)
+            table = self._actions[branch] = tuple(controlnet_retrieval_action(plan, k) for k in self._modules_keys)
+        return table
+
+    def install(self) -> None:
+        controlnet = self._controlnet_ref()
+        if controlnet is not None and not self.installed:
+            self._wrapping.install(self, controlnet, controlnet_modules(controlnet))
+
+    def remove(self) -> None:
+        if not self.owners:
+            self._wrapping.remove()
+
+    @torch.compiler.disable
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        local = self.local
+        local.mode, local.state = Mode.OFF, None
+        gen = self.unet_patch.current_generation()
+        if gen is None:
+            return None
+        state = gen.controlnet_state(self)
+        if not state.ran_full:
+            # No full run of this ControlNet in this generation yet, so no placeholder shapes: run it in full
+            # (full residuals are valid whatever the U-Net does) and commit nothing.
+            state.ran_full, state.specs = True, {}
+            local.mode, local.state = Mode.FULL, state
+            return None
+        full = self.unet_patch.peek(gen, args[0] if args else kwargs.get("sample"))
+        if full:
+            state.specs = {}
+        local.mode, local.state = (Mode.FULL if full else Mode.RETRIEVE), state
+        return None
+
+    @torch.compiler.disable
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.local.mode, self.local.state = Mode.OFF, None
+        return None
+
+
+def _controlnet_module_forward(patch: ControlNetPatch, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
+    local = patch.local
+    mode = local.mode
+    if mode is Mode.OFF:
+        return original(*args, **kwargs)
+    state = local.state
+    action = state.actions[index]
+    if mode is Mode.FULL:
+        out = original(*args, **kwargs)
+        if action is Action.SKIP:
+            state.specs[index] = _tensor_spec(out)
+        return out
+    if action is Action.SKIP:
+        return _placeholder(state.specs[index], state.poison)
+    return original(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: one patch per U-Net and per ControlNet, keyed weakly by the module (the patch holds it weakly)
 
 _PATCHES: "weakref.WeakKeyDictionary[nn.Module, UNetPatch]" = weakref.WeakKeyDictionary()
-# Removed patches, kept (weakly, per U-Net) so that enabling again reuses their wrappers and compiled graphs.
-_DORMANT: "weakref.WeakKeyDictionary[nn.Module, UNetPatch]" = weakref.WeakKeyDictionary()
-
-
-def acquire(unet: nn.Module, owner: object) -> UNetPatch:
-    """Install (or join) the patch on ``unet`` for ``owner``."""
-    patch = _PATCHES.get(unet)
-    if patch is None:
-        patch = _DORMANT.pop(unet, None)
-        if patch is None or patch.layout != unet_layout(unet):
-            patch = UNetPatch(unet)
-        patch.install()
-        _PATCHES[unet] = patch
-    patch.owners.add(id(owner))
-    return patch
-
-
-def release(unet: nn.Module, owner: object) -> None:
-    """Leave the patch on ``unet``; the last owner to leave removes it."""
-    patch = _PATCHES.get(unet)
-    if patch is None:
-        return
-    patch.owners.discard(id(owner))
-    if not patch.owners:
-        patch.remove()
-        del _PATCHES[unet]
-        _DORMANT[unet] = patch
-
-
-def patch_of(unet: nn.Module) -> UNetPatch | None:
-    return _PATCHES.get(unet)
-
-
 _CONTROLNET_PATCHES: "weakref.WeakKeyDictionary[nn.Module, ControlNetPatch]" = weakref.WeakKeyDictionary()
 
 
+def acquire(unet: nn.Module) -> Lease:
+    """Install (or join) the patch on ``unet``; the returned lease keeps it until released or dropped."""
+    layout = unet_layout(unet)
+    with _locked():
+        patch = _PATCHES.get(unet)
+        if patch is None or (patch.layout != layout and not patch.owners):
+            if patch is not None:
+                patch._wrapping.remove()
+            patch = _PATCHES[unet] = UNetPatch(unet)
+        patch.install()
+        lease = Lease(patch)
+        patch.owners[lease.ref] = None
+        return lease
+
+
+def patch_of(unet: nn.Module) -> UNetPatch | None:
+    """The installed patch on ``unet``, if any."""
+    patch = _PATCHES.get(unet)
+    return patch if patch is not None and patch.installed else None
+
+
 def controlnets_of(pipeline: Any) -> list[nn.Module]:
-    """The plain ``ControlNetModel``s of a pipeline (inside a ``MultiControlNetModel`` too)."""
+    """The ControlNet modules of a pipeline (the nets inside a ``MultiControlNetModel`` too)."""
     controlnet = getattr(pipeline, "controlnet", None)
     nets = getattr(controlnet, "nets", None)
     candidates = list(nets) if nets is not None else [controlnet]
-    return [
-        _patch_target for _patch_target in (unwrap_unet(c) for c in candidates if c is not None)
-        if type(_patch_target).__name__ == "ControlNetModel"
-    ]
+    return [unwrap_unet(c) for c in candidates if isinstance(unwrap_unet(c), nn.Module)]
 
 
-def acquire_controlnet(controlnet: nn.Module, unet_patch: UNetPatch) -> bool:
-    """Make ``controlnet`` run shallow on ``unet_patch``'s retrieval steps. False if it cannot."""
-    patch = _CONTROLNET_PATCHES.get(controlnet)
-    if patch is not None:
-        return patch.unet_patch is unet_patch
-    try:
-        patch = ControlNetPatch(controlnet, unet_patch)
-    except (ValueError, AttributeError):
-        return False  # a ControlNet that does not mirror the U-Net: it runs in full, which is always correct
-    patch.install()
-    _CONTROLNET_PATCHES[controlnet] = patch
-    return True
+_SAID_FULL: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def release_controlnet(controlnet: nn.Module) -> None:
-    patch = _CONTROLNET_PATCHES.pop(controlnet, None)
-    if patch is not None:
-        patch.remove()
+def _say_runs_in_full(controlnet: nn.Module, why: str) -> None:
+    if controlnet in _SAID_FULL:
+        return
+    _SAID_FULL.add(controlnet)
+    warnings.warn(
+        f"DeepCache runs this {type(controlnet).__name__} in full on every step (correct, but without the saving "
+        f"of a shallow ControlNet on retrieval steps): {why}.",
+        DeepCacheWarning,
+        stacklevel=3,
+    )
+
+
+def acquire_controlnet(lease: Lease, controlnet: nn.Module) -> bool:
+    """Make ``controlnet`` run shallow on the retrieval steps of ``lease``'s U-Net. False (and a warning
+    that says why, once per ControlNet) if it cannot: it then runs in full, which is always correct."""
+    if type(controlnet).__name__ != "ControlNetModel":
+        _say_runs_in_full(controlnet, "only diffusers' ControlNetModel can run shallow")
+        return False
+    unet_patch = lease.unet_patch
+    why = None
+    with _locked():
+        patch = _CONTROLNET_PATCHES.get(controlnet)
+        if patch is not None and patch.unet_patch is not unet_patch:
+            if patch.owners:
+                why = "another enabled helper pairs it with another U-Net"
+            else:
+                patch._wrapping.remove()
+                patch = None
+        if patch is None and why is None:
+            try:
+                patch = ControlNetPatch(controlnet, unet_patch)
+            except (ValueError, AttributeError) as exc:  # AttributeError: a diffusers rename, say
+                why = f"{type(exc).__name__}: {exc}"
+            else:
+                _CONTROLNET_PATCHES[controlnet] = patch
+                unet_patch._controlnets.add(patch)
+        if why is None:
+            patch.install()
+            patch.owners[lease.ref] = None
+            lease.controlnets.append(patch)
+            return True
+    _say_runs_in_full(controlnet, why)
+    return False
+
+
+_SAID_OTHER_UNET: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def warn_view_with_other_unet(pipeline: Any) -> None:
+    """A copy of an enabled pipeline was given another U-Net: it runs uncached; say so once."""
+    if pipeline in _SAID_OTHER_UNET:
+        return
+    _SAID_OTHER_UNET.add(pipeline)
+    warnings.warn(
+        f"this {type(pipeline).__name__} is a copy of a pipeline with an enabled DeepCacheSDHelper but runs another "
+        "U-Net, so it runs uncached. To cache it: DeepCacheSDHelper(pipe=this_pipeline).enable().",
+        DeepCacheWarning,
+        stacklevel=4,
+    )

@@ -23,7 +23,7 @@ Example (tiny random U-Net, runs offline)::
 from __future__ import annotations
 
 import contextlib
-import weakref
+import threading
 from typing import Any, Iterator, Sequence
 
 from torch import nn
@@ -34,31 +34,34 @@ from .schedule import CacheParams
 
 __all__ = ["DeepCacheSDHelper"]
 
-# pipeline object -> the helper enabled on it (a pipeline takes one helper at a time)
-_PIPE_HELPERS: "weakref.WeakKeyDictionary[Any, DeepCacheSDHelper]" = weakref.WeakKeyDictionary()
-# original pipeline class -> its per-instance subclass whose __call__ opens a generation
+# The helper enabled on a pipeline lives in the pipeline's own __dict__ under this name: a copy.copy view of
+# an enabled pipeline caches with the same helper, and dropping the pipeline drops the link.
+_HELPER_ATTR = "_deepcache_helper"
+# original pipeline class -> its subclass (same name) whose __call__ opens a generation
 _CALL_SUBCLASSES: dict[type, type] = {}
+_SUBCLASS_LOCK = threading.Lock()
 
 
 def _generation_subclass(cls: type) -> type:
-    """A subclass of ``cls`` (same name) whose ``__call__`` runs inside the helper's generation."""
-    sub = _CALL_SUBCLASSES.get(cls)
-    if sub is not None:
+    """A subclass of ``cls`` (same name) whose ``__call__`` runs inside the enabled helper's generation."""
+    with _SUBCLASS_LOCK:
+        sub = _CALL_SUBCLASSES.get(cls)
+        if sub is not None:
+            return sub
+
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            helper = self.__dict__.get(_HELPER_ATTR)
+            if helper is None or not helper.enabled:
+                return super(sub, self).__call__(*args, **kwargs)
+            with helper._generation(self):
+                return super(sub, self).__call__(*args, **kwargs)
+
+        __call__.__doc__ = getattr(cls.__call__, "__doc__", None)
+        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__doc__": cls.__doc__})
+        sub.__qualname__ = cls.__qualname__
+        sub._deepcache_original_class = cls  # type: ignore[attr-defined]
+        _CALL_SUBCLASSES[cls] = sub
         return sub
-
-    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        helper = _PIPE_HELPERS.get(self)
-        if helper is None or not helper.enabled:
-            return super(sub, self).__call__(*args, **kwargs)
-        with helper._generation():
-            return super(sub, self).__call__(*args, **kwargs)
-
-    __call__.__doc__ = getattr(cls.__call__, "__doc__", None)
-    sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__doc__": cls.__doc__})
-    sub.__qualname__ = cls.__qualname__
-    sub._deepcache_original_class = cls  # type: ignore[attr-defined]
-    _CALL_SUBCLASSES[cls] = sub
-    return sub
 
 
 def _resolve(target: Any) -> tuple[Any | None, nn.Module]:
@@ -84,14 +87,24 @@ def _resolve(target: Any) -> tuple[Any | None, nn.Module]:
     return target, unet
 
 
+def _pipeline_steps(pipeline: Any) -> int | None:
+    """U-Net evaluations of the running call, as far as the pipeline tells (for non-uniform schedules)."""
+    value = getattr(pipeline, "_num_timesteps", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+    return len(timesteps) if timesteps is not None else None
+
+
 class DeepCacheSDHelper:
     """Cache a diffusers U-Net's deep features between denoising steps.
 
     Works on a diffusers pipeline whose ``unet`` is supported (``UNet2DConditionModel``: SD 1.x/2.x, SDXL
     and their variants; ``UNet2DModel``: DDPM/DDIM/LDM; ``UNetSpatioTemporalConditionModel``: SVD;
-    ``UNetMotionModel``: AnimateDiff; ``UNet3DConditionModel``: text-to-video) or on a bare U-Net. Every ``pipe(...)`` call is one generation: the step counter and the cache start fresh
-    and the cache is released when the call returns (or raises). For a bare U-Net driven by your own
-    loop, call :meth:`reset_states` before each generation.
+    ``UNetMotionModel``: AnimateDiff; ``UNet3DConditionModel``: text-to-video) or on a bare U-Net. Every
+    ``pipe(...)`` call is one generation: the step counter and the cache start fresh, belong to that call
+    (concurrent calls from other threads have their own), and are released when the call returns (or
+    raises). For a bare U-Net driven by your own loop, call :meth:`reset_states` before each generation.
 
     Important args (:meth:`set_params`):
         cache_interval: evaluations between full steps (1 = no caching; 3 is ~2.3x faster on SD).
@@ -106,6 +119,8 @@ class DeepCacheSDHelper:
         image = pipe("a photo of an astronaut on a moon").images[0]
         helper.disable()
 
+    Serving: any number of requests may run at once on pipelines that share one U-Net (``copy.copy(pipe)``
+    views cache with the helper of ``pipe``; ``XPipeline.from_pipe(pipe)`` views need their own helper).
     ``torch.compile`` works as is, before or after :meth:`enable`: ``pipe.unet = torch.compile(pipe.unet,
     mode="reduce-overhead", fullgraph=True)`` gives two graphs per shape and branch (full step, retrieval
     step) and no recompilation across steps, calls, or disable/enable (see ``docs/compile.md``).
@@ -114,11 +129,11 @@ class DeepCacheSDHelper:
     def __init__(self, pipe: Any = None) -> None:
         self.pipe = pipe
         self._params = CacheParams()
-        self._enabled = False
+        self._lock = threading.RLock()
+        self._lease: _patch.Lease | None = None  # held while enabled
         self._pipeline: Any | None = None  # the pipeline we patched (None for a bare U-Net)
         self._unet: nn.Module | None = None  # the U-Net we patched
-        self._controlnets: list[nn.Module] = []  # ControlNets that run shallow on retrieval steps
-        self._bare: _patch.Generation | None = None  # the running generation of a bare U-Net
+        self._restore: tuple[bool, Any, type] | None = None  # the pipeline's link and class before enable()
         self._bare_num_steps: int | None = None
         self._last_steps: tuple[bool, ...] = ()
         self._enabled_by_context: list[bool] = []
@@ -163,13 +178,14 @@ class DeepCacheSDHelper:
             start_step=start_step,
             end_step=end_step,
         )
-        target = self._unet if self._unet is not None else (self.pipe if self.pipe is not None else None)
-        if target is not None:
-            _, unet = _resolve(target) if self._unet is None else (None, self._unet)
-            retrieval_plan(_patch.unet_layout(unet), params.cache_branch_id)
-        self._params = params
-        if self._enabled and self._bare is not None:  # a bare U-Net: the next evaluation starts afresh
-            self.reset_states(self._bare_num_steps)
+        with self._lock:
+            target = self._unet if self._unet is not None else self.pipe
+            if target is not None:
+                retrieval_plan(_patch.unet_layout(_resolve(target)[1]), params.cache_branch_id)
+            self._params = params
+            lease = self._lease
+            if lease is not None and lease.bare is not None:  # a bare U-Net: the next evaluation starts afresh
+                self.reset_states(self._bare_num_steps)
 
     @property
     def params(self) -> CacheParams:
@@ -188,73 +204,68 @@ class DeepCacheSDHelper:
     # -- enable / disable ------------------------------------------------------------------
     @property
     def enabled(self) -> bool:
-        return self._enabled
+        return self._lease is not None
 
     def enable(self, pipe: Any = None) -> None:
         """Start caching. Calling it again while enabled does nothing (or switches to a new ``pipe``)."""
-        if pipe is not None and pipe is not self.pipe:
-            if self._enabled:
+        with self._lock:
+            if pipe is not None and pipe is not self.pipe:
                 self.disable()
-            self.pipe = pipe
-        if self._enabled:
-            return
-        pipeline, unet = _resolve(self.pipe)
-        retrieval_plan(_patch.unet_layout(unet), self._params.cache_branch_id)
-        if pipeline is not None:
-            other = _PIPE_HELPERS.get(pipeline)
-            if other is not None and other is not self and other.enabled:
-                raise RuntimeError(
-                    "this pipeline already has an enabled DeepCacheSDHelper; call disable() on it first "
-                    "(or use set_params on that helper)."
-                )
-        patch = _patch.acquire(unet, self)
-        self._unet = unet
-        self._pipeline = pipeline
-        if pipeline is not None:
-            self._controlnets = [cn for cn in _patch.controlnets_of(pipeline) if _patch.acquire_controlnet(cn, patch)]
-            _PIPE_HELPERS[pipeline] = self
-            if not hasattr(type(pipeline), "_deepcache_original_class"):
-                pipeline.__class__ = _generation_subclass(type(pipeline))
-        else:
-            self._bare = self._new_generation(patch, self._bare_num_steps)
-            patch.stack.insert(0, self._bare)
-        self._enabled = True
+                self.pipe = pipe
+            if self._lease is not None:
+                return
+            pipeline, unet = _resolve(self.pipe)
+            retrieval_plan(_patch.unet_layout(unet), self._params.cache_branch_id)
+            if pipeline is not None:
+                other = pipeline.__dict__.get(_HELPER_ATTR)
+                # a copy.copy view carries the helper of the pipeline it copies: its own helper may take over
+                if other is not None and other is not self and other.enabled and other._pipeline is pipeline:
+                    raise RuntimeError(
+                        "this pipeline already has an enabled DeepCacheSDHelper; call disable() on it first "
+                        "(or use set_params on that helper)."
+                    )
+            lease = _patch.acquire(unet)
+            if pipeline is not None:
+                for controlnet in _patch.controlnets_of(pipeline):
+                    _patch.acquire_controlnet(lease, controlnet)
+                self._restore = (_HELPER_ATTR in pipeline.__dict__, pipeline.__dict__.get(_HELPER_ATTR), type(pipeline))
+                pipeline.__dict__[_HELPER_ATTR] = self
+                if not hasattr(type(pipeline), "_deepcache_original_class"):
+                    pipeline.__class__ = _generation_subclass(type(pipeline))
+            else:
+                lease.bare = self._bare_generation(lease.unet_patch)
+            self._lease, self._pipeline, self._unet = lease, pipeline, unet
 
     def disable(self) -> None:
         """Stop caching and restore the pipeline and U-Net exactly. Does nothing if not enabled."""
-        if not self._enabled:
-            return
-        pipeline, unet = self._pipeline, self._unet
-        if self._bare is not None:
-            patch = _patch.patch_of(unet)
-            if patch is not None and self._bare in patch.stack:
-                patch.stack.remove(self._bare)
-            self._last_steps = tuple(self._bare.steps)
-            self._bare.release()
-            self._bare = None
-            self._last_steps = tuple(self._last_steps)
-        for controlnet in self._controlnets:
-            _patch.release_controlnet(controlnet)
-        self._controlnets = []
-        if pipeline is not None:
-            if _PIPE_HELPERS.get(pipeline) is self:
-                del _PIPE_HELPERS[pipeline]
-            original = getattr(type(pipeline), "_deepcache_original_class", None)
-            if original is not None and type(pipeline) is _CALL_SUBCLASSES.get(original):
-                pipeline.__class__ = original
-        _patch.release(unet, self)
-        self._pipeline = None
-        self._unet = None
-        self._enabled = False
+        with self._lock:
+            lease, pipeline = self._lease, self._pipeline
+            if lease is None:
+                return
+            if lease.bare is not None:
+                self._last_steps = tuple(lease.bare.steps)
+            if pipeline is not None and self._restore is not None:
+                had_link, link, cls = self._restore
+                if pipeline.__dict__.get(_HELPER_ATTR) is self:
+                    if had_link:
+                        pipeline.__dict__[_HELPER_ATTR] = link
+                    else:
+                        del pipeline.__dict__[_HELPER_ATTR]
+                if type(pipeline) is not cls and type(pipeline) is _CALL_SUBCLASSES.get(cls):
+                    pipeline.__class__ = cls
+            lease.release()
+            self._lease = self._pipeline = self._unet = self._restore = None
 
     def __enter__(self) -> "DeepCacheSDHelper":
-        self._enabled_by_context.append(not self._enabled)
-        self.enable()
+        with self._lock:
+            self._enabled_by_context.append(not self.enabled)
+            self.enable()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._enabled_by_context.pop():
-            self.disable()
+        with self._lock:
+            if self._enabled_by_context.pop():
+                self.disable()
 
     # -- generations -------------------------------------------------------------------------
     def reset_states(self, num_inference_steps: int | None = None) -> None:
@@ -262,69 +273,69 @@ class DeepCacheSDHelper:
 
         Pipelines do this automatically at every call. For a bare U-Net in your own loop, call it before
         each generation; ``num_inference_steps`` (U-Net evaluations per generation) is needed only by
-        ``skip_mode="non-uniform"``.
+        ``skip_mode="non-uniform"``. A bare U-Net's generation belongs to the helper, not to a thread:
+        drive it from one thread at a time (use pipelines to serve concurrent requests).
         """
-        self._bare_num_steps = num_inference_steps
-        if not self._enabled or self._bare is None:
-            return
-        patch = _patch.patch_of(self._unet)
-        old = self._bare
-        self._last_steps = tuple(old.steps)
-        old.release()
-        self._bare = self._new_generation(patch, num_inference_steps)
-        patch.stack[patch.stack.index(old)] = self._bare
+        with self._lock:
+            self._bare_num_steps = num_inference_steps
+            lease = self._lease
+            if lease is None or lease.bare is None:
+                return
+            self._last_steps = tuple(lease.bare.steps)
+            lease.bare = self._bare_generation(lease.unet_patch)
 
     @property
     def last_steps(self) -> tuple[bool, ...]:
-        """Full (True) / retrieval (False) for each U-Net evaluation of the latest generation."""
-        if self._bare is not None and self._bare.steps:
-            return tuple(self._bare.steps)
+        """Full (True) / retrieval (False) for each U-Net evaluation of the latest generation.
+
+        With concurrent pipeline calls on one helper, the latest generation is the one that ended last.
+        """
+        lease = self._lease
+        if lease is not None and lease.bare is not None and lease.bare.steps:
+            return tuple(lease.bare.steps)
         return self._last_steps
 
     def cache_bytes(self) -> int:
-        """Bytes held by the cache right now (0 between pipeline calls: the cache is freed after each)."""
-        return self._bare.cache_bytes() if self._bare is not None else 0
+        """Bytes held by a bare U-Net's cache right now (0 between pipeline calls: the cache is freed after each)."""
+        lease = self._lease
+        return lease.bare.cache_bytes() if lease is not None and lease.bare is not None else 0
 
-    def _new_generation(self, patch: _patch.UNetPatch, num_steps: int | None = None) -> _patch.Generation:
-        pipeline = self._pipeline
+    def _bare_generation(self, patch: _patch.UNetPatch) -> _patch.Generation:
+        num_steps = self._bare_num_steps
+        return patch.new_generation(self._params, lambda: num_steps)
 
-        def total() -> int | None:
-            if num_steps is not None:
-                return num_steps
-            if pipeline is None:
-                return None
-            value = getattr(pipeline, "_num_timesteps", None)
-            if isinstance(value, int) and value > 0:
-                return value
-            timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
-            return len(timesteps) if timesteps is not None else None
-
-        branch = self._params.cache_branch_id
-        return _patch.Generation(
-            params=self._params,
-            actions=patch.actions_for(branch),
-            num_steps=total,
-            clone_handout=patch.consumer_modifies_in_place(branch),
-        )
+    def _follow_swapped_unet(self, unet: nn.Module) -> _patch.Lease:
+        """The user set ``pipe.unet`` to another U-Net while enabled: move the patch to it."""
+        with self._lock:
+            lease = self._lease
+            if lease is None or self._unet is unet:
+                return lease
+            _patch.check_supported_unet(unet)
+            retrieval_plan(_patch.unet_layout(unet), self._params.cache_branch_id)
+            new = _patch.acquire(unet)
+            for controlnet in _patch.controlnets_of(self._pipeline):
+                _patch.acquire_controlnet(new, controlnet)
+            lease.release()
+            self._lease, self._unet = new, unet
+            return new
 
     @contextlib.contextmanager
-    def _generation(self) -> Iterator[_patch.Generation]:
-        """One pipeline call: a fresh generation on top of the U-Net's stack, released afterwards."""
-        pipeline = self._pipeline
-        current = _patch.unwrap_unet(getattr(pipeline, "unet", None))
-        if current is not self._unet:  # the user swapped pipe.unet while enabled: follow it
-            _patch.check_supported_unet(current)
-            retrieval_plan(_patch.unet_layout(current), self._params.cache_branch_id)
-            _patch.release(self._unet, self)
-            self._unet = current
-            _patch.acquire(current, self)
-        patch = _patch.patch_of(self._unet)
-        gen = self._new_generation(patch)
-        patch.stack.append(gen)
+    def _generation(self, pipeline: Any) -> Iterator[_patch.Generation | None]:
+        """One call of ``pipeline`` (ours, or a copy.copy view of it): a fresh generation, freed afterwards."""
+        lease = self._lease
+        unet = _patch.unwrap_unet(getattr(pipeline, "unet", None))
+        if lease is not None and unet is not self._unet:
+            if pipeline is self._pipeline:
+                lease = self._follow_swapped_unet(unet)
+            else:  # a view whose U-Net is not ours: the patch cannot see its calls
+                _patch.warn_view_with_other_unet(pipeline)
+                lease = None
+        if lease is None:
+            yield None
+            return
+        gen = lease.unet_patch.new_generation(self._params, lambda: _pipeline_steps(pipeline))
         try:
-            yield gen
+            with _patch.running(gen):
+                yield gen
         finally:
-            if gen in patch.stack:
-                patch.stack.remove(gen)
             self._last_steps = tuple(gen.steps)
-            gen.release()

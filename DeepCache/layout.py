@@ -20,6 +20,7 @@ Example (Stable Diffusion 1.x/2.x: 4 down blocks, 2 layers each, 3 downsamplers)
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
@@ -160,6 +161,111 @@ def retrieval_plan(layout: UNetLayout, branch: int) -> RetrievalPlan:
         up_layer_runs=tuple(up_layers),
         boundary=boundary,
     )
+
+
+class Action(enum.Enum):
+    """What a wrapped module does on a retrieval step."""
+
+    RUN = "run"  # computes as usual
+    SKIP = "skip"  # returns a placeholder of its full-step output's shape (never consumed)
+    BOUNDARY = "boundary"  # returns the feature cached at the last full step
+
+
+class Site(enum.Enum):
+    """Where a wrapped module sits in a U-Net (or a ControlNet, which mirrors the U-Net's down path)."""
+
+    DOWN_BLOCK = "down_block"
+    DOWN_LAYER = "down_layer"
+    DOWN_SAMPLER = "down_sampler"
+    MID = "mid"
+    UP_BLOCK = "up_block"
+    UP_LAYER = "up_layer"
+    CONTROL_SKIP = "control_skip"  # a ControlNet's zero convolution for skip connection ``block``
+    CONTROL_MID = "control_mid"  # a ControlNet's zero convolution for the mid block
+
+
+@dataclass(frozen=True)
+class ModuleKey:
+    """One wrapped module: its site, block and layer, and its place among the ``parts`` modules of a layer.
+
+    A layer is what produces (down) or consumes (up) one skip connection; it is made of one to four
+    modules run in order (resnet, then attention / temporal layers / motion module, as the block has them).
+    """
+
+    site: Site
+    block: int = -1
+    layer: int = -1
+    part: int = 0
+    parts: int = 1
+
+
+def _down_action(plan: RetrievalPlan, key: ModuleKey) -> Action | None:
+    if key.site is Site.DOWN_BLOCK:
+        return Action.RUN if plan.down_block_runs[key.block] else Action.SKIP
+    if key.site is Site.DOWN_LAYER:
+        skipped = plan.down_block_runs[key.block] and not plan.down_layer_runs[key.block][key.layer]
+        return Action.SKIP if skipped else Action.RUN
+    if key.site is Site.DOWN_SAMPLER:
+        skipped = plan.down_block_runs[key.block] and not plan.down_sampler_runs[key.block]
+        return Action.SKIP if skipped else Action.RUN
+    return None
+
+
+def retrieval_action(plan: RetrievalPlan, key: ModuleKey) -> Action:
+    """What U-Net module ``key`` does on a retrieval step of ``plan``.
+
+    A block that runs skips the layers it does not need; a block that does not run at all is skipped
+    whole (its layers are then never called, so they simply run if they are). The module whose output
+    enters the up layer consuming skip ``plan.branch`` returns the cached feature.
+
+    Example (SD 1.x/2.x, branch 0: only the last up block runs, from its layer 1 on)::
+
+        >>> sd = UNetLayout.from_counts(down=[(2, True)] * 3 + [(2, False)], up=[(3, True)] * 3 + [(3, False)])
+        >>> plan = retrieval_plan(sd, 0)
+        >>> [retrieval_action(plan, ModuleKey(Site.UP_LAYER, 3, j, part=1, parts=2)).name for j in range(3)]
+        ['SKIP', 'BOUNDARY', 'RUN']
+        >>> retrieval_action(plan, ModuleKey(Site.MID)).name
+        'SKIP'
+    """
+    down = _down_action(plan, key)
+    if down is not None:
+        return down
+    b = plan.boundary
+    if key.site is Site.MID:
+        return Action.BOUNDARY if b.kind == "mid" else Action.SKIP
+    if key.site is Site.UP_BLOCK:
+        if b == Boundary("up_block", key.block):
+            return Action.BOUNDARY
+        return Action.RUN if plan.up_block_runs[key.block] else Action.SKIP
+    if key.site is Site.UP_LAYER:
+        skipped = plan.up_block_runs[key.block] and not plan.up_layer_runs[key.block][key.layer]
+        if skipped and b == Boundary("up_layer", key.block, key.layer) and key.part == key.parts - 1:
+            return Action.BOUNDARY
+        return Action.SKIP if skipped else Action.RUN
+    raise ValueError(f"{key} is not a U-Net module site")
+
+
+def controlnet_retrieval_action(plan: RetrievalPlan, key: ModuleKey) -> Action:
+    """What ControlNet module ``key`` does on the U-Net's retrieval step of ``plan``.
+
+    The U-Net adds the ControlNet's residual for skip ``s`` to its skip connection ``s`` and the mid
+    residual to the mid block's output. On a retrieval step it consumes the residuals of skips
+    ``0..plan.branch``, and the mid residual only when the cached feature *is* the mid block's output (the
+    deepest branch: the residual is added to the cached feature). Everything else is skipped; a
+    ControlNet never holds a cache.
+
+        >>> sd = UNetLayout.from_counts(down=[(2, True)] * 3 + [(2, False)], up=[(3, True)] * 3 + [(3, False)])
+        >>> [controlnet_retrieval_action(retrieval_plan(sd, b), ModuleKey(Site.CONTROL_MID)).name for b in (10, 11)]
+        ['SKIP', 'RUN']
+    """
+    down = _down_action(plan, key)
+    if down is not None:
+        return down
+    if key.site is Site.CONTROL_SKIP:
+        return Action.RUN if key.block <= plan.branch else Action.SKIP
+    if key.site in (Site.MID, Site.CONTROL_MID):
+        return Action.RUN if plan.boundary.kind == "mid" else Action.SKIP
+    raise ValueError(f"{key} is not a ControlNet module site")
 
 
 def skip_name(layout: UNetLayout, skip: int) -> str:
