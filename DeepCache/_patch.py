@@ -12,8 +12,10 @@ What is *decided* here, and nothing more:
 
 What each wrapped module does on a retrieval step comes from :func:`~DeepCache.layout.retrieval_action`
 (U-Net) and :func:`~DeepCache.layout.controlnet_retrieval_action` (ControlNet). The wrappers read the
-evaluation in progress from a per-patch ``threading.local`` (one per thread, so concurrent generations on
-one U-Net never see each other's state; dynamo guards on it like on any attribute).
+evaluation in progress (mode and generation) from plain attributes of the patch, which dynamo guards on
+cheaply. So that concurrent generations never see each other's evaluation, the evaluations of a patched
+module are serialized: the pre-hook takes the patch's lock and the post-hook (or, after an interrupt, the
+end of the generation) lets it go. Generations interleave freely between evaluations.
 
 On a retrieval step a skipped module returns a placeholder of the shape it had at the last full step
 (uninitialised, or NaN under ``DEEPCACHE_NAN_PLACEHOLDERS=1``: its value must never reach the output), and
@@ -308,17 +310,37 @@ def running(gen: Generation) -> Iterator[Generation]:
         yield gen
     finally:
         _GENERATIONS.reset(token)
-        patch.local.mode, patch.local.gen = Mode.OFF, None  # an evaluation interrupted by BaseException
+        for cn in patch.controlnet_patches():
+            cn.evaluations.recover()
+        patch.evaluations.recover()  # an evaluation interrupted by a BaseException (KeyboardInterrupt)
         gen.release()
         patch.generation_ended()
 
 
-class _Evaluation(threading.local):
-    """The evaluation in progress on one patch, per thread (what the wrapped modules read)."""
+class _Evaluations:
+    """One evaluation of a patched module at a time, across threads (what keeps the patch's mode attributes,
+    which compiled graphs guard on, consistent with the evaluation that reads them).
 
-    mode: Mode = Mode.OFF
-    gen: Generation | None = None  # U-Net patches
-    state: ControlNetState | None = None  # ControlNet patches
+    ``enter`` in the pre-hook, ``leave`` in the post-hook. A ``BaseException`` inside the module skips the
+    post-hook: the same thread's next ``enter`` (or :meth:`recover`, at the end of its generation) takes over.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def enter(self) -> None:
+        me = threading.get_ident()
+        if self._owner != me:
+            self._lock.acquire()
+            self._owner = me
+
+    def leave(self) -> None:
+        if self._owner == threading.get_ident():
+            self._owner = None
+            self._lock.release()
+
+    recover = leave
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,7 +489,9 @@ class UNetPatch:
     def __init__(self, unet: nn.Module) -> None:
         self._unet_ref = weakref.ref(unet)
         self.layout = unet_layout(unet)
-        self.local = _Evaluation()
+        self.mode = Mode.OFF  # the evaluation in progress (read by the wrappers)
+        self.gen: Generation | None = None
+        self.evaluations = _Evaluations()
         self.owners: dict[weakref.ref, None] = {}  # live leases, oldest first
         self.clone_handout = False  # set once a consumer was seen modifying the cached feature in place
         self._wrapping = _Wrapping(_unet_module_forward)
@@ -597,14 +621,22 @@ class UNetPatch:
 
     @torch.compiler.disable
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        local = self.local
-        local.mode, local.gen = Mode.OFF, None
+        self.evaluations.enter()
+        try:
+            self._begin(args[0] if args else kwargs.get("sample"))
+        except BaseException:
+            self.mode, self.gen = Mode.OFF, None
+            self.evaluations.leave()
+            raise
+
+    def _begin(self, sample: Any) -> None:
+        self.mode, self.gen = Mode.OFF, None
         gen = self.current_generation()
         if gen is None:
             if self.owners:
                 self._warn_if_a_pipeline_runs_uncached()
             return None
-        key = _input_key(args[0] if args else kwargs.get("sample"))
+        key = _input_key(sample)
         k = gen.step
         gen.step += 1
         full = self._decide(gen, k, key)
@@ -621,16 +653,21 @@ class UNetPatch:
             gen.cache_versions = None
             gen.specs = {}
         gen.steps.append(full)
-        local.mode, local.gen = (Mode.FULL if full else Mode.RETRIEVE), gen
+        self.mode, self.gen = (Mode.FULL if full else Mode.RETRIEVE), gen
         return None
 
     @torch.compiler.disable
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        local = self.local
-        gen, mode = local.gen, local.mode
-        local.mode, local.gen = Mode.OFF, None
-        if gen is None:
-            return None
+        gen, mode = self.gen, self.mode
+        self.mode, self.gen = Mode.OFF, None
+        try:
+            if gen is not None:
+                self._end(gen, mode)
+        finally:
+            self.evaluations.leave()
+        return None
+
+    def _end(self, gen: Generation, mode: Mode) -> None:
         if mode is Mode.FULL and gen.cache is not None:
             if gen.cache_from_graph:
                 # A compiled graph produced the cache. Under CUDA graphs (mode="reduce-overhead") its outputs
@@ -680,11 +717,10 @@ def _calling_pipeline(unet: nn.Module, max_depth: int = 64) -> Any | None:
 
 
 def _unet_module_forward(patch: UNetPatch, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
-    local = patch.local
-    mode = local.mode
+    mode = patch.mode
     if mode is Mode.OFF:
         return original(*args, **kwargs)
-    gen = local.gen
+    gen = patch.gen
     action = gen.actions[index]
     if mode is Mode.FULL:
         out = original(*args, **kwargs)
@@ -729,7 +765,9 @@ class ControlNetPatch:
             )
         self._controlnet_ref = weakref.ref(controlnet)
         self.unet_patch = unet_patch
-        self.local = _Evaluation()
+        self.mode = Mode.OFF  # the evaluation in progress (read by the wrappers)
+        self.state: ControlNetState | None = None
+        self.evaluations = _Evaluations()
         self.owners: dict[weakref.ref, None] = {}
         self._modules_keys = tuple(key for key, _ in controlnet_modules(controlnet))
         self._actions: dict[int, tuple[Action, ...]] = {}
@@ -757,8 +795,16 @@ class ControlNetPatch:
 
     @torch.compiler.disable
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        local = self.local
-        local.mode, local.state = Mode.OFF, None
+        self.evaluations.enter()
+        try:
+            self._begin(args[0] if args else kwargs.get("sample"))
+        except BaseException:
+            self.mode, self.state = Mode.OFF, None
+            self.evaluations.leave()
+            raise
+
+    def _begin(self, sample: Any) -> None:
+        self.mode, self.state = Mode.OFF, None
         gen = self.unet_patch.current_generation()
         if gen is None:
             return None
@@ -767,26 +813,26 @@ class ControlNetPatch:
             # No full run of this ControlNet in this generation yet, so no placeholder shapes: run it in full
             # (full residuals are valid whatever the U-Net does) and commit nothing.
             state.ran_full, state.specs = True, {}
-            local.mode, local.state = Mode.FULL, state
+            self.mode, self.state = Mode.FULL, state
             return None
-        full = self.unet_patch.peek(gen, args[0] if args else kwargs.get("sample"))
+        full = self.unet_patch.peek(gen, sample)
         if full:
             state.specs = {}
-        local.mode, local.state = (Mode.FULL if full else Mode.RETRIEVE), state
+        self.mode, self.state = (Mode.FULL if full else Mode.RETRIEVE), state
         return None
 
     @torch.compiler.disable
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.local.mode, self.local.state = Mode.OFF, None
+        self.mode, self.state = Mode.OFF, None
+        self.evaluations.leave()
         return None
 
 
 def _controlnet_module_forward(patch: ControlNetPatch, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
-    local = patch.local
-    mode = local.mode
+    mode = patch.mode
     if mode is Mode.OFF:
         return original(*args, **kwargs)
-    state = local.state
+    state = patch.state
     action = state.actions[index]
     if mode is Mode.FULL:
         out = original(*args, **kwargs)

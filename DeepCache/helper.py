@@ -282,6 +282,7 @@ class DeepCacheSDHelper:
             if lease is None or lease.bare is None:
                 return
             self._last_steps = tuple(lease.bare.steps)
+            lease.unet_patch.evaluations.recover()  # a loop interrupted inside the U-Net (KeyboardInterrupt)
             lease.bare = self._bare_generation(lease.unet_patch)
 
     @property

@@ -129,7 +129,7 @@ def test_graphs_are_a_full_and_a_shallow_one_bit_exact() -> None:
     # Placeholders of skipped modules (and the concatenations the blocks do with them) are dead code:
     # dead-code elimination, which inductor runs, removes every one of them.
     def empties(graph: torch.fx.Graph) -> int:
-        return sum(1 for n in graph.nodes if n.op == "call_function" and "empty" in str(n.target))
+        return sum(1 for n in graph.nodes if n.op == "call_function" and ("empty" in str(n.target) or "full" in str(n.target)))
 
     graph = copy.deepcopy(retrieval.graph)
     assert empties(graph) > 0
@@ -245,3 +245,47 @@ def test_cached_feature_survives_graph_replays() -> None:
         outs = [run(pipe, steps=STEPS) for _ in range(2)]
     assert backend.frame_count == 2
     assert all(torch.equal(out, eager) for out in outs)
+
+
+# -- concurrent requests on one compiled U-Net ---------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::DeepCache.DeepCacheWarning")  # the uncached request is told so
+def test_concurrent_requests_on_a_compiled_unet_equal_sequential_ones() -> None:
+    """Each thread's evaluation state is per thread, and dynamo evaluates its guards in the calling thread:
+    one compiled U-Net serves cached and uncached requests at once, with the same graphs as one thread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffusers import DDIMScheduler
+
+    shared = tiny_sd_pipe(mini_unet())
+    counter = CompileCounterWithBackend("aot_eager")
+    shared.unet = torch.compile(shared.unet, backend=counter, fullgraph=True)
+    requests = [(3, 0), (2, 0), (None, 0), (4, 0)]
+
+    def serve(request, barrier):
+        interval, branch = request
+        view = copy.copy(shared)
+        view.scheduler = DDIMScheduler.from_config(shared.scheduler.config)
+        helper = DeepCacheSDHelper(pipe=view)
+        helper.set_params(cache_interval=interval or 1, cache_branch_id=branch)
+        if interval is not None:
+            helper.enable()
+        try:
+            step = (lambda p, i, t, kw: (barrier.wait(timeout=60), kw)[1]) if barrier else None
+            return run(view, steps=STEPS, callback_on_step_end=step)
+        finally:
+            helper.disable()
+
+    alone = [serve(r, None) for r in requests]
+    assert counter.frame_count == 3  # full, retrieval, and the plain U-Net of the uncached request (run alone)
+    for round_ in range(2):
+        barrier = threading.Barrier(len(requests))
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: serve(r, barrier), requests))
+        assert all(torch.equal(a, b) for a, b in zip(alone, together)), round_
+        # beside cached requests, the uncached one runs through the installed wrappers with the mode off: one
+        # more graph, once; nothing is compiled for concurrency itself
+        assert counter.frame_count == 4, round_
+    assert not torch.equal(alone[0], alone[2])
