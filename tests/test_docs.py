@@ -45,3 +45,17 @@ def test_console_script_help_lists_the_subcommands() -> None:
     assert "usage: deepcache" in out
     for command in ("bench", "demo", "eval"):
         assert command in out
+
+
+def test_readme_serving_example_runs_and_caches_each_request() -> None:
+    text = README.read_text()
+    match = re.search(r"<!-- serving-example:start -->\n```python\n(.*?)```\n<!-- serving-example:end -->", text, re.S)
+    assert match, "README lacks the serving example"
+    namespace: dict = {}
+    exec(compile(match.group(1), "README serving example", "exec"), namespace)  # noqa: S102 - our own README
+    images = namespace["images"]
+    assert len(images) == 4 and all(image.size == images[0].size for image in images)
+    # the same requests one by one give the same images
+    assert [namespace["handle"](p, s, i).tobytes() for p, s, i in zip(namespace["prompts"], range(4), [3, 3, 4, 5])] == [
+        image.tobytes() for image in images
+    ]
