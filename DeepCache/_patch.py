@@ -51,7 +51,7 @@ from .layout import (
     retrieval_action,
     retrieval_plan,
 )
-from .schedule import CacheParams, is_full_step
+from .schedule import CacheParams, adaptive_is_full_step, is_full_step
 
 # U-Net classes whose forward follows the skip-connection model of DeepCache.layout and that the
 # test-suite covers. Others get a clear error instead of a silent no-op.
@@ -257,6 +257,15 @@ class Generation:
     specs: dict[int, Spec] = field(default_factory=dict)
     pending: int | None = None  # a step a ControlNet already ran as a retrieval step (the U-Net must follow)
     controlnets: dict["ControlNetPatch", ControlNetState] = field(default_factory=dict)
+    # skip_mode="adaptive": the evaluation in progress is a tentative retrieval step, decided at the first
+    # module (index ``first_divergent``) that a retrieval step would not run, from how far that module's input
+    # moved since the last full step (``reference``)
+    adaptive: bool = False
+    first_divergent: int = -1
+    deciding: bool = False
+    reference: Any = None
+    streak: int = 0  # retrieval steps in a row so far
+    signals: list[float | None] = field(default_factory=list)  # per tentative retrieval step
     _total: tuple[int | None] | None = None
 
     def total_steps(self) -> int | None:
@@ -271,6 +280,8 @@ class Generation:
         self.cache_versions = None
         self.cache_from_graph = False
         self.specs = {}
+        self.reference = None
+        self.deciding = False
         for state in self.controlnets.values():
             state.reset()
 
@@ -280,7 +291,17 @@ class Generation:
         self.step = 0
         self.steps = []
         self.pending = None
+        self.streak = 0
+        self.signals = []
         self._total = None
+
+    def refresh(self, key: tuple | None) -> None:
+        """This evaluation is a full step: drop the old feature (before the new one is computed)."""
+        self.cache = None
+        self.cache_key = key
+        self.cache_versions = None
+        self.specs = {}
+        self.streak = 0
 
     def cache_bytes(self) -> int:
         if self.cache is None:
@@ -532,13 +553,16 @@ class UNetPatch:
 
     def new_generation(self, params: CacheParams, num_steps: Callable[[], int | None] = lambda: None) -> Generation:
         branch = params.cache_branch_id
+        actions = self.actions_for(branch)
         return Generation(
             patch=self,
             params=params,
-            actions=self.actions_for(branch),
+            actions=actions,
             num_steps=num_steps,
             clone_handout=self.consumer_modifies_in_place(branch),
             poison=nan_placeholders(),
+            adaptive=params.adaptive,
+            first_divergent=next(i for i, a in enumerate(actions) if a is not Action.RUN),
         )
 
     # -- install / remove (lock held) -------------------------------------------------------------
@@ -591,19 +615,24 @@ class UNetPatch:
         return None
 
     def _decide(self, gen: Generation, k: int, key: tuple | None) -> bool:
-        """Whether evaluation ``k`` of ``gen`` must be a full step (schedule, or no usable cache)."""
+        """Whether evaluation ``k`` of ``gen`` must be a full step (schedule, or no usable cache).
+
+        For an adaptive generation, False means a *tentative* retrieval step (decided in the U-Net).
+        """
         if gen.params.needs_num_steps and gen.total_steps() is None:
             raise ValueError(
                 'skip_mode="non-uniform" needs the number of steps: pipelines provide it, for a bare U-Net call '
                 "helper.reset_states(num_inference_steps=N) before the loop."
             )
-        return (
-            is_full_step(gen.params, k, gen.total_steps())
-            or gen.cache is None
+        no_cache = (
+            gen.cache is None
             or key is None
             or gen.cache_key != key
             or (gen.cache_versions is not None and _versions(gen.cache) != gen.cache_versions)
         )
+        if gen.adaptive:
+            return no_cache or gen.reference is None or adaptive_is_full_step(gen.params, k, gen.streak, None)
+        return no_cache or is_full_step(gen.params, k, gen.total_steps())
 
     def peek(self, gen: Generation, sample: Any) -> bool:
         """Decide ``gen``'s *next* evaluation ahead of the U-Net (a ControlNet runs before it).
@@ -614,6 +643,8 @@ class UNetPatch:
         """
         if gen.pending == gen.step:
             return False
+        if gen.adaptive:
+            return True  # decided inside the U-Net, after the ControlNet ran: full residuals are always valid
         full = self._decide(gen, gen.step, _input_key(sample))
         if not full:
             gen.pending = gen.step
@@ -648,10 +679,10 @@ class UNetPatch:
                 "disable the helper for this pipeline meanwhile."
             )
         if full:
-            gen.cache = None  # free the old feature before computing the new one
-            gen.cache_key = key
-            gen.cache_versions = None
-            gen.specs = {}
+            gen.refresh(key)
+        else:
+            gen.streak += 1
+        gen.deciding = gen.adaptive and not full
         gen.steps.append(full)
         self.mode, self.gen = (Mode.FULL if full else Mode.RETRIEVE), gen
         return None
@@ -716,13 +747,52 @@ def _calling_pipeline(unet: nn.Module, max_depth: int = 64) -> Any | None:
     return None
 
 
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    x = args[0] if args else kwargs.get("hidden_states")
+    return x if torch.is_tensor(x) else None
+
+
+def relative_l1(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """``mean|x - reference| / mean|reference|``: one reduction and one host read."""
+    x, reference = x.float(), reference.float()
+    return float((x - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
+
+
+def _decide_in_the_unet(patch: UNetPatch, gen: Generation, args: tuple, kwargs: dict) -> bool:
+    """An adaptive tentative retrieval step reached its first divergent module: full step or not."""
+    gen.deciding = False
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            'skip_mode="adaptive" decides each step from a value read on the host, which torch.compile cannot '
+            'trace: run the U-Net eagerly, or compile with the decisions fixed in advance: '
+            'set_params(skip_mode="custom", full_steps=[i for i, f in enumerate(helper.last_steps) if f]) from an '
+            "eager adaptive run, or a schedule from helper.calibrate(...)."
+        )
+    x = _hidden_states(args, kwargs)
+    ref = gen.reference
+    signal = relative_l1(x, ref) if x is not None and ref is not None and x.shape == ref.shape else None
+    gen.signals.append(signal)
+    full = signal is None or adaptive_is_full_step(gen.params, gen.step - 1, gen.streak - 1, signal)
+    if full:
+        patch.mode = Mode.FULL
+        gen.steps[-1] = True
+        gen.refresh(gen.cache_key)
+    return full
+
+
 def _unet_module_forward(patch: UNetPatch, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
     mode = patch.mode
     if mode is Mode.OFF:
         return original(*args, **kwargs)
     gen = patch.gen
     action = gen.actions[index]
+    if mode is Mode.RETRIEVE and action is not Action.RUN and gen.deciding:
+        if _decide_in_the_unet(patch, gen, args, kwargs):
+            mode = Mode.FULL
     if mode is Mode.FULL:
+        if gen.adaptive and index == gen.first_divergent:
+            x = _hidden_states(args, kwargs)
+            gen.reference = x.detach().clone() if x is not None else None
         out = original(*args, **kwargs)
         if action is Action.SKIP:
             gen.specs[index] = _tensor_spec(out)
@@ -942,3 +1012,9 @@ def warn_view_with_other_unet(pipeline: Any) -> None:
         DeepCacheWarning,
         stacklevel=4,
     )
+
+
+def boundary_module(unet: nn.Module, branch: int) -> nn.Module:
+    """The module whose output is the cached feature for ``branch`` (what calibration measures)."""
+    plan = retrieval_plan(unet_layout(unet), branch)
+    return next(module for key, module in unet_modules(unet) if retrieval_action(plan, key) is Action.BOUNDARY)

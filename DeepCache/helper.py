@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from typing import Any, Iterator, Sequence
+
+import torch
 
 from torch import nn
 
 from . import _patch
 from .layout import UNetLayout, retrieval_plan
-from .schedule import CacheParams
+from .schedule import CacheParams, calibrated_full_steps
 
 __all__ = ["DeepCacheSDHelper"]
 
@@ -152,17 +155,22 @@ class DeepCacheSDHelper:
         full_steps: Sequence[int] | None = None,
         start_step: int = 0,
         end_step: int | None = None,
+        threshold: float | None = None,
     ) -> None:
         """Set the caching parameters; while enabled they take effect on the next generation.
 
         Args:
             cache_interval: U-Net evaluations between cache refreshes (>= 1).
             cache_branch_id: skip branch whose deeper layers are reused (0..num_branches-1).
-            skip_mode: ``"uniform"``, ``"non-uniform"`` (paper's Eq. 7, uses ``center``/``pow``) or
-                ``"custom"`` (``full_steps``).
+            skip_mode: ``"uniform"``, ``"non-uniform"`` (paper's Eq. 7, uses ``center``/``pow``),
+                ``"custom"`` (``full_steps``, e.g. from :meth:`calibrate`) or ``"adaptive"`` (``threshold``;
+                ``cache_interval`` is then the cap: at most ``cache_interval - 1`` retrieval steps in a row).
             center, pow: the non-uniform schedule's densest step and exponent (> 1).
             full_steps: with ``skip_mode="custom"``, the evaluations that are full steps.
             start_step, end_step: caching only in ``[start_step, end_step)``; other steps are full.
+            threshold: with ``skip_mode="adaptive"``, the relative L1 change of the branch's skip feature
+                since the last full step at which a step becomes full (0 = all full). The decision is made
+                once per U-Net evaluation for the whole batch (the mean over all prompts of the batch).
 
         Raises:
             ValueError: a parameter is invalid (the message says the valid range), including a branch id
@@ -177,7 +185,11 @@ class DeepCacheSDHelper:
             full_steps=tuple(full_steps) if full_steps is not None else None,
             start_step=start_step,
             end_step=end_step,
+            threshold=threshold,
         )
+        self._apply(params)
+
+    def _apply(self, params: CacheParams) -> None:
         with self._lock:
             target = self._unet if self._unet is not None else self.pipe
             if target is not None:
@@ -189,8 +201,66 @@ class DeepCacheSDHelper:
 
     @property
     def params(self) -> CacheParams:
-        """The current parameters (a frozen dataclass)."""
+        """The current parameters (a frozen dataclass); assign a :class:`CacheParams` to set them all."""
         return self._params
+
+    @params.setter
+    def params(self, params: CacheParams) -> None:
+        if not isinstance(params, CacheParams):
+            raise TypeError(f"params must be a CacheParams (e.g. CacheParams.from_json(text)), got {type(params).__name__}.")
+        self._apply(params)
+
+    def calibrate(self, num_full_steps: int, **call_kwargs: Any) -> CacheParams:
+        """Pick the ``num_full_steps`` full steps that suit this pipeline and these calls best, and use them.
+
+        Runs the pipeline once, uncached, with ``call_kwargs`` (prompt(s), ``num_inference_steps``,
+        ``guidance_scale``, ``generator``...: the calls you will make; a list of prompts is a calibration set),
+        measures how the cached feature of the current ``cache_branch_id`` changes from each U-Net evaluation
+        to the next (relative L1, over the whole batch), and chooses the full steps (step 0 included) that
+        minimise the accumulated drift of the reused feature, by an exact dynamic programme
+        (:func:`~DeepCache.schedule.calibrated_full_steps`). The enabled state is left as it was.
+
+        Returns:
+            ``CacheParams(skip_mode="custom", full_steps=..., cache_branch_id=...)``, also set on the helper.
+            ``params.to_json()`` saves it; ``helper.params = CacheParams.from_json(text)`` loads it.
+
+        Example::
+
+            params = helper.calibrate(num_full_steps=9, prompt=calibration_prompts, num_inference_steps=25)
+        """
+        pipeline, unet = _resolve(self.pipe)
+        if pipeline is None:
+            raise TypeError("calibrate() runs the pipeline: create the helper with a pipeline, not a bare U-Net.")
+        branch = self._params.cache_branch_id
+        drift: list[float] = []
+        previous: list[torch.Tensor] = []
+
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            feature = output[0] if isinstance(output, (tuple, list)) else output
+            feature = feature.detach()
+            if previous:
+                drift.append(_patch.relative_l1(feature, previous[0]) if feature.shape == previous[0].shape else 1.0)
+            previous[:] = [feature.clone()]
+
+        with self._lock:
+            was_enabled = self.enabled
+            self.disable()
+            handle = _patch.boundary_module(unet, branch).register_forward_hook(record)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", _patch.DeepCacheWarning)  # uncached on purpose
+                    pipeline(**call_kwargs)
+            finally:
+                handle.remove()
+                if was_enabled:
+                    self.enable()
+        if not drift:
+            raise ValueError("calibration saw fewer than two U-Net evaluations: pass num_inference_steps >= 2.")
+        params = CacheParams(
+            skip_mode="custom", full_steps=calibrated_full_steps(drift, num_full_steps), cache_branch_id=branch
+        )
+        self.params = params
+        return params
 
     def num_branches(self) -> int:
         """How many ``cache_branch_id`` values the helper's U-Net accepts."""

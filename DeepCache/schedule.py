@@ -17,11 +17,12 @@ Example::
 from __future__ import annotations
 
 import functools
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-SKIP_MODES = ("uniform", "non-uniform", "custom")
+SKIP_MODES = ("uniform", "non-uniform", "custom", "adaptive")
 
 
 def _is_int(value: object) -> bool:
@@ -38,13 +39,17 @@ class CacheParams:
 
     Args to tinker with:
         skip_mode: ``"uniform"`` (a full step every ``cache_interval`` evaluations),
-            ``"non-uniform"`` (the paper's Eq. 7: full steps dense around ``center``) or
-            ``"custom"`` (exactly the steps in ``full_steps``).
+            ``"non-uniform"`` (the paper's Eq. 7: full steps dense around ``center``),
+            ``"custom"`` (exactly the steps in ``full_steps``, e.g. from ``helper.calibrate``) or
+            ``"adaptive"`` (decided at run time: a full step when the branch's skip feature moved by
+            ``threshold`` or more since the last full step, and at least every ``cache_interval`` steps).
         center: non-uniform only; the step around which full steps are densest (paper: 15 of 50).
         pow: non-uniform only; > 1, how strongly full steps gather around ``center`` (paper: 1.4).
         full_steps: custom only; the step indices that are full steps (step 0 is always full).
         start_step: no caching before this step (all earlier steps are full).
         end_step: no caching from this step on (``None`` = cache until the end).
+        threshold: adaptive only; the relative L1 change of the skip feature that triggers a full step
+            (0 = every step full; larger = fewer full steps).
     """
 
     cache_interval: int = 1
@@ -55,6 +60,7 @@ class CacheParams:
     full_steps: tuple[int, ...] | None = field(default=None)
     start_step: int = 0
     end_step: int | None = None
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.cache_interval) or self.cache_interval < 1:
@@ -87,11 +93,56 @@ class CacheParams:
             raise ValueError(
                 f"end_step must be None or an integer > start_step ({self.start_step}), got {self.end_step!r}."
             )
+        if self.skip_mode == "adaptive":
+            t = self.threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+                raise ValueError(
+                    f'skip_mode="adaptive" needs a finite threshold >= 0 (e.g. threshold=0.1), got {t!r}.'
+                )
+            object.__setattr__(self, "threshold", float(t))
+        elif self.threshold is not None:
+            raise ValueError(f'threshold is only used with skip_mode="adaptive" (got skip_mode={self.skip_mode!r}).')
 
     @property
     def needs_num_steps(self) -> bool:
         """Whether the pattern depends on the total number of steps (non-uniform schedules)."""
         return self.skip_mode == "non-uniform" and self.cache_interval > 1
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether full steps are decided at run time (``skip_mode="adaptive"``)."""
+        return self.skip_mode == "adaptive"
+
+    def to_json(self) -> str:
+        """These parameters as JSON (what :meth:`from_json` reads), e.g. to ship a calibrated schedule.
+
+        >>> CacheParams.from_json(CacheParams(cache_interval=3).to_json()) == CacheParams(cache_interval=3)
+        True
+        """
+        values = asdict(self)
+        if values["full_steps"] is not None:
+            values["full_steps"] = list(values["full_steps"])
+        return json.dumps({"format": "deepcache.CacheParams/1", **values}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CacheParams":
+        """Parameters saved by :meth:`to_json` (validated like any others).
+
+        Raises:
+            ValueError: not JSON, another format, or unknown keys (the message names them).
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a DeepCache parameters JSON: {exc}") from None
+        if not isinstance(data, dict) or data.pop("format", None) != "deepcache.CacheParams/1":
+            raise ValueError('not a DeepCache parameters JSON (expected {"format": "deepcache.CacheParams/1", ...}).')
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown} in the JSON; valid ones are {sorted(cls.__dataclass_fields__)}.")
+        if data.get("full_steps") is not None:
+            data["full_steps"] = tuple(data["full_steps"])
+        return cls(**data)
 
 
 def non_uniform_full_steps(num_steps: int, num_full: int, center: int, pow: float = 1.4) -> tuple[int, ...]:
@@ -159,6 +210,8 @@ def is_full_step(params: CacheParams, step: int, num_steps: int | None = None) -
     if params.skip_mode == "custom":
         assert params.full_steps is not None
         return step in params.full_steps or step == params.start_step
+    if params.skip_mode == "adaptive":
+        raise ValueError('skip_mode="adaptive" decides full steps at run time; use adaptive_is_full_step.')
     if num_steps is None or step >= num_steps:
         return True
     return step in _non_uniform_set(params, num_steps) or step == params.start_step
@@ -168,6 +221,78 @@ def is_full_step(params: CacheParams, step: int, num_steps: int | None = None) -
 def _non_uniform_set(params: CacheParams, num_steps: int) -> frozenset[int]:
     num_full = -(-num_steps // params.cache_interval)
     return frozenset(non_uniform_full_steps(num_steps, num_full, params.center, params.pow))
+
+
+def adaptive_is_full_step(params: CacheParams, step: int, retrievals_in_a_row: int, signal: float | None) -> bool:
+    """Whether evaluation ``step`` of an adaptive generation is a full step.
+
+    Full at step 0, outside the ``[start_step, end_step)`` window, after ``cache_interval - 1`` retrieval
+    steps in a row (the cap), and when ``signal`` (the relative L1 change of the branch's skip feature since
+    the last full step) is ``threshold`` or more. ``signal=None`` asks only whether the step is forced full.
+
+    >>> p = CacheParams(cache_interval=3, skip_mode="adaptive", threshold=0.1)
+    >>> adaptive_is_full_step(p, 5, 0, 0.05), adaptive_is_full_step(p, 5, 0, 0.2), adaptive_is_full_step(p, 5, 2, 0.0)
+    (False, True, True)
+    """
+    if step <= 0 or step < params.start_step or (params.end_step is not None and step >= params.end_step):
+        return True
+    if retrievals_in_a_row >= params.cache_interval - 1:
+        return True
+    return signal is not None and signal >= (params.threshold or 0.0)
+
+
+def segment_cost(drift: Sequence[float], start: int, end: int) -> float:
+    """Accumulated drift of reusing the feature of full step ``start`` on the retrieval steps ``start+1..end-1``.
+
+    ``drift[j]`` is how much the cached feature changes from evaluation ``j`` to ``j + 1``; the reused feature
+    at retrieval step ``k`` is ``drift[start] + ... + drift[k-1]`` away from the true one (accumulated).
+
+    >>> segment_cost([1.0, 2.0, 4.0], 0, 3)   # step 1: 1; step 2: 1 + 2
+    4.0
+    """
+    return float(sum(drift[j] * (end - 1 - j) for j in range(start, end - 1)))
+
+
+def calibrated_full_steps(drift: Sequence[float], num_full: int) -> tuple[int, ...]:
+    """The ``num_full`` full steps (step 0 included) that minimise the total accumulated drift.
+
+    ``drift`` has one entry per consecutive pair of the ``len(drift) + 1`` evaluations of a generation. An
+    exact dynamic programme over step indices: ``best[m][e]`` is the least cost of steps ``0..e-1`` with ``m``
+    full steps; ``O(num_full * n^2)``.
+
+    >>> calibrated_full_steps([0.1, 0.1, 5.0, 0.1, 0.1], 2)  # refresh right after the big change
+    (0, 3)
+    """
+    n = len(drift) + 1
+    if not _is_int(num_full) or not 1 <= num_full <= n:
+        raise ValueError(f"num_full_steps must be an integer in [1, {n}] for a {n}-evaluation generation, got {num_full!r}.")
+    if any(not math.isfinite(d) or d < 0 for d in drift):
+        raise ValueError("drift values must be finite and >= 0.")
+    # cost[a][b]: segment [a, b) with its full step at a; O(n^2) from running sums
+    cost = [[0.0] * (n + 1) for _ in range(n + 1)]
+    for a in range(n):
+        acc = total = 0.0
+        for b in range(a + 2, n + 1):  # adding retrieval step b-1 whose distance is acc + drift[b-2]
+            acc += drift[b - 2]
+            total += acc
+            cost[a][b] = total
+    inf = math.inf
+    best = [[inf] * (n + 1) for _ in range(num_full + 1)]
+    back = [[-1] * (n + 1) for _ in range(num_full + 1)]
+    for e in range(1, n + 1):
+        best[1][e] = cost[0][e]
+    for m in range(2, num_full + 1):
+        for e in range(m, n + 1):
+            for a in range(m - 1, e):  # the last full step
+                value = best[m - 1][a] + cost[a][e]
+                if value < best[m][e]:
+                    best[m][e], back[m][e] = value, a
+    steps, e = [], n
+    for m in range(num_full, 1, -1):
+        a = back[m][e]
+        steps.append(a)
+        e = a
+    return tuple([0] + sorted(steps))
 
 
 def schedule_pattern(params: CacheParams, num_steps: int) -> tuple[bool, ...]:

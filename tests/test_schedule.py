@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -10,11 +12,14 @@ from hypothesis import strategies as st
 
 from DeepCache.schedule import (
     CacheParams,
+    adaptive_is_full_step,
     as_params,
+    calibrated_full_steps,
     format_pattern,
     is_full_step,
     non_uniform_full_steps,
     schedule_pattern,
+    segment_cost,
 )
 
 
@@ -146,3 +151,100 @@ def test_non_uniform_properties(n: int, interval: int, data: st.DataObject) -> N
 def test_invalid_intervals_never_accepted(interval: object) -> None:
     with pytest.raises(ValueError):
         CacheParams(cache_interval=interval)  # type: ignore[arg-type]
+
+
+# -- calibrated and adaptive schedules (issue 11) ----------------------------------------------------------
+
+
+def _total(drift, full_steps) -> float:
+    bounds = list(full_steps) + [len(drift) + 1]
+    return sum(segment_cost(drift, a, b) for a, b in zip(bounds, bounds[1:]))
+
+
+def _distance_by_hand(drift, a, k) -> float:
+    return sum(drift[a:k])
+
+
+def test_segment_cost_is_the_accumulated_drift_of_every_retrieval_step() -> None:
+    drift = [0.5, 1.0, 2.0, 0.25, 3.0]
+    for a in range(len(drift) + 1):
+        for b in range(a + 1, len(drift) + 2):
+            assert segment_cost(drift, a, b) == sum(_distance_by_hand(drift, a, k) for k in range(a + 1, b))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_calibration_is_optimal_against_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    drift = [rng.choice([0.0, 0.1, 0.5, 1.0, 3.0]) * rng.random() for _ in range(9)]  # 10 evaluations
+    for k in range(1, 11):
+        got = calibrated_full_steps(drift, k)
+        assert len(got) == k and got[0] == 0 and list(got) == sorted(set(got)) and got[-1] <= 9
+        best = min(_total(drift, (0, *rest)) for rest in itertools.combinations(range(1, 10), k - 1))
+        assert _total(drift, got) == pytest.approx(best, abs=1e-12)
+
+
+def test_calibration_on_a_hand_made_drift_sequence() -> None:
+    # calm, one big jump between evaluations 4 and 5, calm again: refresh right after the jump
+    drift = [0.01] * 4 + [10.0] + [0.01] * 5
+    assert calibrated_full_steps(drift, 2) == (0, 5)
+    # uniform drift: the optimum spreads the full steps evenly
+    assert calibrated_full_steps([1.0] * 8, 3) == (0, 3, 6)
+    assert calibrated_full_steps([1.0] * 8, 9) == tuple(range(9))
+    assert calibrated_full_steps([1.0] * 8, 1) == (0,)
+
+
+def test_calibration_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"integer in \[1, 4\]"):
+        calibrated_full_steps([1.0, 1.0, 1.0], 5)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        calibrated_full_steps([1.0, float("nan")], 2)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        CacheParams(),
+        CacheParams(cache_interval=3, cache_branch_id=2),
+        CacheParams(cache_interval=5, skip_mode="non-uniform", center=8, pow=1.6, start_step=1, end_step=20),
+        CacheParams(skip_mode="custom", full_steps=(0, 3, 4, 9), cache_branch_id=1),
+        CacheParams(cache_interval=4, skip_mode="adaptive", threshold=0.125),
+    ],
+    ids=["default", "uniform", "non-uniform", "custom", "adaptive"],
+)
+def test_json_round_trip(params: CacheParams) -> None:
+    text = params.to_json()
+    assert CacheParams.from_json(text) == params
+    assert '"format": "deepcache.CacheParams/1"' in text
+
+
+def test_json_errors_say_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="not a DeepCache parameters JSON"):
+        CacheParams.from_json("{")
+    with pytest.raises(ValueError, match="not a DeepCache parameters JSON"):
+        CacheParams.from_json('{"cache_interval": 3}')
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['speed'\]"):
+        CacheParams.from_json('{"format": "deepcache.CacheParams/1", "speed": 3}')
+    with pytest.raises(ValueError, match="cache_interval must be"):
+        CacheParams.from_json('{"format": "deepcache.CacheParams/1", "cache_interval": 0}')
+
+
+def test_adaptive_parameters_are_validated() -> None:
+    with pytest.raises(ValueError, match="needs a finite threshold >= 0"):
+        CacheParams(skip_mode="adaptive")
+    with pytest.raises(ValueError, match="needs a finite threshold >= 0"):
+        CacheParams(skip_mode="adaptive", threshold=-1)
+    with pytest.raises(ValueError, match='threshold is only used with skip_mode="adaptive"'):
+        CacheParams(cache_interval=3, threshold=0.1)
+    with pytest.raises(ValueError, match="decides full steps at run time"):
+        schedule_pattern(CacheParams(cache_interval=3, skip_mode="adaptive", threshold=0.1), 5)
+
+
+def test_adaptive_decision_rule() -> None:
+    p = CacheParams(cache_interval=3, skip_mode="adaptive", threshold=0.1, start_step=2, end_step=8)
+    assert adaptive_is_full_step(p, 0, 0, 0.0)  # step 0
+    assert adaptive_is_full_step(p, 1, 0, 0.0)  # before the window
+    assert adaptive_is_full_step(p, 8, 0, 0.0)  # after it
+    assert not adaptive_is_full_step(p, 3, 1, 0.0999)
+    assert adaptive_is_full_step(p, 3, 1, 0.1)  # at the threshold
+    assert adaptive_is_full_step(p, 3, 2, 0.0)  # the cap: at most cache_interval - 1 retrievals in a row
+    assert not adaptive_is_full_step(p, 3, 1, None)  # only forced full steps without a signal
