@@ -936,12 +936,6 @@ def acquire(unet: nn.Module) -> Lease:
         return lease
 
 
-def patch_of(unet: nn.Module) -> UNetPatch | None:
-    """The installed patch on ``unet``, if any."""
-    patch = _PATCHES.get(unet)
-    return patch if patch is not None and patch.installed else None
-
-
 def controlnets_of(pipeline: Any) -> list[nn.Module]:
     """The ControlNet modules of a pipeline (the nets inside a ``MultiControlNetModel`` too)."""
     controlnet = getattr(pipeline, "controlnet", None)

@@ -27,13 +27,11 @@ import threading
 import warnings
 from typing import Any, Iterator, Sequence
 
-import torch
-
 from torch import nn
 
 from . import _patch
 from .layout import UNetLayout, retrieval_plan
-from .schedule import CacheParams, calibrated_full_steps
+from .schedule import CacheParams, optimal_full_steps
 
 __all__ = ["DeepCacheSDHelper"]
 
@@ -210,15 +208,17 @@ class DeepCacheSDHelper:
             raise TypeError(f"params must be a CacheParams (e.g. CacheParams.from_json(text)), got {type(params).__name__}.")
         self._apply(params)
 
-    def calibrate(self, num_full_steps: int, **call_kwargs: Any) -> CacheParams:
+    def calibrate(self, num_full_steps: int, *, max_gap: int | None = None, **call_kwargs: Any) -> CacheParams:
         """Pick the ``num_full_steps`` full steps that suit this pipeline and these calls best, and use them.
 
         Runs the pipeline once, uncached, with ``call_kwargs`` (prompt(s), ``num_inference_steps``,
         ``guidance_scale``, ``generator``...: the calls you will make; a list of prompts is a calibration set),
-        measures how the cached feature of the current ``cache_branch_id`` changes from each U-Net evaluation
-        to the next (relative L1, over the whole batch), and chooses the full steps (step 0 included) that
-        minimise the accumulated drift of the reused feature, by an exact dynamic programme
-        (:func:`~DeepCache.schedule.calibrated_full_steps`). The enabled state is left as it was.
+        then measures, for every full step ``a`` and later step ``k`` (at most ``max_gap`` apart), how far the
+        latent of step ``k`` moves when it reuses the cached feature of step ``a`` of the current
+        ``cache_branch_id`` (replaying the recorded U-Net inputs: one full and the retrieval evaluations per
+        ``a``; about 2-4 pipeline calls' worth of U-Net work for branch 0 with every gap allowed). The full steps
+        (step 0 included) that minimise the total error are chosen by an exact dynamic programme
+        (:func:`~DeepCache.schedule.optimal_full_steps`). The enabled state is left as it was.
 
         Returns:
             ``CacheParams(skip_mode="custom", full_steps=..., cache_branch_id=...)``, also set on the helper.
@@ -228,36 +228,28 @@ class DeepCacheSDHelper:
 
             params = helper.calibrate(num_full_steps=9, prompt=calibration_prompts, num_inference_steps=25)
         """
+        from . import calibration
+
         pipeline, unet = _resolve(self.pipe)
         if pipeline is None:
             raise TypeError("calibrate() runs the pipeline: create the helper with a pipeline, not a bare U-Net.")
         branch = self._params.cache_branch_id
-        drift: list[float] = []
-        previous: list[torch.Tensor] = []
-
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            feature = output[0] if isinstance(output, (tuple, list)) else output
-            feature = feature.detach()
-            if previous:
-                drift.append(_patch.relative_l1(feature, previous[0]) if feature.shape == previous[0].shape else 1.0)
-            previous[:] = [feature.clone()]
-
         with self._lock:
             was_enabled = self.enabled
             self.disable()
-            handle = _patch.boundary_module(unet, branch).register_forward_hook(record)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", _patch.DeepCacheWarning)  # uncached on purpose
-                    pipeline(**call_kwargs)
+                    with calibration.recording(pipeline, unet) as rec:
+                        pipeline(**call_kwargs)
+                if len(rec.calls) < 2:
+                    raise ValueError("calibration saw fewer than two U-Net evaluations: pass num_inference_steps >= 2.")
+                errors = calibration.reuse_errors(unet, rec, branch, max_gap)
             finally:
-                handle.remove()
                 if was_enabled:
                     self.enable()
-        if not drift:
-            raise ValueError("calibration saw fewer than two U-Net evaluations: pass num_inference_steps >= 2.")
         params = CacheParams(
-            skip_mode="custom", full_steps=calibrated_full_steps(drift, num_full_steps), cache_branch_id=branch
+            skip_mode="custom", full_steps=optimal_full_steps(errors, num_full_steps), cache_branch_id=branch
         )
         self.params = params
         return params
@@ -351,9 +343,14 @@ class DeepCacheSDHelper:
             lease = self._lease
             if lease is None or lease.bare is None:
                 return
-            self._last_steps = tuple(lease.bare.steps)
+            bare = lease.bare
+            self._last_steps = tuple(bare.steps)
             lease.unet_patch.evaluations.recover()  # a loop interrupted inside the U-Net (KeyboardInterrupt)
-            lease.bare = self._bare_generation(lease.unet_patch)
+            if bare.params is self._params:
+                bare.num_steps = lambda: num_inference_steps
+                bare.reset()
+            else:  # new parameters: a generation built for them
+                lease.bare = self._bare_generation(lease.unet_patch)
 
     @property
     def last_steps(self) -> tuple[bool, ...]:

@@ -253,31 +253,39 @@ def segment_cost(drift: Sequence[float], start: int, end: int) -> float:
     return float(sum(drift[j] * (end - 1 - j) for j in range(start, end - 1)))
 
 
-def calibrated_full_steps(drift: Sequence[float], num_full: int) -> tuple[int, ...]:
-    """The ``num_full`` full steps (step 0 included) that minimise the total accumulated drift.
+def drift_errors(drift: Sequence[float]) -> list[list[float]]:
+    """The reuse errors implied by consecutive drifts: ``errors[a][k] = drift[a] + ... + drift[k-1]``."""
+    n = len(drift) + 1
+    errors = [[math.inf] * n for _ in range(n)]
+    for a in range(n):
+        acc = errors[a][a] = 0.0
+        for k in range(a + 1, n):
+            acc += drift[k - 1]
+            errors[a][k] = acc
+    return errors
 
-    ``drift`` has one entry per consecutive pair of the ``len(drift) + 1`` evaluations of a generation. An
-    exact dynamic programme over step indices: ``best[m][e]`` is the least cost of steps ``0..e-1`` with ``m``
-    full steps; ``O(num_full * n^2)``.
 
-    >>> calibrated_full_steps([0.1, 0.1, 5.0, 0.1, 0.1], 2)  # refresh right after the big change
+def optimal_full_steps(errors: Sequence[Sequence[float]], num_full: int) -> tuple[int, ...]:
+    """The ``num_full`` full steps (step 0 included) that minimise the total reuse error of an ``n``-step run.
+
+    ``errors[a][k]`` (``k > a``) is the error of retrieval step ``k`` reusing the feature of full step ``a``
+    (``math.inf``: not allowed). A segment ``[a, b)`` costs ``errors[a][a+1] + ... + errors[a][b-1]``; an
+    exact dynamic programme over step indices: ``best[m][e]``, the least cost of steps ``0..e-1`` with ``m``
+    full steps, in ``O(num_full * n^2)``.
+
+    >>> optimal_full_steps(drift_errors([0.1, 0.1, 5.0, 0.1, 0.1]), 2)  # refresh right after the big change
     (0, 3)
     """
-    n = len(drift) + 1
+    n = len(errors)
     if not _is_int(num_full) or not 1 <= num_full <= n:
         raise ValueError(f"num_full_steps must be an integer in [1, {n}] for a {n}-evaluation generation, got {num_full!r}.")
-    if any(not math.isfinite(d) or d < 0 for d in drift):
-        raise ValueError("drift values must be finite and >= 0.")
-    # cost[a][b]: segment [a, b) with its full step at a; O(n^2) from running sums
-    cost = [[0.0] * (n + 1) for _ in range(n + 1)]
+    if any(math.isnan(e) or e < 0 for row in errors for e in row):
+        raise ValueError("reuse errors must be >= 0 (math.inf where a reuse is not allowed).")
+    cost = [[0.0] * (n + 1) for _ in range(n + 1)]  # cost[a][b]: segment [a, b), full step at a
     for a in range(n):
-        acc = total = 0.0
-        for b in range(a + 2, n + 1):  # adding retrieval step b-1 whose distance is acc + drift[b-2]
-            acc += drift[b - 2]
-            total += acc
-            cost[a][b] = total
-    inf = math.inf
-    best = [[inf] * (n + 1) for _ in range(num_full + 1)]
+        for b in range(a + 2, n + 1):
+            cost[a][b] = cost[a][b - 1] + errors[a][b - 1]
+    best = [[math.inf] * (n + 1) for _ in range(num_full + 1)]
     back = [[-1] * (n + 1) for _ in range(num_full + 1)]
     for e in range(1, n + 1):
         best[1][e] = cost[0][e]
@@ -287,12 +295,26 @@ def calibrated_full_steps(drift: Sequence[float], num_full: int) -> tuple[int, .
                 value = best[m - 1][a] + cost[a][e]
                 if value < best[m][e]:
                     best[m][e], back[m][e] = value, a
+    if math.isinf(best[num_full][n]):
+        raise ValueError(f"no schedule of {num_full} full steps keeps every reuse within the measured gaps; allow longer gaps.")
     steps, e = [], n
     for m in range(num_full, 1, -1):
-        a = back[m][e]
-        steps.append(a)
-        e = a
+        e = back[m][e]
+        steps.append(e)
     return tuple([0] + sorted(steps))
+
+
+def calibrated_full_steps(drift: Sequence[float], num_full: int) -> tuple[int, ...]:
+    """:func:`optimal_full_steps` when the reuse error is the accumulated drift of the cached feature.
+
+    ``drift[j]``: how much the cached feature changes from evaluation ``j`` to ``j + 1``.
+
+    >>> calibrated_full_steps([0.1, 0.1, 5.0, 0.1, 0.1], 2)
+    (0, 3)
+    """
+    if any(not math.isfinite(d) or d < 0 for d in drift):
+        raise ValueError("drift values must be finite and >= 0.")
+    return optimal_full_steps(drift_errors(drift), num_full)
 
 
 def schedule_pattern(params: CacheParams, num_steps: int) -> tuple[bool, ...]:
