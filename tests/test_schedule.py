@@ -15,6 +15,8 @@ from DeepCache.schedule import (
     adaptive_is_full_step,
     as_params,
     calibrated_full_steps,
+    drift_errors,
+    optimal_full_steps,
     format_pattern,
     is_full_step,
     non_uniform_full_steps,
@@ -191,6 +193,33 @@ def test_calibration_on_a_hand_made_drift_sequence() -> None:
     assert calibrated_full_steps([1.0] * 8, 3) == (0, 3, 6)
     assert calibrated_full_steps([1.0] * 8, 9) == tuple(range(9))
     assert calibrated_full_steps([1.0] * 8, 1) == (0,)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_dp_is_optimal_for_any_reuse_error_matrix(seed: int) -> None:
+    rng = random.Random(seed)
+    n = 8
+    errors = [[0.0 if k == a else (rng.random() * (k - a) if k > a else math.inf) for k in range(n)] for a in range(n)]
+
+    def total(full):
+        bounds = list(full) + [n]
+        return sum(errors[a][k] for a, b in zip(bounds, bounds[1:]) for k in range(a + 1, b))
+
+    for k in range(1, n + 1):
+        got = optimal_full_steps(errors, k)
+        best = min(total((0, *rest)) for rest in itertools.combinations(range(1, n), k - 1))
+        assert len(got) == k and got[0] == 0 and total(got) == pytest.approx(best, abs=1e-12)
+
+
+def test_drift_errors_accumulate_and_forbidden_gaps_are_respected() -> None:
+    assert drift_errors([1.0, 2.0]) == [[0.0, 1.0, 3.0], [math.inf, 0.0, 2.0], [math.inf, math.inf, 0.0]]
+    errors = drift_errors([1.0] * 5)
+    for a in range(6):
+        for k in range(a + 3, 6):
+            errors[a][k] = math.inf  # at most 2 steps apart
+    assert optimal_full_steps(errors, 2) == (0, 3)
+    with pytest.raises(ValueError, match="allow longer gaps"):
+        optimal_full_steps(errors, 1)
 
 
 def test_calibration_rejects_bad_input() -> None:
