@@ -36,8 +36,12 @@ mkdir -p "$OUT"
 # Everything under $OUT in one archive, whenever the script ends (normally, on error, Ctrl-C or TERM).
 pack() {
   [ "$BASHPID" = "$$" ] || return 0  # the main script only, not a subshell it forked
-  tar -czf "$OUT/gpu_bench.tgz.part" -C "$OUT" --exclude gpu_bench.tgz --exclude gpu_bench.tgz.part . \
-    && mv "$OUT/gpu_bench.tgz.part" "$OUT/gpu_bench.tgz"
+  local tmp
+  tmp=$(mktemp "${TMPDIR:-/tmp}/gpu_bench.XXXXXX") || return 1
+  # built outside $OUT (a file growing inside the folder it archives makes tar fail); status 1 = a file
+  # changed while read (a log still being flushed), still a good archive
+  tar -czf "$tmp" -C "$OUT" --exclude ./gpu_bench.tgz .
+  if [ $? -le 1 ]; then mv -f "$tmp" "$OUT/gpu_bench.tgz"; else rm -f "$tmp"; fi
 }
 trap pack EXIT
 trap 'exit 130' INT
