@@ -1,13 +1,12 @@
 """DeepCache: training-free acceleration of diffusers U-Net pipelines by caching deep features.
 
-Example::
+Example (see :class:`DeepCacheSDHelper` for ``enable()``/``disable()``)::
 
     from DeepCache import DeepCacheSDHelper
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=3, cache_branch_id=0)
-    helper.enable()
-    image = pipe("a photo of an astronaut on a moon").images[0]
-    helper.disable()
+    with helper:                                   # cached inside the block only
+        image = pipe("a photo of an astronaut on a moon").images[0]
 """
 
 __version__ = "0.2.0"

@@ -25,10 +25,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from .bench_models import (
+    BUILTIN_MODELS,
+    build_meta_unet,
+    build_meta_vae,
+    load_config,
+    pooled_text_dim,
+    tiny_config,
+    unet_batch,
+    vae_scale_factor,
+)
+from .schedule import schedule_pattern
+
+if TYPE_CHECKING:
+    from .bench_report import BenchReport
+    from .bench_scenarios import BenchConfig, Scenario
 
 _aten = torch.ops.aten
 
@@ -118,8 +134,8 @@ def unet_inputs(unet_config: Any, *, batch: int, latent_height: int, latent_widt
     sample = torch.zeros(batch, int(cfg["in_channels"]), latent_height, latent_width, **kw)
     text = torch.zeros(batch, tokens, int(cfg["cross_attention_dim"]), **kw)
     kwargs: dict[str, Any] = {"encoder_hidden_states": text, "return_dict": False}
-    if cfg.get("addition_embed_type") == "text_time":
-        pooled = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
+    pooled = pooled_text_dim(cfg)
+    if pooled is not None:
         kwargs["added_cond_kwargs"] = {
             "text_embeds": torch.zeros(batch, pooled, **kw),
             "time_ids": torch.zeros(batch, 6, **kw),
@@ -161,3 +177,96 @@ def count_vae_decode_flops(vae: Any, *, batch: int, latent_height: int, latent_w
     z = torch.zeros(batch, int(vae.config.latent_channels), latent_height, latent_width,
                     device=param.device, dtype=param.dtype)
     return count_flops(lambda: vae.decode(z))
+
+
+class FlopCache:
+    """FLOP counts per shape on meta-device copies of a U-Net and VAE (shapes only, no compute).
+
+    Counts are taken at batch 1 and scaled: every counted op of the U-Net and the VAE decoder is
+    per sample, so FLOPs are exactly linear in the batch (``tests/test_bench.py`` checks this).
+    """
+
+    def __init__(self, unet_config: Any, vae_config: Any) -> None:
+        self.unet_config, self.vae_config = dict(unet_config), dict(vae_config)
+        self.unet = build_meta_unet(unet_config)
+        self.vae = build_meta_vae(vae_config)
+        self._steps: dict[tuple[int, int, int], StepFlops] = {}  # (latent h, latent w, branch) at batch 1
+        self._vae: dict[tuple[int, int], int] = {}  # (latent h, latent w) at batch 1
+
+    def step(self, unet_batch: int, lh: int, lw: int, branch: int) -> StepFlops:
+        key = (lh, lw, branch)
+        if key not in self._steps:
+            self._steps[key] = count_unet_step_flops(self.unet, batch=1, latent_height=lh,
+                                                     latent_width=lw, cache_branch_id=branch)
+        one = self._steps[key]
+        return StepFlops(full=one.full * unet_batch, retrieval=one.retrieval * unet_batch)
+
+    def vae_decode(self, batch: int, lh: int, lw: int) -> int:
+        key = (lh, lw)
+        if key not in self._vae:
+            self._vae[key] = count_vae_decode_flops(self.vae, batch=1, latent_height=lh, latent_width=lw)
+        return self._vae[key] * batch
+
+    def scenario(self, scenario: Scenario, pattern: Sequence[bool], guidance_scale: float) -> ScenarioFlops:
+        """The counts and FLOP-ideal speedups of one scenario run with step ``pattern``."""
+        scale = vae_scale_factor(self.vae_config)
+        lh, lw = scenario.height // scale, scenario.width // scale
+        setting = scenario.setting
+        step = self.step(unet_batch(self.unet_config, scenario.batch_size, guidance_scale), lh, lw,
+                         setting.cache_branch_id)
+        vae = self.vae_decode(scenario.batch_size, lh, lw)
+        if setting.is_baseline:
+            return ScenarioFlops(step.full, None, None, vae, 1.0, 1.0, 1.0)
+        uniform = ideal_speedup_uniform(setting.cache_interval, step.ratio) if setting.skip_mode == "uniform" else None
+        return ScenarioFlops(step.full, step.retrieval, step.ratio, vae,
+                             ideal_speedup_pattern(pattern, step.full, step.retrieval, vae),
+                             ideal_speedup_pattern(pattern, step.full, step.retrieval), uniform)
+
+
+@dataclass(frozen=True)
+class ScenarioFlops:
+    """FLOP counts of one scenario and the ideal speedups they imply (see the module docstring)."""
+
+    full_step: int
+    retrieval_step: int | None  # None for the original pipeline
+    ratio: float | None
+    vae_decode: int
+    ideal: float  # end to end: the pattern's U-Net steps + VAE decode
+    ideal_unet: float  # the U-Net loop alone
+    ideal_uniform: float | None  # N / (1 + (N-1) f): uniform schedules only
+
+
+def flops_report(cfg: BenchConfig) -> BenchReport:
+    """FLOP counts and ideal speedups for every (eager) scenario, without building or timing the real model.
+
+    Counts run on the ``meta`` device, so full-size SDXL takes seconds on a CPU. Needs a built-in
+    model (or a local model folder, whose configs are read).
+    """
+    from .bench_report import BenchReport, ScenarioResult, run_settings
+    from .report import environment
+
+    if cfg.model in BUILTIN_MODELS:
+        conf = load_config(cfg.model)
+        if cfg.tiny:
+            conf = tiny_config(conf)
+        unet_cfg, vae_cfg, name = conf["unet"], conf["vae"], cfg.model + ("-tiny" if cfg.tiny else "")
+    else:
+        import diffusers
+
+        unet_cfg = diffusers.UNet2DConditionModel.load_config(cfg.model, subfolder="unet")
+        vae_cfg = diffusers.AutoencoderKL.load_config(cfg.model, subfolder="vae")
+        name = cfg.model
+    counter = FlopCache(unet_cfg, vae_cfg)
+    device = torch.device("meta")
+    settings = run_settings(cfg, name, "builtin config" if cfg.model in BUILTIN_MODELS else cfg.model,
+                            "n/a (FLOPs only)", device, torch.float32)
+    settings.update(timed="nothing: FLOP counts only", flops_only=True)
+    report = BenchReport(settings, environment(device, torch.float32))
+    for sc in cfg.scenarios():
+        if sc.compiled:  # the same counts as eager
+            continue
+        pattern = schedule_pattern(sc.setting.for_steps(cfg.steps), cfg.steps)
+        result = ScenarioResult.new(name, cfg.steps, sc, pattern)
+        result.add_flops(counter.scenario(sc, pattern, cfg.guidance_scale))
+        report.results.append(result)
+    return report

@@ -1,15 +1,16 @@
 """``deepcache eval``: quality and speed of DeepCache settings against the same pipeline uncached.
 
-Same prompts, same seeds, same scheduler; each setting's images are compared with the baseline's:
+Same prompts, same seeds, same scheduler; each setting's images are compared with the original's:
 
 * fidelity: PSNR and SSIM (:mod:`DeepCache.metrics`); LPIPS only where the ``lpips`` package and
-  its backbone weights are already on disk, otherwise ``n/a``;
+  its backbone weights are already on disk;
 * embedded model: task accuracy (the shipped attribute classifier checks shape, colour, background,
   position and size against the prompt) and the Fréchet distance, in that classifier's feature
   space, to real renders of the same prompts;
 * other models: CLIP score where CLIP weights are available locally (``--clip-model``).
 
 Models are loaded once; features are extracted here, the metrics themselves are pure functions.
+Columns without a value in any row (LPIPS offline, for instance) are left out of the printed table.
 
 Example::
 
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -34,120 +33,40 @@ import numpy as np
 import torch
 
 from . import metrics
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED_MODEL = ASSETS / "demo-model"
-EMBEDDED_CLASSIFIER = ASSETS / "demo-classifier"
-DEFAULT_STEPS = 25
-MIN_FRECHET_IMAGES = 16
-DEFAULT_GUIDANCE = 4.0
-GENERIC_PROMPTS: tuple[str, ...] = (
-    "a photograph of an astronaut riding a horse",
-    "a watercolor painting of a lighthouse at sunset",
-    "a bowl of fruit on a wooden table, studio lighting",
-    "a red sports car in the snow",
+from .cli_common import (
+    add_device_options,
+    add_json_option,
+    add_model_option,
+    add_prompt_options,
+    add_table_options,
+    add_threads_option,
+    add_variant_option,
+    apply_threads,
+    quiet_third_party,
+    register,
+    resolve_device,
+    resolve_dtype,
 )
+from .demo_model import EMBEDDED_MODEL  # noqa: F401  (re-exported: where the embedded model lives)
+from .pipelines import demo_classifier_path, is_demo_pipeline, load_pipeline
+from .prompts import GENERIC_PROMPTS, choose_prompts, embedded_prompts, prompt_seeds  # noqa: F401
+from .report import Column, environment, json_document, render_table, write_json
+from .settings import BASELINE, Setting, applied, setting_grid
 
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 4.0
+MIN_FRECHET_IMAGES = 16
+#: What ``deepcache eval`` compares when no ``--variant`` is given.
+EVAL_SETTINGS: tuple[Setting, ...] = (Setting(2, 0), Setting(3, 0), Setting(3, 1), Setting(5, 0))
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One DeepCache configuration; ``interval == 1`` is the uncached baseline."""
-
-    interval: int = 1
-    branch: int = 0
-
-    def __post_init__(self) -> None:
-        if self.interval < 1 or self.branch < 0:
-            raise ValueError(
-                f"interval must be >= 1 and branch >= 0, got interval={self.interval}, branch={self.branch}."
-            )
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.interval == 1
-
-    @property
-    def label(self) -> str:
-        return "baseline" if self.is_baseline else f"I={self.interval} B={self.branch}"
-
-    @classmethod
-    def parse(cls, text: str) -> Setting:
-        """``"3,0"`` -> interval 3, branch 0; ``"baseline"`` -> no caching.
-
-        >>> Setting.parse("3,1").label
-        'I=3 B=1'
-        """
-        if text.strip().lower() in ("baseline", "none", "1"):
-            return cls()
-        parts = text.replace("/", ",").split(",")
-        try:
-            interval, branch = (int(p) for p in parts)
-        except ValueError:
-            raise ValueError(
-                f"cannot parse setting {text!r}; write INTERVAL,BRANCH such as 3,0, or 'baseline'."
-            ) from None
-        return cls(interval, branch)
-
-
-def grid_settings(intervals: Sequence[int] = (2, 3, 4, 5), branches: Sequence[int] = (0, 1, 2)) -> list[Setting]:
-    """Every (interval, branch) pair, interval-major."""
-    return [Setting(i, b) for i in intervals for b in branches]
-
-
-# -- loading ---------------------------------------------------------------------------------
-def load_pipeline(model: str | None = None, device: str = "cpu") -> Any:
-    """The embedded demo pipeline (``model=None``, offline) or any diffusers pipeline folder / hub id."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
-
-    if model is None:
-        if not (EMBEDDED_MODEL / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"the embedded demo model is missing from {EMBEDDED_MODEL}; reinstall DeepCache, or rebuild it with "
-                "`deepcache train-demo-model --out DeepCache/assets`."
-            )
-        pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, local_files_only=True)
-    else:
-        local = Path(model).expanduser()
-        pipe = DiffusionPipeline.from_pretrained(
-            str(local) if local.exists() else model, local_files_only=local.exists()
-        )
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-MARKER = "deepcache-demo.json"
-
-
-def is_embedded(pipe: Any) -> bool:
-    """Whether ``pipe`` is a demo pipeline made by ``deepcache train-demo-model`` (its captions can be checked)."""
-    path = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    return path is not None and (Path(str(path)) / MARKER).is_file()
-
-
-def demo_classifier_path(pipe: Any) -> Path | None:
-    """The classifier trained beside a demo pipeline (``../demo-classifier``), if there is one."""
-    if not is_embedded(pipe):
-        return None
-    path = Path(str(pipe.config._name_or_path)).parent / "demo-classifier"
-    return path if path.is_dir() else None
-
-
-def embedded_prompts(count: int, seed: int = 0) -> list[str]:
-    """``count`` distinct captions drawn (seeded) from all 720 attribute combinations."""
-    from .demo_model.data import all_attributes, caption
-
-    combos = all_attributes()
-    if not 1 <= count <= len(combos):
-        raise ValueError(f"count must be in 1..{len(combos)}, got {count}.")
-    order = np.random.default_rng(seed).permutation(len(combos))[:count]
-    return [caption(combos[i]) for i in order]
+#: Former name of :func:`DeepCache.settings.setting_grid`.
+grid_settings = setting_grid
 
 
 # -- generation ------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Generation:
-    """Images of one setting, float (N, H, W, 3) in [0, 1], and the wall time of each repeat."""
+class SettingRun:
+    """The images one setting produced, float (N, H, W, 3) in [0, 1], and the wall time of each repeat."""
 
     setting: Setting
     images: np.ndarray
@@ -173,22 +92,14 @@ def generate(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
     helper = DeepCacheSDHelper(pipe=pipe)
-    if not setting.is_baseline:
-        helper.set_params(cache_interval=setting.interval, cache_branch_id=setting.branch)
-        helper.enable()
     chunks: list[np.ndarray] = []
     start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            for first in range(0, len(prompts), batch_size):
-                batch = list(prompts[first : first + batch_size])
-                generators = [torch.Generator().manual_seed(int(s)) for s in seeds[first : first + batch_size]]
-                out = pipe(
-                    batch, generator=generators, num_inference_steps=steps, guidance_scale=guidance, output_type="np"
-                )
-                chunks.append(np.asarray(out.images, dtype=np.float32))
-    finally:
-        helper.disable()
+    with applied(helper, setting, steps), torch.no_grad():
+        for first in range(0, len(prompts), batch_size):
+            batch = list(prompts[first : first + batch_size])
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[first : first + batch_size]]
+            out = pipe(batch, generator=generators, num_inference_steps=steps, guidance_scale=guidance, output_type="np")
+            chunks.append(np.asarray(out.images, dtype=np.float32))
     return np.concatenate(chunks), time.perf_counter() - start
 
 
@@ -201,12 +112,12 @@ def run_settings(
     guidance: float = DEFAULT_GUIDANCE,
     repeats: int = 1,
     batch_size: int = 16,
-) -> list[Generation]:
-    """Baseline first, then each setting; repeats are interleaved so load changes hit all settings alike."""
-    order = [Setting()] + [s for s in settings if not s.is_baseline]
+) -> list[SettingRun]:
+    """The original pipeline first, then each setting; repeats are interleaved so load changes hit all alike."""
+    order = [BASELINE] + [s for s in dict.fromkeys(settings) if not s.is_baseline]
     # Warm-up: one short uncached call (allocations, lazy imports) that is not timed.
-    generate(pipe, list(prompts[:1]), list(seeds[:1]), Setting(), steps=2, guidance=guidance)
-    results = {s: Generation(s, np.empty(0), []) for s in order}
+    generate(pipe, list(prompts[:1]), list(seeds[:1]), BASELINE, steps=2, guidance=guidance)
+    results = {s: SettingRun(s, np.empty(0), []) for s in order}
     for repeat in range(repeats):
         for setting in order:
             images, seconds = generate(pipe, prompts, seeds, setting, steps, guidance, batch_size)
@@ -297,38 +208,40 @@ def _embeds(output: Any) -> torch.Tensor:
 
 # -- scoring ---------------------------------------------------------------------------------
 def score(
-    generations: Sequence[Generation],
+    runs: Sequence[SettingRun],
     prompts: Sequence[str],
     classifier: torch.nn.Module | None = None,
     lpips_net: Any | None = None,
     clip: tuple[Any, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per setting: seconds, speedup, PSNR/SSIM (and LPIPS) vs baseline, task metrics, CLIP score."""
+    """One row per setting: seconds, speedup, PSNR/SSIM (and LPIPS) vs the original, task metrics, CLIP score."""
     from .demo_model.data import ATTRIBUTE_CLASSES
 
-    baseline = generations[0]
+    baseline = runs[0]
     if not baseline.setting.is_baseline:
-        raise ValueError("the first generation must be the uncached baseline; use run_settings().")
+        raise ValueError("the first run must be the original (uncached) pipeline; use run_settings().")
     targets = prompt_labels(prompts) if classifier is not None else None
     reference = classify(classifier, reference_images(prompts))[1] if classifier is not None else None
     rows: list[dict[str, Any]] = []
-    for gen in generations:
+    for run in runs:
+        cached = not run.setting.is_baseline
         row: dict[str, Any] = {
-            "setting": gen.setting.label,
-            "interval": gen.setting.interval,
-            "branch": None if gen.setting.is_baseline else gen.setting.branch,
-            "seconds": gen.median_seconds,
-            "speedup": baseline.median_seconds / gen.median_seconds,
-            "psnr": float(np.mean(metrics.psnr(gen.images, baseline.images))),
-            "ssim": float(np.mean(metrics.ssim(gen.images, baseline.images))),
+            "setting": run.setting.label,
+            "interval": run.setting.cache_interval,
+            "branch": run.setting.cache_branch_id if cached else None,
+            "params": run.setting.helper_kwargs() if cached else None,
+            "seconds": run.median_seconds,
+            "speedup": baseline.median_seconds / run.median_seconds,
+            "psnr": float(np.mean(metrics.psnr(run.images, baseline.images))),
+            "ssim": float(np.mean(metrics.ssim(run.images, baseline.images))),
             "lpips": None,
         }
         if lpips_net is not None:
             with torch.no_grad():
-                a, b = (to_classifier_input(x, size=x.shape[1]) for x in (gen.images, baseline.images))
+                a, b = (to_classifier_input(x, size=x.shape[1]) for x in (run.images, baseline.images))
                 row["lpips"] = float(lpips_net(a, b).mean())
         if classifier is not None and targets is not None and reference is not None:
-            predicted, feats = classify(classifier, gen.images)
+            predicted, feats = classify(classifier, run.images)
             row["task_accuracy"] = float((predicted == targets).mean())
             row["attribute_accuracy"] = {
                 name: float((predicted[:, k] == targets[:, k]).mean()) for k, name in enumerate(ATTRIBUTE_CLASSES)
@@ -338,51 +251,47 @@ def score(
             enough = len(prompts) >= MIN_FRECHET_IMAGES
             row["frechet"] = metrics.frechet_distance(feats, reference) if enough else None
         if clip is not None:
-            row["clip_score"] = float(np.mean(clip_scores(clip, gen.images, prompts)))
+            row["clip_score"] = float(np.mean(clip_scores(clip, run.images, prompts)))
         rows.append(row)
     return rows
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return format(value, fmt)
-
-
-_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("setting", "setting", "s"),
-    ("seconds", "seconds", ".2f"),
-    ("speedup", "speedup", ".2f"),
-    ("psnr", "PSNR dB", ".2f"),
-    ("ssim", "SSIM", ".4f"),
-    ("lpips", "LPIPS", ".4f"),
-    ("task_accuracy", "task acc", ".3f"),
-    ("all_attributes_accuracy", "all-attr acc", ".3f"),
-    ("frechet", "Frechet", ".2f"),
-    ("clip_score", "CLIP score", ".2f"),
+COLUMNS: tuple[Column, ...] = (
+    Column("setting", "setting"),
+    Column("seconds", "seconds", ".2f", align="right"),
+    Column("speedup", "speedup", ".2f", align="right"),
+    Column("psnr", "PSNR dB", ".2f", align="right"),
+    Column("ssim", "SSIM", ".4f", align="right"),
+    Column("lpips", "LPIPS", ".4f", align="right"),
+    Column("task_accuracy", "task acc", ".3f", align="right"),
+    Column("all_attributes_accuracy", "all-attr acc", ".3f", align="right"),
+    Column("frechet", "Frechet", ".2f", align="right"),
+    Column("clip_score", "CLIP score", ".2f", align="right"),
 )
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of the rows (columns absent from every row are left out; missing values 'n/a')."""
-    columns = [c for c in _COLUMNS if c[0] in ("setting", "lpips") or any(c[0] in r for r in rows)]
-    header = "| " + " | ".join(title for _, title, _ in columns) + " |"
-    rule = "|" + "|".join("---" if key == "setting" else "---:" for key, _, _ in columns) + "|"
-    body = ["| " + " | ".join(_cell(r.get(key), fmt) for key, _, fmt in columns) + " |" for r in rows]
-    return "\n".join([header, rule, *body])
+def format_table(rows: Sequence[dict[str, Any]], style: str = "markdown") -> str:
+    """The rows as a table; columns without a value in any row are left out."""
+    return render_table(COLUMNS, rows, style=style, drop_empty=True)
 
 
 @dataclasses.dataclass
 class EvalResult:
-    """Everything ``deepcache eval`` reports; ``to_json()`` is what ``--json`` writes."""
+    """Everything ``deepcache eval`` reports; :meth:`to_json` is what ``--json`` writes."""
 
     rows: list[dict[str, Any]]
     meta: dict[str, Any]
+    env: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def to_json(self) -> str:
-        return json.dumps({"meta": self.meta, "rows": self.rows}, indent=2, default=lambda v: None) + "\n"
+    def to_json(self) -> dict[str, Any]:
+        return json_document("deepcache eval", meta=self.meta, env=self.env, rows=self.rows)
+
+    def header(self) -> str:
+        """One line: which model, steps, prompts, guidance, threads, device."""
+        m = self.meta
+        where = "embedded demo model (offline)" if m["embedded"] else m["model"]
+        return (f"{where}; {m['steps']} {m['scheduler']} steps, {len(m['prompts'])} prompts, guidance {m['guidance']}, "
+                f"{m['torch_threads']} CPU thread(s), {m['device']} {m['dtype']}")
 
 
 def evaluate(
@@ -396,20 +305,22 @@ def evaluate(
     classifier_path: Path | None = None,
     clip_name: str | None = None,
     batch_size: int | None = None,
-) -> tuple[EvalResult, list[Generation]]:
+) -> tuple[EvalResult, list[SettingRun]]:
     """Generate with every setting and score it; task metrics need a demo pipeline and its classifier."""
     from .demo_model.classifier import load_classifier
 
     classifier_path = classifier_path or demo_classifier_path(pipe)
     classifier = load_classifier(classifier_path) if classifier_path is not None else None
     clip = clip_model(clip_name) if clip_name else None
+    embedded = is_demo_pipeline(pipe)
     if batch_size is None:  # the tiny demo model batches well; a real SD/SDXL model may not fit 16 at once
-        batch_size = 16 if is_embedded(pipe) else 1
-    generations = run_settings(pipe, prompts, seeds, settings, steps, guidance, repeats, batch_size)
-    rows = score(generations, prompts, classifier, lpips_model(), clip)
+        batch_size = 16 if embedded else 1
+    runs = run_settings(pipe, prompts, seeds, settings, steps, guidance, repeats, batch_size)
+    rows = score(runs, prompts, classifier, lpips_model(), clip)
+    device, dtype = torch.device(str(getattr(pipe, "device", "cpu"))), pipe.unet.dtype
     meta = {
         "model": str(getattr(pipe.config, "_name_or_path", "")),
-        "embedded": is_embedded(pipe),
+        "embedded": embedded,
         "steps": steps,
         "guidance": guidance,
         "scheduler": type(pipe.scheduler).__name__,
@@ -417,95 +328,70 @@ def evaluate(
         "seeds": list(seeds),
         "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
-        "device": str(getattr(pipe, "device", "cpu")),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
         "lpips": "computed" if rows and rows[0]["lpips"] is not None else "n/a (lpips weights not available locally)",
         "clip_score": "computed"
         if clip is not None
         else f"n/a ({'no --clip-model given' if not clip_name else 'weights not available locally'})",
     }
-    return EvalResult(rows, meta), generations
+    return EvalResult(rows, meta, environment(device, dtype, pipe)), runs
 
 
 # -- command line ----------------------------------------------------------------------------
-def add_common_arguments(parser: argparse.ArgumentParser, default_prompts: int) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, *, default_prompts: int, default_variants: str) -> None:
     """Options shared by ``deepcache eval`` and ``deepcache demo``."""
-    parser.add_argument(
-        "--model", help="local folder or hub id of an SD/SDXL pipeline (default: the embedded demo model, offline)"
-    )
-    parser.add_argument(
-        "--variant", action="append", type=Setting.parse, metavar="I,B", help="interval,branch; repeatable"
-    )
-    parser.add_argument(
-        "--prompt", action="append", help="a prompt (repeatable); default: generated captions / generic prompts"
-    )
-    parser.add_argument(
-        "--num-prompts",
-        type=int,
-        default=default_prompts,
-        help=f"number of embedded-model captions (default {default_prompts})",
-    )
+    add_model_option(parser, "local folder or hub id of an SD/SDXL pipeline (default: the embedded demo model, offline)")
+    add_variant_option(parser, default_help=default_variants)
+    add_prompt_options(parser, default_count=default_prompts)
     parser.add_argument("--seed", type=int, default=0, help="first seed; image k uses seed+k (default 0)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    parser.add_argument(
-        "--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"guidance scale (default {DEFAULT_GUIDANCE})"
-    )
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"guidance scale (default {DEFAULT_GUIDANCE})")
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats per setting; the median is reported")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: torch's choice; use 1 on a busy shared CPU)"
-    )
-    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    add_device_options(parser, default_device="cpu")
+    add_threads_option(parser)
+    add_json_option(parser)
+    add_table_options(parser)
 
 
-def apply_threads(args: argparse.Namespace) -> None:
-    """Honour ``--threads`` before any model runs."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}.")
-        torch.set_num_threads(args.threads)
+def evaluate_from_args(args: argparse.Namespace, settings: Sequence[Setting],
+                       clip_name: str | None = None) -> tuple[EvalResult, list[SettingRun]]:
+    """Threads, device, pipeline and prompts from the shared options, then :func:`evaluate` (quietly)."""
+    apply_threads(args.threads)
+    device = resolve_device(args.device)
+    with quiet_third_party(not args.verbose):
+        pipe = load_pipeline(args.model, device, resolve_dtype(args.dtype, device))
+        prompts = choose_prompts(embedded=is_demo_pipeline(pipe), count=args.num_prompts, seed=args.seed,
+                                 given=args.prompt)
+        return evaluate(pipe, settings, prompts, prompt_seeds(prompts, args.seed), args.steps, args.guidance,
+                        args.repeats, clip_name=clip_name)
 
 
-def resolve_prompts(args: argparse.Namespace, pipe: Any) -> tuple[list[str], list[int]]:
-    """Prompts and one seed per prompt from the parsed options."""
-    if args.prompt:
-        prompts = list(args.prompt)
-    elif is_embedded(pipe):
-        prompts = embedded_prompts(args.num_prompts, seed=args.seed)
-    else:
-        prompts = list(GENERIC_PROMPTS)
-    return prompts, [args.seed + k for k in range(len(prompts))]
+def write_report(result: EvalResult, path: Path | None) -> None:
+    """``--json``: write the report and say where."""
+    if path is not None:
+        print(f"wrote {write_json(path, result.to_json())}")
 
 
-def main(args: argparse.Namespace) -> int:
-    settings = [Setting(i, b) for i, b in ((2, 0), (3, 0), (3, 1), (5, 0))] if not args.variant else args.variant
-    if args.grid:
-        settings = grid_settings()
-    apply_threads(args)
-    pipe = load_pipeline(args.model, args.device)
-    prompts, seeds = resolve_prompts(args, pipe)
-    result, _ = evaluate(
-        pipe, settings, prompts, seeds, args.steps, args.guidance, args.repeats, clip_name=args.clip_model
-    )
-    print(
-        f"model: {result.meta['model']}  steps: {args.steps}  scheduler: {result.meta['scheduler']}  "
-        f"prompts: {len(prompts)}  threads: {result.meta['torch_threads']}"
-    )
-    print(format_table(result.rows))
+def run(args: argparse.Namespace) -> int:
+    settings = setting_grid() if args.grid else list(args.variant or EVAL_SETTINGS)
+    result, _ = evaluate_from_args(args, settings, clip_name=args.clip_model)
+    print(result.header())
+    print(format_table(result.rows, args.table))
     print(f"LPIPS: {result.meta['lpips']}; CLIP score: {result.meta['clip_score']}")
-    if args.json:
-        args.json.write_text(result.to_json())
-        print(f"wrote {args.json}")
+    write_report(result, args.json)
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``deepcache eval``."""
-    parser = subparsers.add_parser(
-        "eval",
-        help="quality (PSNR, SSIM, task accuracy, Frechet) and speed of DeepCache settings vs no caching",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    add_common_arguments(parser, default_prompts=64)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``deepcache eval``."""
+    add_common_arguments(parser, default_prompts=64, default_variants="2,0 3,0 3,1 5,0")
     parser.add_argument("--grid", action="store_true", help="evaluate intervals 2-5 x branches 0-2")
     parser.add_argument("--clip-model", help="CLIP weights (local folder or cached hub id) for the CLIP score")
-    parser.set_defaults(func=main)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Register ``deepcache eval``."""
+    return register(subparsers, "eval", help="quality (PSNR, SSIM, task accuracy, Frechet) and speed of DeepCache "
+                    "settings vs no caching", module_doc=__doc__, add_arguments=add_arguments, run=run)

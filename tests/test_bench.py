@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DeepCache import bench
-from DeepCache.bench import BenchConfig, BenchReport, ScenarioResult, Variant, preset_config
+from DeepCache import bench, bench_report, bench_timing
+from DeepCache.bench import BenchConfig, BenchReport, ScenarioResult, preset_config
 from DeepCache.bench_flops import (
     StepFlops,
     count_flops,
@@ -20,6 +20,7 @@ from DeepCache.bench_flops import (
     ideal_speedup_uniform,
 )
 from DeepCache.bench_models import build_meta_unet, build_meta_vae, load_config, tiny_config
+from DeepCache.settings import Setting
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -33,28 +34,21 @@ def _one_thread():
 # -- scenarios and the grid ------------------------------------------------------------------------
 
 
-def test_variant_parse_and_labels() -> None:
-    assert Variant.parse("3,0") == Variant(3, 0, "uniform")
-    assert Variant.parse(" 5 , 1 ,non-uniform") == Variant(5, 1, "non-uniform")
-    assert Variant.parse("5,1").label == "I=5, B=1"
-    assert Variant.parse("5,1,non-uniform").label == "I=5, B=1, non-uniform"
+def test_variant_is_the_shared_setting() -> None:
+    """``bench.Variant`` is the former name of the shared type; ``--variant`` parses into it."""
+    assert bench.Variant is Setting and bench.Variant(5, 1, "non-uniform").label == "I=5, B=1, non-uniform"
+    from DeepCache import cli
+
+    args = cli.build_parser().parse_args(["bench", "--variant", "5,1,non-uniform", "--variant", "3,0,start_step=2"])
+    cfg = bench.config_from_args(args)
+    assert cfg.variants == (Setting(5, 1, "non-uniform"), Setting(3, 0, start_step=2))
+    assert [s.label for s in cfg.scenarios()] == ["512x512 b1 original", "512x512 b1 I=5, B=1, non-uniform",
+                                                  "512x512 b1 I=3, B=0, start_step=2"]
 
 
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("3", "expected INTERVAL,BRANCH"),
-        ("3,0,uniform,4", "expected INTERVAL,BRANCH"),
-        ("a,0", "must be integers"),
-        ("3,0,quadratic", "MODE must be uniform or non-uniform"),
-        ("3,0,custom", "MODE must be uniform or non-uniform"),
-        ("0,0", "cache_interval must be an integer >= 1"),
-        ("3,-1", "cache_branch_id must be an integer >= 0"),
-    ],
-)
-def test_variant_parse_errors(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        Variant.parse(text)
+def test_a_variant_that_never_caches_is_the_original_and_runs_once() -> None:
+    cfg = BenchConfig(variants=(Setting(1, 0), Setting(3, 0), Setting(3, 0)))
+    assert [s.label for s in cfg.scenarios()] == ["512x512 b1 original", "512x512 b1 I=3, B=0"]
 
 
 def test_docs_table_preset_grid_is_the_documented_table() -> None:
@@ -68,7 +62,7 @@ def test_docs_table_preset_grid_is_the_documented_table() -> None:
         "512x512 b8 original", "512x512 b8 I=3, B=0", "512x512 b8 I=5, B=0", "512x512 b8 I=5, B=1",
         "512x512 b4 original",
     ]
-    assert scenarios[-1] == bench.Scenario(1024, 1024, 1, Variant(5, 1))
+    assert scenarios[-1] == bench.Scenario(1024, 1024, 1, Setting(5, 1))
 
 
 def test_tiny_divides_resolutions_and_non_square() -> None:
@@ -236,7 +230,15 @@ def test_unet_step_flops_grow_with_branch_full_size_sd21() -> None:
 
 # -- a real (tiny) run ------------------------------------------------------------------------------
 
-RESULT_KEYS = {f.name for f in dataclasses.fields(ScenarioResult)}
+# The JSON schema (version 1), written out: a field added or removed must show up here.
+RESULT_KEYS = {
+    "model", "height", "width", "batch_size", "variant", "cache_interval", "cache_branch_id", "skip_mode", "steps",
+    "seconds", "seconds_all", "speedup", "peak_memory_bytes", "memory_overhead", "unet_calls", "full_steps",
+    "retrieval_steps", "pattern", "step_ms_full", "step_ms_retrieval", "flops_full_step", "flops_retrieval_step",
+    "flop_ratio", "flops_vae_decode", "ideal_speedup", "ideal_speedup_unet", "ideal_speedup_uniform",
+    "achieved_fraction", "compile_mode", "warmup_seconds", "graphs_compiled", "recompiles_timed", "speedup_vs_compiled",
+    "achieved_fraction_compiled",
+}
 SETTINGS_KEYS = {
     "model", "resolutions", "batch_sizes", "variants", "steps", "scheduler", "dtype", "device", "guidance_scale",
     "repeats", "warmup_steps", "tiny", "seed", "threads", "count_flops", "preset", "model_name", "model_source", "weights",
@@ -248,7 +250,7 @@ ENV_KEYS = {"python", "platform", "torch", "diffusers", "transformers", "deepcac
 
 @pytest.fixture(scope="module")
 def tiny_report() -> BenchReport:
-    cfg = BenchConfig(model="sd15", resolutions=(512,), batch_sizes=(1,), variants=(Variant(3, 0), Variant(2, 1)),
+    cfg = BenchConfig(model="sd15", resolutions=(512,), batch_sizes=(1,), variants=(Setting(3, 0), Setting(2, 1)),
                       steps=4, scheduler="ddim", device="cpu", repeats=2, warmup_steps=1, tiny=True, threads=1)
     seen: list[str] = []
     report = bench.run_benchmark(cfg, progress=False, on_result=lambda r: seen.append(r.variant))
@@ -278,7 +280,9 @@ def test_run_tiny_results(tiny_report: BenchReport) -> None:
 
 
 def test_json_schema(tiny_report: BenchReport) -> None:
-    data = json.loads(json.dumps(bench._clean(tiny_report.to_json())))
+    from DeepCache.report import to_jsonable
+
+    data = json.loads(json.dumps(to_jsonable(tiny_report.to_json()), allow_nan=False))
     assert set(data) == {"schema_version", "tool", "settings", "env", "results"}
     assert data["schema_version"] == 1
     assert set(data["settings"]) == SETTINGS_KEYS
@@ -287,8 +291,21 @@ def test_json_schema(tiny_report: BenchReport) -> None:
     s = data["settings"]
     assert (s["weights"], s["text_encoding"], s["model_name"], s["dtype"]) == ("random", "excluded", "sd15-tiny", "float32")
     assert "VAE decode" in s["timed"] and s["shapes_run"] == [[64, 64, 1]]
-    assert s["variants"][0] == {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform", "label": "I=3, B=0"}
+    assert s["variants"][0] == {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform", "center": 15,
+                                "pow": 1.4, "full_steps": None, "start_step": 0, "end_step": None, "label": "I=3, B=0"}
     assert data["env"]["attention_backend"] == "torch SDPA (AttnProcessor2_0)"
+
+
+def test_flops_only_counts_equal_the_timed_run(tiny_report: BenchReport) -> None:
+    """``--flops-only`` and a timed run derive the FLOP columns the same way (one place assembles results)."""
+    keys = ("variant", "pattern", "flops_full_step", "flops_retrieval_step", "flop_ratio", "flops_vae_decode",
+            "ideal_speedup", "ideal_speedup_unet", "ideal_speedup_uniform")
+    s = tiny_report.settings
+    cfg = BenchConfig(model="sd15", resolutions=(512,), batch_sizes=(1,), variants=tuple(Setting.of(v["label"])
+                      for v in s["variants"]), steps=s["steps"], scheduler="ddim", tiny=True)
+    counted = bench.flops_report(cfg).results
+    assert [[getattr(r, k) for k in keys] for r in counted] == [[getattr(r, k) for k in keys] for r in tiny_report.results]
+    assert all(math.isnan(r.seconds) and r.achieved_fraction is None for r in counted)
 
 
 def _result(h: int, b: int, variant: str, seconds: float, speedup: float) -> ScenarioResult:
@@ -312,8 +329,8 @@ def test_markdown_table_layout_exact() -> None:
 
 
 def test_memory_overhead_column() -> None:
-    assert bench._overhead(None, None) is None and bench._overhead(5, None) is None
-    assert bench._overhead(102 * 2**20, 100 * 2**20) == pytest.approx(0.02)
+    assert bench_report._overhead(None, None) is None and bench_report._overhead(5, None) is None
+    assert bench_report._overhead(102 * 2**20, 100 * 2**20) == pytest.approx(0.02)
     base = _result(512, 1, "original", 1.0, 1.0)
     var = _result(512, 1, "I=3, B=0", 0.5, 2.0)
     base.peak_memory_bytes, base.memory_overhead = 10 * 2**30, 0.0
@@ -346,7 +363,7 @@ def test_cli_docs_table_tiny(tmp_path, capsys) -> None:
 
 
 def test_compile_grid_and_validation() -> None:
-    cfg = BenchConfig(variants=(Variant(3, 0),), compile="auto")
+    cfg = BenchConfig(variants=(Setting(3, 0),), compile="auto")
     assert [s.label for s in cfg.scenarios()] == ["512x512 b1 original", "512x512 b1 I=3, B=0",
                                                   "512x512 b1 compiled original", "512x512 b1 compiled I=3, B=0"]
     with pytest.raises(ValueError, match="unknown compile mode"):
@@ -359,7 +376,7 @@ def test_cli_compile_columns(tmp_path, capsys, monkeypatch) -> None:
     Compiling even the tiny SD1.5 takes minutes on 2 CPU cores; that DeepCache compiles to two graphs,
     without recompiles and with the same images, is tested on a smaller U-Net in tests/test_compile.py.
     """
-    monkeypatch.setattr(bench, "_compile_unet", lambda unet, mode, n_graphs: unet)
+    monkeypatch.setattr(bench_timing, "compile_unet", lambda unet, mode, n_graphs: unet)
     out = tmp_path / "r.json"
     rc = bench.main(["--model", "sd15", "--device", "cpu", "--tiny", "--steps", "2", "--repeats", "1", "--warmup-steps",
                      "2", "--threads", "1", "--variant", "2,0", "--compile", "--no-progress", "--out", str(out)])
@@ -385,10 +402,15 @@ def test_cli_registered_and_errors(capsys) -> None:
 
     args = cli.build_parser().parse_args(["bench", "--preset", "docs-table", "--variant", "3,0"])
     assert args.func is not None and args.preset == "docs-table"
-    assert cli.main(["bench", "--variant", "3;0", "--flops-only"]) == 2
-    assert "malformed variant '3;0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--variant", "3;0", "--flops-only"])
+    assert exit_info.value.code == 2
+    assert "argument --variant: malformed setting '3;0'" in capsys.readouterr().err
     assert bench.main(["--resolution", "big", "--flops-only"]) == 2
-    assert "malformed resolution 'big'" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "deepcache bench: error: malformed resolution 'big': use 512 or HEIGHTxWIDTH like 768x512.\n")
+    assert cli.main(["bench", "--model", "sd15", "--resolution", "500", "--flops-only"]) == 2
+    assert "deepcache bench: error: resolution must be a positive multiple of 8" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--preset", "paper"])
 
@@ -423,8 +445,45 @@ def test_gpu_bench_script_on_cpu(tmp_path) -> None:
     assert events[-1]["status"] == 0
     rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"model"')]
     assert [r["variant"] for r in rows] == ["original", "I=3, B=0", "I=5, B=0", "I=5, B=1"]
-    assert {p.name for p in tmp_path.iterdir()} == {"env.json", "benchmarks.md", "sd15-512.json", "sd15-512.md",
-                                                   "sd15-512.log", "sd15-512.err"}
+    files = {"env.json", "benchmarks.md", "sd15-512.json", "sd15-512.md", "sd15-512.log", "sd15-512.err"}
+    assert {p.name for p in tmp_path.iterdir()} == files | {"gpu_bench.tgz"}
+    assert _tgz_names(tmp_path / "gpu_bench.tgz") == files  # one file to fetch from the device tool
     data = json.loads((tmp_path / "sd15-512.json").read_text())
     assert data["settings"]["dtype"] == "float32" and data["settings"]["repeats"] == 1
     assert "### sd15-512" in (tmp_path / "benchmarks.md").read_text()
+
+
+def _tgz_names(path) -> set[str]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return {m.name.removeprefix("./") for m in tar.getmembers() if m.isfile()}
+
+
+def test_gpu_bench_script_packs_its_files_when_terminated(tmp_path) -> None:
+    """A time-out's TERM in the middle of a stage still leaves $OUT/gpu_bench.tgz with what was written."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "STAGES": "sd15-512"}
+    proc = subprocess.Popen(
+        ["bash", str(root / "tools" / "gpu_bench.sh"), "--tiny", "--device", "cpu", "--dtype", "float32", "--threads",
+         "1", "--steps", "200", "--repeats", "1", "--warmup-steps", "0", "--no-flops"],
+        env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until the stage has started
+        if '"event": "start"' in line:
+            break
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "sd15-512.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # python runs the stage now
+    os.killpg(proc.pid, signal.SIGTERM)  # what `timeout` does to the command
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert {"env.json", "sd15-512.log", "sd15-512.err"} <= _tgz_names(tmp_path / "gpu_bench.tgz")

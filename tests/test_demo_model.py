@@ -145,6 +145,41 @@ def test_training_smoke_run_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     assert classifier.feature_dim == 32
 
 
+def test_vae_stage_alone_saves_the_autoencoder_the_unet_stage_then_uses(tmp_path: Path) -> None:
+    """`--stages vae` used to train the autoencoder and throw it away; `--stages unet` then found none."""
+    from diffusers import AutoencoderKL
+
+    from DeepCache.cli import main
+
+    argv = ["train-demo-model", "--out", str(tmp_path), "--smoke", "--vae-steps", "1"]
+    assert main([*argv, "--stages", "vae"]) == 0
+    summary = json.loads((tmp_path / "training-summary.json").read_text())
+    vae = AutoencoderKL.from_pretrained(tmp_path / "demo-model" / "vae")
+    assert vae.config.scaling_factor == pytest.approx(summary["vae_scaling_factor"]) != 0.18215  # ours, not the default
+    assert not (tmp_path / "demo-model" / "deepcache-demo.json").exists()  # not a whole pipeline yet
+    assert main([*argv, "--stages", "unet", "--unet-steps", "1"]) == 0
+    assert (tmp_path / "demo-model" / "deepcache-demo.json").is_file()
+    saved = AutoencoderKL.from_pretrained(tmp_path / "demo-model" / "vae")
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), saved.state_dict().values()))
+
+
+def test_train_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from DeepCache.cli import main
+
+    assert main(["train-demo-model", "--out", str(tmp_path), "--stages", "vae,gan"]) == 2
+    assert "deepcache train-demo-model: error: unknown --stages ['gan']" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_iter_batches_is_the_training_stream() -> None:
+    from DeepCache.demo_model.train import _batches
+
+    images, captions = next(_batches(3, stream_seed=7))
+    batch = next(data.iter_batches(3, seed=7))
+    assert captions == batch.captions and torch.equal(images, data.images_to_tensor(batch.images))
+    assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+
+
 @pytest.mark.skipif(not (ASSETS / "demo-model" / "model_index.json").is_file(), reason="embedded model not built")
 def test_shipped_assets_fit_the_size_budget() -> None:
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())

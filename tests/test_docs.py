@@ -40,11 +40,32 @@ def test_version_flag(capsys) -> None:
     assert capsys.readouterr().out.strip() == f"DeepCache {DeepCache.__version__}"
 
 
-def test_console_script_help_lists_the_subcommands() -> None:
+SUBCOMMANDS = ["bench", "demo", "eval", "train-demo-model"]
+
+
+def test_console_script_help_lists_exactly_the_subcommands() -> None:
     out = subprocess.run([sys.executable, "-m", "DeepCache", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "usage: deepcache" in out
-    for command in ("bench", "demo", "eval"):
-        assert command in out
+    assert out.startswith("usage: deepcache ")
+    assert re.findall(r"^    (\S+)", out, re.M) == SUBCOMMANDS  # one entry per line under COMMAND, in order
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help_and_the_readme_names_it(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: deepcache {command} ")
+    assert f"`deepcache {command}`" in README.read_text()
+
+
+def test_readme_code_map_names_every_module() -> None:
+    text = README.read_text()
+    section = text[text.index("## Code map"):]
+    section = section[: section.index("\n## ", 1)]
+    package = Path(DeepCache.__file__).parent
+    modules = sorted(str(p.relative_to(package.parent)) for p in package.rglob("*.py"))
+    listed = re.findall(r"^- `(DeepCache/[\w/]+\.py)`", section, re.M)
+    assert sorted(listed) == modules
 
 
 def test_readme_serving_example_runs_and_caches_each_request() -> None:

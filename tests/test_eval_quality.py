@@ -14,14 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from DeepCache.evaluate import (
-    EMBEDDED_MODEL,
-    Setting,
-    embedded_prompts,
-    evaluate,
-    grid_settings,
-    load_pipeline,
-)
+from DeepCache.demo_model import EMBEDDED_MODEL
+from DeepCache.evaluate import evaluate
+from DeepCache.pipelines import load_pipeline
+from DeepCache.prompts import choose_prompts, embedded_prompts
+from DeepCache.settings import Setting, setting_grid
 
 needs_model = pytest.mark.skipif(
     not (EMBEDDED_MODEL / "model_index.json").is_file(), reason="embedded demo model not built"
@@ -49,13 +46,13 @@ BRANCH_01_TOLERANCE_DB = 0.25
 def grid() -> dict[str, dict[str, Any]]:
     pipe = load_pipeline()
     prompts = embedded_prompts(NUM_PROMPTS, seed=0)
-    result, _ = evaluate(pipe, grid_settings(), prompts, list(range(NUM_PROMPTS)), steps=STEPS, batch_size=32)
+    result, _ = evaluate(pipe, setting_grid(), prompts, list(range(NUM_PROMPTS)), steps=STEPS, batch_size=32)
     return {row["setting"]: row for row in result.rows}
 
 
 @needs_model
 def test_uncached_pipeline_follows_prompts(grid: dict[str, dict[str, Any]]) -> None:
-    baseline = grid["baseline"]
+    baseline = grid["original"]
     assert baseline["psnr"] == float("inf") and baseline["ssim"] == pytest.approx(1.0)
     assert baseline["task_accuracy"] >= MIN_BASELINE_TASK_ACCURACY > 2 * CHANCE
     accuracy = baseline["attribute_accuracy"]
@@ -84,7 +81,7 @@ def test_fidelity_decreases_as_branch_gets_shallower(grid: dict[str, dict[str, A
 
 @needs_model
 def test_default_setting_stays_within_measured_bounds(grid: dict[str, dict[str, Any]]) -> None:
-    row, baseline = grid["I=3 B=0"], grid["baseline"]
+    row, baseline = grid["I=3, B=0"], grid["original"]
     assert MIN_I3_B0_PSNR <= row["psnr"] < float("inf")  # close, but caching must change something
     assert baseline["task_accuracy"] - row["task_accuracy"] <= MAX_I3_B0_ACCURACY_DROP
 
@@ -118,12 +115,35 @@ def test_demo_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
     out, report = tmp_path / "demo.png", tmp_path / "demo.json"
     assert main(["demo", "--out", str(out), "--num-prompts", "2", "--steps", "6", "--json", str(report)]) == 0
-    text = capsys.readouterr().out
-    assert "| baseline |" in text and "| I=3 B=0 |" in text and "saved side-by-side images" in text
-    rows = json.loads(report.read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["baseline", "I=3 B=0", "I=5 B=0", "I=3 B=1"]
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    prompts = choose_prompts(embedded=True, count=2)
+    assert lines[:3] == [
+        "DeepCache demo: embedded demo model (offline); 6 DDIMScheduler steps, 2 prompts, guidance 4.0, "
+        f"{torch.get_num_threads()} CPU thread(s), cpu float32",
+        f"  [0] seed 0: {prompts[0]}",
+        f"  [1] seed 1: {prompts[1]}",
+    ]
+    # Columns without a value in any row (LPIPS offline, Frechet for 2 images) are left out.
+    assert lines[3:5] == ["| setting | seconds | speedup | PSNR dB | SSIM | task acc | all-attr acc |",
+                          "|---|---:|---:|---:|---:|---:|---:|"]
+    assert [line.split(" | ")[0] for line in lines[5:9]] == ["| original", "| I=3, B=0", "| I=5, B=0", "| I=3, B=1"]
+    assert lines[9:] == [f"saved side-by-side images to {out}", f"wrote {report}"]
+    # third-party warnings and loading bars are held back
+    assert "Loading pipeline components" not in captured.err and "torchvision" not in captured.err
+    data = json.loads(report.read_text())
+    assert (data["schema_version"], data["tool"]) == (1, "deepcache eval")
+    assert [r["setting"] for r in data["rows"]] == ["original", "I=3, B=0", "I=5, B=0", "I=3, B=1"]
+    assert data["rows"][0]["psnr"] is None  # infinite PSNR is written as null (strict JSON)
+    assert data["rows"][1]["params"]["cache_interval"] == 3 and data["env"]["torch"] == torch.__version__
     width, height = Image.open(out).size
     assert (width, height) == (150 + 2 * 100, 44 + 4 * 100)
+
+
+@needs_model
+def test_demo_prompts_are_the_first_eval_prompts() -> None:
+    assert choose_prompts(embedded=True, count=6) == choose_prompts(embedded=True, count=64)[:6]
+    assert choose_prompts(embedded=True, count=64, seed=3) == embedded_prompts(64, seed=3)
 
 
 @needs_model
@@ -131,20 +151,28 @@ def test_eval_command_prints_table_and_json(tmp_path: Path, capsys: pytest.Captu
     from DeepCache.cli import main
 
     report = tmp_path / "eval.json"
-    assert main(["eval", "--variant", "3,0", "--num-prompts", "4", "--steps", "6", "--json", str(report)]) == 0
-    text = capsys.readouterr().out
-    assert "| setting | seconds | speedup | PSNR dB | SSIM | LPIPS | task acc |" in text
+    argv = ["eval", "--variant", "3,0", "--variant", "4,0,non-uniform", "--num-prompts", "4", "--steps", "6",
+            "--table", "plain", "--json", str(report)]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["setting", "seconds", "speedup", "PSNR", "dB", "SSIM", "task", "acc", "all-attr", "acc"]
+    assert [line[:22].rstrip() for line in lines[3:6]] == ["original", "I=3, B=0", "I=4, B=0, non-uniform"]
+    assert lines[6].startswith("LPIPS: ") and lines[6].endswith("; CLIP score: n/a (no --clip-model given)")
     data = json.loads(report.read_text())
-    assert [r["setting"] for r in data["rows"]] == ["baseline", "I=3 B=0"]
+    assert [r["setting"] for r in data["rows"]] == ["original", "I=3, B=0", "I=4, B=0, non-uniform"]
     assert data["meta"]["embedded"] is True and data["meta"]["steps"] == 6
+    assert data["rows"][2]["params"]["skip_mode"] == "non-uniform" and data["rows"][2]["params"]["center"] == 15
     assert data["rows"][1]["lpips"] is None or isinstance(data["rows"][1]["lpips"], float)
 
 
-def test_setting_parsing_errors() -> None:
-    assert Setting.parse("baseline") == Setting()
-    assert Setting.parse("4/2") == Setting(4, 2)
-    with pytest.raises(ValueError, match="INTERVAL,BRANCH"):
-        Setting.parse("three")
+def test_eval_errors_are_clear(capsys: pytest.CaptureFixture[str]) -> None:
+    from DeepCache.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--variant", "three"])
+    assert "argument --variant: malformed setting 'three'" in capsys.readouterr().err
+    assert main(["eval", "--model", "/nonexistent/pipeline", "--num-prompts", "1"]) == 2
+    assert capsys.readouterr().err.startswith("deepcache eval: error: ")
 
 
 def test_eval_on_a_non_demo_pipeline_with_local_clip(tmp_path: Path) -> None:
@@ -187,11 +215,11 @@ def test_eval_on_a_non_demo_pipeline_with_local_clip(tmp_path: Path) -> None:
 
     pipe = load_pipeline(str(tmp_path / "pipe"))
     prompts = ["a red circle", "a blue square"]
-    result, generations = evaluate(pipe, [Setting(3, 0)], prompts, [0, 1], steps=4, clip_name=str(tmp_path / "clip"))
+    result, runs = evaluate(pipe, [Setting(3, 0)], prompts, [0, 1], steps=4, clip_name=str(tmp_path / "clip"))
     assert result.meta["embedded"] is False and result.meta["clip_score"] == "computed"
     rows = result.rows
-    assert [r["setting"] for r in rows] == ["baseline", "I=3 B=0"]
+    assert [r["setting"] for r in rows] == ["original", "I=3, B=0"]
     assert "task_accuracy" not in rows[0] and 0.0 <= rows[0]["clip_score"] <= 100.0
-    assert generations[0].images.shape == (2, 32, 32, 3)
+    assert runs[0].images.shape == (2, 32, 32, 3)
     missing = evaluate(pipe, [Setting(3, 0)], prompts[:1], [0], steps=2, clip_name=str(tmp_path / "absent"))[0]
     assert missing.meta["clip_score"] == "n/a (weights not available locally)"

@@ -12,7 +12,9 @@
 #   5. sdxl-1024-compiled : SDXL 1024x1024 (~5 min on an H200: ~2 min compile per graph kind)
 # Each stage prints one JSON line per finished scenario (so a time-out still returns what finished) and
 # writes $OUT/<stage>.json, <stage>.md, <stage>.log (stdout) and <stage>.err (stderr); at the end
-# $OUT/benchmarks.md holds all tables. Expected device time on an H200 with REPEATS=3: ~6-7 minutes
+# $OUT/benchmarks.md holds all tables, and $OUT/gpu_bench.tgz holds every file under $OUT (also written when
+# the script is interrupted or killed by a time-out's TERM: the device tool returns only 8 files, and this is
+# one of them). Expected device time on an H200 with REPEATS=3: ~6-7 minutes
 # (docs-table ~5 min); REPEATS=2 cuts it to ~4.5 minutes.
 #
 # On the GPU machine (project root; first run ../shared/gpu/wheels.sh here, then the device tool with
@@ -30,6 +32,20 @@ OUT=${OUT:-$PWD/out/gpu_bench}
 REPEATS=${REPEATS:-3}
 STAGES=${STAGES:-"docs-table sd15-512 sdxl-1024"}
 mkdir -p "$OUT"
+
+# Everything under $OUT in one archive, whenever the script ends (normally, on error, Ctrl-C or TERM).
+pack() {
+  [ "$BASHPID" = "$$" ] || return 0  # the main script only, not a subshell it forked
+  local tmp
+  tmp=$(mktemp "${TMPDIR:-/tmp}/gpu_bench.XXXXXX") || return 1
+  # built outside $OUT (a file growing inside the folder it archives makes tar fail); status 1 = a file
+  # changed while read (a log still being flushed), still a good archive
+  tar -czf "$tmp" -C "$OUT" --exclude ./gpu_bench.tgz .
+  if [ $? -le 1 ]; then mv -f "$tmp" "$OUT/gpu_bench.tgz"; else rm -f "$tmp"; fi
+}
+trap pack EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # 1. Wheels the machine lacks (diffusers, importlib_metadata), carried in ./.whl.
 if compgen -G ".whl/*.whl" > /dev/null && ! python3 -c "import diffusers" 2> /dev/null; then

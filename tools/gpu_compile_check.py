@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DeepCache import DeepCacheSDHelper  # noqa: E402
 from DeepCache.bench_models import build_pipeline, make_inputs  # noqa: E402
+from DeepCache.schedule import format_pattern  # noqa: E402
 
 
 def main() -> int:
@@ -70,7 +71,7 @@ def main() -> int:
         baseline = call()
         with helper:
             eager = call()
-        emit(eager_pattern="".join("F" if s else "r" for s in helper.last_steps))
+        emit(eager_pattern=format_pattern(helper.last_steps))
         mode = args.mode if args.backend == "inductor" else None
         pipe.unet = torch.compile(pipe.unet, backend=args.backend, mode=mode, fullgraph=True)
         with helper:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import ATTRIBUTE_CLASSES, make_dataset
+from .data import ATTRIBUTE_CLASSES, images_to_tensor, make_dataset
 
 FEATURE_DIM = 32
 _CONFIG = "config.json"
@@ -82,10 +82,6 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp(-1.0, 1.0)
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def train_classifier(
     out: Path,
     steps: int = 1500,
@@ -103,7 +99,7 @@ def train_classifier(
         for group in optimizer.param_groups:
             group["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * step / max(1, steps)))
         batch = make_dataset(batch_size, seed=seed * 1_000_003 + 500_000 + step)
-        logits, _ = model(augment(_to_tensor(batch.images), generator))
+        logits, _ = model(augment(images_to_tensor(batch.images), generator))
         loss = torch.stack(
             [F.cross_entropy(logits[name], torch.from_numpy(batch.labels[name])) for name in ATTRIBUTE_CLASSES]
         ).sum()
@@ -115,7 +111,7 @@ def train_classifier(
     model.eval()
     held_out = make_dataset(2000, seed=seed * 1_000_003 + 999_999)
     with torch.no_grad():
-        logits, _ = model(_to_tensor(held_out.images))
+        logits, _ = model(images_to_tensor(held_out.images))
     accuracy = {
         f"classifier_acc_{name}": float((logits[name].argmax(1).numpy() == held_out.labels[name]).mean())
         for name in ATTRIBUTE_CLASSES

@@ -35,10 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGE_SIZE, caption_words, make_dataset
-
-PIPELINE_DIR = "demo-model"
-CLASSIFIER_DIR = "demo-classifier"
+from ..cli_common import add_out_option, add_threads_option, positive_int, register, run_command
+from . import CLASSIFIER_DIR, MARKER, PIPELINE_DIR
+from .data import IMAGE_SIZE, caption_words, images_to_tensor, iter_batches, make_dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,16 +185,9 @@ def build_components(config: TrainConfig) -> Components:
     )
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def _batches(batch_size: int, stream_seed: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    index = 0
-    while True:
-        batch = make_dataset(batch_size, seed=stream_seed * 1_000_003 + index)
-        index += 1
+    """Training batches as (images in [-1, 1], captions), from :func:`~DeepCache.demo_model.data.iter_batches`."""
+    for batch in iter_batches(batch_size, stream_seed):
         yield images_to_tensor(batch.images), batch.captions
 
 
@@ -400,7 +392,10 @@ def _run_stages(config: TrainConfig, out: Path, stages: tuple[str, ...]) -> dict
         if "vae" in stages:
             summary.update(train_vae(vae, config, log))
             vae.register_to_config(scaling_factor=latent_scaling_factor(vae, config))  # type: ignore[attr-defined]
+            summary["vae_scaling_factor"] = vae.config.scaling_factor  # type: ignore[attr-defined]
             log(f"latent scaling factor {vae.config.scaling_factor:.4f}")  # type: ignore[attr-defined]
+            # Saved now: a later `--stages unet` (or this run's unet stage) reads it from here.
+            vae.save_pretrained(pipeline_dir / "vae", safe_serialization=True)  # type: ignore[attr-defined]
         else:
             from diffusers import AutoencoderKL
 
@@ -439,8 +434,8 @@ def _run_stages(config: TrainConfig, out: Path, stages: tuple[str, ...]) -> dict
     out.mkdir(parents=True, exist_ok=True)
     summary_json = json.dumps(summary, indent=2, default=str) + "\n"
     (out / "training-summary.json").write_text(summary_json)
-    if pipeline_dir.is_dir():  # marks the folder as a demo pipeline for `deepcache eval`
-        (pipeline_dir / "deepcache-demo.json").write_text(summary_json)
+    if (pipeline_dir / "model_index.json").is_file():  # marks a whole pipeline as a demo pipeline for `deepcache eval`
+        (pipeline_dir / MARKER).write_text(summary_json)
     log(f"done: {json.dumps({k: v for k, v in summary.items() if k != 'config'}, default=str)}")
     return summary
 
@@ -466,40 +461,41 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``deepcache train-demo-model`` (shared with ``tools/train_demo_model.py``)."""
-    parser.add_argument("--out", type=Path, required=True, help="folder that receives demo-model/ and demo-classifier/")
+    add_out_option(parser, required=True, help="folder that receives demo-model/ and demo-classifier/")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and 3 steps per stage (a CI check, seconds)")
     parser.add_argument(
         "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)} (run in that order)"
     )
     parser.add_argument("--seed", type=int)
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default 1: on a shared CPU more threads can be far slower)"
-    )
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--vae-steps", type=int)
-    parser.add_argument("--unet-steps", type=int)
-    parser.add_argument("--decoder-steps", type=int)
-    parser.add_argument("--classifier-steps", type=int)
+    add_threads_option(parser, default_help="1")
+    parser.add_argument("--batch-size", type=positive_int)
+    for stage in ("vae", "unet", "decoder", "classifier"):
+        parser.add_argument(f"--{stage}-steps", type=positive_int)
     parser.add_argument(
         "--max-minutes", type=float, help="stop the U-Net stage early after this wall time (not reproducible)"
     )
 
 
-def main(args: argparse.Namespace) -> int:
-    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        raise SystemExit(f"unknown --stages {sorted(unknown)}; choose from {', '.join(STAGES)}.")
-    run(_config_from_args(args), args.out, stages)
+def parse_stages(text: str) -> tuple[str, ...]:
+    """``"vae,unet"`` -> ``("vae", "unet")``; a name outside :data:`STAGES` raises ``ValueError``."""
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        raise ValueError(f"unknown --stages {unknown or text!r}; choose from {', '.join(STAGES)}.")
+    return stages
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    run(_config_from_args(args), args.out, parse_stages(args.stages))
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def main(args: argparse.Namespace) -> int:
+    """``tools/train_demo_model.py``: the same as ``deepcache train-demo-model`` (errors included)."""
+    return run_command("train-demo-model", run_cli, args)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Register ``deepcache train-demo-model``."""
-    parser = subparsers.add_parser(
-        "train-demo-model",
-        help="train the embedded tiny SD pipeline on procedural shapes",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=main)
+    return register(subparsers, "train-demo-model", help="train the embedded tiny SD pipeline on procedural shapes",
+                    module_doc=__doc__, add_arguments=add_arguments, run=run_cli)

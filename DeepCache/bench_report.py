@@ -1,0 +1,333 @@
+"""``deepcache bench`` results: one :class:`ScenarioResult` per scenario, the :class:`BenchReport`, its tables.
+
+A result is assembled in one place: :meth:`ScenarioResult.new` (what ran and its step pattern), then
+:meth:`~ScenarioResult.add_flops` (counts and FLOP-ideal speedups) and :meth:`~ScenarioResult.add_timing`
+(measured seconds, speedups, memory; ``--flops-only`` results have none). The tables are
+:func:`DeepCache.report.render_table` tables.
+
+Example::
+
+    >>> from DeepCache.bench_report import ScenarioResult
+    >>> from DeepCache.bench_scenarios import Scenario
+    >>> from DeepCache.settings import Setting
+    >>> r = ScenarioResult.new("sd21", 4, Scenario(512, 512, 1, Setting(3, 0)), (True, False, False, True))
+    >>> r.variant, r.pattern, (r.full_steps, r.retrieval_steps), r.seconds
+    ('I=3, B=0', 'FrrF', (2, 2), nan)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from .bench_scenarios import TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario
+from .report import Column, json_document, render_table
+from .schedule import format_pattern
+
+if TYPE_CHECKING:
+    from .bench_flops import ScenarioFlops
+
+__all__ = ["TIMED", "BenchReport", "ScenarioResult", "Timing", "render_markdown", "run_settings"]
+
+#: What the benchmark times, stated in every output.
+TIMED = "pipeline call end to end: U-Net denoising loop + VAE decode (text encoding excluded: random prompt embeddings)"
+
+
+@dataclass
+class Timing:
+    """What was measured for one scenario (``warmup_seconds`` and the graph counts only with ``--compile``)."""
+
+    seconds_all: list[float]
+    step_ms_full: float | None  # median U-Net time of a full step
+    step_ms_retrieval: float | None
+    peak_memory_bytes: int | None  # CUDA only
+    compile_mode: str | None = None
+    warmup_seconds: float | None = None
+    graphs_compiled: int | None = None
+    recompiles_timed: int | None = None
+
+    @property
+    def seconds(self) -> float:
+        return float(statistics.median(self.seconds_all))
+
+
+@dataclass
+class ScenarioResult:
+    """Measured and derived numbers for one scenario (one row of the detailed table / JSON)."""
+
+    model: str
+    height: int
+    width: int
+    batch_size: int
+    variant: str  # "original" or the setting's label
+    cache_interval: int | None
+    cache_branch_id: int | None
+    skip_mode: str | None
+    steps: int
+    seconds: float  # median over repeats
+    seconds_all: list[float]
+    speedup: float  # baseline median / this median, same run
+    peak_memory_bytes: int | None  # CUDA only
+    memory_overhead: float | None  # (peak - baseline peak) / baseline peak
+    unet_calls: int
+    full_steps: int
+    retrieval_steps: int
+    pattern: str  # "F" full / "r" retrieval per U-Net evaluation
+    step_ms_full: float | None  # median U-Net time of a full step
+    step_ms_retrieval: float | None
+    flops_full_step: int | None
+    flops_retrieval_step: int | None
+    flop_ratio: float | None  # f = retrieval / full
+    flops_vae_decode: int | None
+    ideal_speedup: float | None  # end to end: U-Net steps of this pattern + VAE decode
+    ideal_speedup_unet: float | None  # U-Net loop alone
+    ideal_speedup_uniform: float | None  # N / (1 + (N-1) f), uniform schedules only
+    achieved_fraction: float | None  # speedup / ideal_speedup
+    # --compile only (None otherwise)
+    compile_mode: str | None = None  # the torch.compile mode of this row (None = eager)
+    warmup_seconds: float | None = None  # the scenario's warm-up call; compiled rows: compile + warm-up
+    graphs_compiled: int | None = None  # graphs dynamo compiled during the warm-up call
+    recompiles_timed: int | None = None  # graphs compiled during the timed calls (0 expected)
+    speedup_vs_compiled: float | None = None  # compiled baseline median / this median (compiled rows)
+    achieved_fraction_compiled: float | None = None  # speedup_vs_compiled / ideal_speedup
+
+    @classmethod
+    def new(cls, model: str, steps: int, scenario: Scenario, pattern: Sequence[bool]) -> ScenarioResult:
+        """What ran (model, shape, setting) and its step pattern; every measured or counted number unset."""
+        s = scenario.setting
+        cached = not s.is_baseline
+        return cls(
+            model=model, height=scenario.height, width=scenario.width, batch_size=scenario.batch_size,
+            variant=s.label, cache_interval=s.cache_interval if cached else None,
+            cache_branch_id=s.cache_branch_id if cached else None, skip_mode=s.skip_mode if cached else None,
+            steps=steps, seconds=math.nan, seconds_all=[], speedup=math.nan, peak_memory_bytes=None,
+            memory_overhead=None, unet_calls=len(pattern), full_steps=sum(pattern),
+            retrieval_steps=len(pattern) - sum(pattern), pattern=format_pattern(pattern),
+            step_ms_full=None, step_ms_retrieval=None, flops_full_step=None, flops_retrieval_step=None,
+            flop_ratio=None, flops_vae_decode=None, ideal_speedup=None, ideal_speedup_unet=None,
+            ideal_speedup_uniform=None, achieved_fraction=None,
+        )
+
+    def add_flops(self, flops: ScenarioFlops) -> None:
+        """FLOP counts and the FLOP-ideal speedups of this scenario's pattern."""
+        self.flops_full_step, self.flops_retrieval_step = flops.full_step, flops.retrieval_step
+        self.flop_ratio, self.flops_vae_decode = flops.ratio, flops.vae_decode
+        self.ideal_speedup, self.ideal_speedup_unet = flops.ideal, flops.ideal_unet
+        self.ideal_speedup_uniform = flops.ideal_uniform
+
+    def add_timing(self, timing: Timing, base: ScenarioResult | None, compiled_base: ScenarioResult | None,
+                   compiled: bool) -> None:
+        """Measured numbers; speedups against ``base`` (the eager original; ``None``: this is it) and, for
+        compiled rows, ``compiled_base`` (the compiled original; ``None``: this is it). Call after :meth:`add_flops`."""
+        self.seconds, self.seconds_all = timing.seconds, list(timing.seconds_all)
+        self.speedup = base.seconds / self.seconds if base is not None else 1.0
+        self.peak_memory_bytes = timing.peak_memory_bytes
+        self.memory_overhead = _overhead(timing.peak_memory_bytes,
+                                         base.peak_memory_bytes if base is not None else timing.peak_memory_bytes)
+        self.step_ms_full, self.step_ms_retrieval = timing.step_ms_full, timing.step_ms_retrieval
+        self.compile_mode, self.warmup_seconds = timing.compile_mode, timing.warmup_seconds
+        self.graphs_compiled, self.recompiles_timed = timing.graphs_compiled, timing.recompiles_timed
+        if self.ideal_speedup:
+            self.achieved_fraction = self.speedup / self.ideal_speedup
+        if compiled:
+            self.speedup_vs_compiled = compiled_base.seconds / self.seconds if compiled_base is not None else 1.0
+            if self.ideal_speedup:
+                self.achieved_fraction_compiled = self.speedup_vs_compiled / self.ideal_speedup
+
+
+def _overhead(peak: int | None, base_peak: int | None) -> float | None:
+    """``(peak - base_peak) / base_peak``; None when either is unknown (CPU)."""
+    if peak is None or not base_peak:
+        return None
+    return (peak - base_peak) / base_peak
+
+
+@dataclass
+class BenchReport:
+    """A whole run: settings, environment and one :class:`ScenarioResult` per scenario."""
+
+    settings: dict[str, Any]
+    env: dict[str, Any]
+    results: list[ScenarioResult] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return json_document("deepcache bench", settings=self.settings, env=self.env,
+                             results=[asdict(r) for r in self.results])
+
+
+def run_settings(cfg: BenchConfig, model_name: str, source: str, weights: str, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, Any]:
+    """The ``settings`` section of the report: the config, the model and what was timed."""
+    s = asdict(cfg)
+    s.update({
+        "variants": [v.to_dict() for v in cfg.variants],
+        "resolutions": [list(r) if isinstance(r, tuple) else r for r in cfg.resolutions],
+        "batch_sizes": list(cfg.batch_sizes),
+        "model_name": model_name,
+        "model_source": source,
+        "weights": weights,
+        "timed": TIMED,
+        "text_encoding": "excluded",
+        "output_type": "np",
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "shapes_run": [list(x) for x in cfg.shapes()],
+        "tiny_resolution_divisor": TINY_RESOLUTION_DIVISOR if cfg.tiny else None,
+        "flops_only": False,
+        "compile_mode": cfg.compile,  # run_benchmark replaces "auto" by the mode used
+    })
+    return s
+
+
+# -- tables -------------------------------------------------------------------------------------------
+def _seconds(x: float) -> str:
+    return "n/a" if math.isnan(x) else (f"{x:.4g}" if x >= 10 else f"{x:.3f}")
+
+
+def _res(r: ScenarioResult) -> str:
+    return str(r.height) if r.height == r.width else f"{r.height}x{r.width}"
+
+
+def _percent(x: float | None) -> float | None:
+    return None if x is None else x * 100
+
+
+def _tflops(x: int | None) -> float | None:
+    return None if x is None else x / 1e12
+
+
+def _summary_cell(r: ScenarioResult | None, compiled_column: bool) -> str:
+    """A cell of the documented layout: ``seconds (speedup×)``, or the ideal speedup when nothing was timed."""
+    if r is None:
+        return "n/a"
+    if r.variant == "original" and not compiled_column:
+        return _seconds(r.seconds)
+    if math.isnan(r.seconds):
+        return f"ideal {r.ideal_speedup:.2f}×" if r.ideal_speedup else "n/a"
+    if compiled_column and r.variant != "original" and r.speedup_vs_compiled is not None:
+        return f"{_seconds(r.seconds)} ({r.speedup:.2f}×; {r.speedup_vs_compiled:.2f}× vs compiled)"
+    return f"{_seconds(r.seconds)} ({r.speedup:.2f}×)"
+
+
+def _column_title(label: str, compiled: bool) -> str:
+    title = "original" if label == "original" else f"DeepCache ({label})"
+    return f"Compiled {title}" if compiled else title[0].upper() + title[1:]
+
+
+def markdown_table(report: BenchReport) -> str:
+    """The documented layout: rows resolution × batch, columns original and each variant "s (x×)"."""
+    labels = list(dict.fromkeys(r.variant for r in report.results))  # "original" first
+    compiled = any(r.compile_mode for r in report.results)
+    kinds = (False, True) if compiled else (False,)
+    columns = [Column("res", "Resolution"), Column("batch", "Batch size")]
+    for kind in kinds:  # speedups stay relative to the eager original; compiled DeepCache also vs the compiled one
+        columns += [Column(f"{kind}:{lab}", _column_title(lab, kind)) for lab in labels]
+    rows: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for r in report.results:
+        row = rows.setdefault((r.height, r.width, r.batch_size), {"res": _res(r), "batch": r.batch_size})
+        row[f"{bool(r.compile_mode)}:{r.variant}"] = r
+    cells = [{k: (_summary_cell(v, k.startswith("True")) if isinstance(v, ScenarioResult) else v)
+              for k, v in row.items()} for row in rows.values()]
+    return render_table(columns, cells)
+
+
+def _rows(report: BenchReport, compiled_only: bool = False) -> list[dict[str, Any]]:
+    """Each result as a dict, with the derived display values the detail tables show."""
+    out = []
+    for r in report.results:
+        if compiled_only and not r.compile_mode:
+            continue
+        row = asdict(r)
+        row.update(res=_res(r), name=("compiled " if r.compile_mode else "") + r.variant,
+                   achieved_pct=_percent(r.achieved_fraction),
+                   achieved_compiled_pct=_percent(r.achieved_fraction_compiled),
+                   overhead_pct=_percent(r.memory_overhead),
+                   peak_gib=None if r.peak_memory_bytes is None else r.peak_memory_bytes / 2**30,
+                   steps_split=f"{r.full_steps} / {r.retrieval_steps}", tf_full=_tflops(r.flops_full_step),
+                   tf_retr=_tflops(r.flops_retrieval_step), tf_vae=_tflops(r.flops_vae_decode))
+        out.append(row)
+    return out
+
+
+_RES, _BATCH = Column("res", "Res"), Column("batch_size", "Batch")
+_STEP_MS = (Column("step_ms_full", "Full step ms", ".1f"), Column("step_ms_retrieval", "Retrieval step ms", ".1f"))
+COMPILE_COLUMNS: tuple[Column, ...] = (
+    _RES, _BATCH, Column("variant", "Variant"), Column("compile_mode", "Mode"),
+    Column("warmup_seconds", "Compile + warm-up s", ".1f"), Column("graphs_compiled", "Graphs compiled", "d"),
+    Column("recompiles_timed", "Recompiles (timed)", "d"), Column("seconds", "Seconds", _seconds),
+    Column("speedup", "Speedup vs eager original", ".2f", "×"),
+    Column("speedup_vs_compiled", "Speedup vs compiled original", ".2f", "×"),
+    Column("ideal_speedup", "Ideal (FLOPs, e2e)", ".2f", "×"),
+    Column("achieved_compiled_pct", "Achieved vs compiled", ".0f", " %"), *_STEP_MS,
+)
+DETAIL_COLUMNS: tuple[Column, ...] = (
+    _RES, _BATCH, Column("name", "Variant"), Column("seconds", "Seconds", _seconds),
+    Column("speedup", "Speedup", ".2f", "×"), Column("ideal_speedup", "Ideal (FLOPs, e2e)", ".2f", "×"),
+    Column("achieved_pct", "Achieved", ".0f", " %"),
+    Column("ideal_speedup_uniform", "Ideal U-Net N/(1+(N-1)f)", ".2f", "×"), Column("flop_ratio", "f", ".3f"),
+    *_STEP_MS, Column("peak_gib", "Peak GiB", ".2f"), Column("overhead_pct", "Mem overhead", "+.1f", " %"),
+)
+FLOP_COLUMNS: tuple[Column, ...] = (
+    _RES, _BATCH, Column("variant", "Variant"), Column("steps_split", "Full / retrieval steps"),
+    Column("tf_full", "Full step TFLOPs", ".4f"), Column("tf_retr", "Retrieval step TFLOPs", ".4f"),
+    Column("flop_ratio", "f", ".4f"), Column("tf_vae", "VAE decode TFLOPs", ".4f"),
+    Column("ideal_speedup", "Ideal e2e", ".3f", "×"), Column("ideal_speedup_unet", "Ideal U-Net loop", ".3f", "×"),
+    Column("ideal_speedup_uniform", "N/(1+(N-1)f)", ".3f", "×"),
+)
+
+
+def markdown_details(report: BenchReport) -> str:
+    """One row per scenario: time, speedup, FLOP-ideal speedup and achieved fraction, step times, memory."""
+    return render_table(DETAIL_COLUMNS, _rows(report))
+
+
+def markdown_compile(report: BenchReport) -> str:
+    """``--compile`` rows: compile + warm-up time, graph counts, speedups vs the compiled original."""
+    return render_table(COMPILE_COLUMNS, _rows(report, compiled_only=True))
+
+
+def markdown_flops(report: BenchReport) -> str:
+    """FLOP counts per scenario (``--flops-only``): step FLOPs, ratio, VAE decode and the ideal speedups."""
+    return render_table(FLOP_COLUMNS, _rows(report))
+
+
+def _header_lines(report: BenchReport) -> list[str]:
+    s, e = report.settings, report.env
+    card = e.get("gpu_name") or f"CPU ({e.get('cpu_threads')} thread{'s' if e.get('cpu_threads') != 1 else ''})"
+    lines = [
+        f"Model: {s['model_name']} ({s['weights']} weights, {s['model_source']}); {s['steps']} steps, "
+        f"scheduler {s['scheduler']}, guidance {s['guidance_scale']}; {s['dtype']} on {card}.",
+        f"Timed: {s['timed']}; median of {s['repeats']} interleaved repeats after a {s['warmup_steps']}-step warm-up per scenario.",
+        f"torch {e['torch']}, diffusers {e['diffusers']}, DeepCache {e['deepcache']}, attention: {e.get('attention_backend') or 'n/a'}; {e['date_utc']}.",
+    ]
+    if s.get("tiny"):
+        lines.append(f"TINY models (CI smoke test): resolutions are the nominal ones / {TINY_RESOLUTION_DIVISOR}; "
+                     "these timings say nothing about real models.")
+    if s["weights"] == "random":
+        lines.append("Random weights: timing is identical to trained weights (same kernels, same shapes); nothing was downloaded.")
+    return lines
+
+
+def render_markdown(report: BenchReport) -> str:
+    """Header lines, the documented-layout table and the detailed table (or the FLOP table)."""
+    if report.settings.get("flops_only"):
+        s = report.settings
+        head = (f"- FLOPs only (nothing timed): {s['model_name']}, {s['steps']} steps (step pattern from DeepCache.schedule, one U-Net evaluation per step), "
+                f"guidance {s['guidance_scale']} (U-Net batch = 2 x batch); counted on the meta device with "
+                f"torch.utils.flop_counter (matmuls, convolutions, attention); torch {report.env['torch']}, "
+                f"diffusers {report.env['diffusers']}.")
+        return "\n\n".join([head, markdown_table(report), markdown_flops(report)]) + "\n"
+    parts = ["\n".join(f"- {x}" for x in _header_lines(report)), markdown_table(report), markdown_details(report),
+             "Ideal (FLOPs, e2e) = (n·F + V) / (n_full·F + n_retr·R + V) for this run's step pattern, with F/R the "
+             "full/retrieval U-Net step FLOPs and V the VAE decode (torch.utils.flop_counter, attention included); "
+             "Achieved = speedup / ideal."]
+    if any(r.compile_mode for r in report.results):
+        parts += [markdown_compile(report),
+                  "Compiled rows: torch.compile(pipe.unet, mode=..., fullgraph=True, dynamic=False); DeepCache's step "
+                  "decision runs outside the graphs (two graphs per shape and branch). Compile + warm-up s is the "
+                  "scenario's first (warm-up) call; timed calls come after it."]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,226 @@
+"""How ``deepcache bench`` times: warm-up, interleaved repeats, per-step times, peak memory, compiled U-Nets.
+
+For each (resolution, batch) shape, every scenario (the original and each setting, eager and with
+``--compile`` also compiled) is warmed up once, then the scenarios are run ``repeats`` times
+*interleaved* (the order rotates every round) and the median is reported. On CUDA the timed region is
+bracketed by ``torch.cuda.synchronize()`` and peak memory is reset before every call; per-step times
+come from CUDA events (no extra sync) or ``perf_counter`` in U-Net forward hooks.
+
+Example::
+
+    >>> from DeepCache.bench_scenarios import BenchConfig
+    >>> from DeepCache.bench_timing import run_benchmark
+    >>> from DeepCache.settings import Setting
+    >>> cfg = BenchConfig(model="sd15", variants=(Setting(3, 0),), steps=4, scheduler="ddim", repeats=1,
+    ...                   warmup_steps=0, tiny=True, device="cpu", count_flops=False)
+    >>> [(r.variant, r.pattern) for r in run_benchmark(cfg, progress=False).results]
+    [('original', 'FFFF'), ('I=3, B=0', 'FrrF')]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .bench_flops import FlopCache
+from .bench_models import build_pipeline, make_inputs
+from .bench_report import BenchReport, ScenarioResult, Timing, run_settings
+from .bench_scenarios import BenchConfig, Scenario
+from .cli_common import Progress, resolve_device, resolve_dtype
+from .report import environment
+from .settings import applied
+
+__all__ = ["StepTimer", "compile_unet", "run_benchmark"]
+
+
+class StepTimer:
+    """Times every U-Net evaluation with forward pre/post hooks (CUDA events on GPU: no extra sync)."""
+
+    def __init__(self, unet: torch.nn.Module, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[Any, Any]] = []
+        self._open: Any = None
+        self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
+
+    def _now(self) -> Any:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    # compiler.disable: under torch.compile every Python frame in the call is a candidate for a graph
+    @torch.compiler.disable
+    def _pre(self, module: Any, args: Any) -> None:
+        self._open = self._now()
+
+    @torch.compiler.disable
+    def _post(self, module: Any, args: Any, output: Any) -> None:
+        self._marks.append((self._open, self._now()))
+
+    def start(self) -> None:
+        self._marks = []
+
+    def step_ms(self) -> list[float]:
+        """Milliseconds of each U-Net evaluation since :meth:`start` (call after synchronizing)."""
+        if self.cuda:
+            return [float(a.elapsed_time(b)) for a, b in self._marks]
+        return [(b - a) * 1e3 for a, b in self._marks]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@dataclass
+class _Sample:
+    """One timed pipeline call."""
+
+    seconds: float
+    step_ms: list[float]
+    pattern: tuple[bool, ...]
+    peak: int | None
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def _timing(label: str, samples: Sequence[_Sample]) -> Timing:
+    """Median seconds, per-step medians by step kind and peak memory of a scenario's samples."""
+    complete = [s for s in samples if len(s.step_ms) == len(s.pattern)]
+    if len(complete) < len(samples):
+        print(f"deepcache bench: warning: {label}: timed {[len(s.step_ms) for s in samples]} U-Net calls but the "
+              f"helper reported {[len(s.pattern) for s in samples]} steps; per-step medians skip those runs.",
+              file=sys.stderr)
+    by_kind: dict[bool, list[float]] = {True: [], False: []}
+    for s in complete:
+        for ms, full in zip(s.step_ms, s.pattern, strict=True):
+            by_kind[full].append(ms)
+    peaks = [s.peak for s in samples if s.peak is not None]
+    return Timing(seconds_all=[s.seconds for s in samples], step_ms_full=_median(by_kind[True]),
+                  step_ms_retrieval=_median(by_kind[False]), peak_memory_bytes=max(peaks) if peaks else None)
+
+
+def graph_count() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_unet(unet: torch.nn.Module, mode: str, n_graphs: int) -> torch.nn.Module:
+    """``torch.compile`` the U-Net for the compiled columns: static shapes, one graph per step kind.
+
+    DeepCache needs nothing special: its per-step decision runs in forward hooks outside the graphs,
+    so the U-Net compiles to two graphs per shape and branch (full step, retrieval step).
+    """
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # every (shape, branch, step kind) is a graph
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n_graphs + 8))
+    return torch.compile(unet, mode=mode, fullgraph=True, dynamic=False)
+
+
+def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
+                  on_result: Callable[[ScenarioResult], None] | None = None) -> BenchReport:
+    """Build the model, run every scenario of ``cfg`` and return the report.
+
+    ``on_result`` is called with each :class:`ScenarioResult` as soon as its shape is done (the CLI
+    prints it as a JSON line, so a run cut short still leaves what finished).
+    """
+    from . import DeepCacheSDHelper
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    built = build_pipeline(cfg.model, device=device, dtype=dtype, scheduler=cfg.scheduler, tiny=cfg.tiny)
+    pipe = built.pipe
+    report = BenchReport(run_settings(cfg, built.name, built.source, built.weights, device, dtype),
+                         environment(device, dtype, pipe))
+    flops = FlopCache(pipe.unet.config, pipe.vae.config) if cfg.count_flops else None
+    helper = DeepCacheSDHelper(pipe=pipe)
+    timer = StepTimer(pipe.unet, device)
+    cuda = device.type == "cuda"
+    compile_mode = None if cfg.compile is None else (
+        ("reduce-overhead" if cuda else "default") if cfg.compile == "auto" else cfg.compile)
+    report.settings["compile_mode"] = compile_mode
+    eager_unet, compiled_unet = pipe.unet, None
+    if compile_mode is not None:
+        branches = {s.cache_branch_id for s in cfg.settings_run() if not s.is_baseline}
+        compiled_unet = compile_unet(eager_unet, compile_mode, len(cfg.shapes()) * (1 + 2 * len(branches)))
+    total = len(cfg.scenarios()) * ((1 if cfg.warmup_steps else 0) + cfg.repeats)
+    bar = Progress(total, progress, desc="deepcache bench")
+
+    def call(sc: Scenario, inputs: dict[str, torch.Tensor], steps: int) -> _Sample:
+        gen = torch.Generator(device).manual_seed(cfg.seed)
+        pipe.unet = compiled_unet if sc.compiled else eager_unet
+        with applied(helper, sc.setting, steps):
+            timer.start()
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # random weights may overflow in the image cast
+                pipe(**inputs, height=sc.height, width=sc.width, num_inference_steps=steps,
+                     guidance_scale=cfg.guidance_scale, generator=gen, output_type="np")
+            if cuda:
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            peak = int(torch.cuda.max_memory_allocated(device)) if cuda else None
+            step_ms = timer.step_ms()
+        pattern = (True,) * len(step_ms) if sc.setting.is_baseline else tuple(helper.last_steps)
+        return _Sample(seconds, step_ms, pattern, peak)
+
+    try:
+        for (h, w, b) in cfg.shapes():
+            scenarios = cfg.shape_scenarios(h, w, b)
+            inputs = make_inputs(built, batch_size=b, device=device, dtype=dtype, seed=cfg.seed)
+            warm: dict[Scenario, tuple[float, int]] = {}  # seconds and graphs compiled by the warm-up call
+            if cfg.warmup_steps:
+                for sc in scenarios:
+                    g0, t0 = graph_count(), time.perf_counter()
+                    call(sc, inputs, cfg.warmup_steps)
+                    warm[sc] = (time.perf_counter() - t0, graph_count() - g0)
+                    bar.update(f"warm-up {sc.label}")
+            samples: dict[Scenario, list[_Sample]] = {sc: [] for sc in scenarios}
+            recompiles: dict[Scenario, int] = {sc: 0 for sc in scenarios}
+            for rep in range(cfg.repeats):
+                k = rep % len(scenarios)  # rotate the order every round: no scenario always runs first
+                for sc in scenarios[k:] + scenarios[:k]:
+                    g0 = graph_count()
+                    samples[sc].append(call(sc, inputs, cfg.steps))
+                    recompiles[sc] += graph_count() - g0
+                    bar.update(sc.label)
+            base: dict[bool, ScenarioResult] = {}  # the original pipeline, eager (False) and compiled (True)
+            for sc in scenarios:
+                timing = _timing(sc.label, samples[sc])
+                if compile_mode is not None:
+                    timing.compile_mode = compile_mode if sc.compiled else None
+                    timing.warmup_seconds, timing.graphs_compiled = warm.get(sc, (None, None))
+                    timing.recompiles_timed = recompiles[sc]
+                pattern = samples[sc][-1].pattern
+                res = ScenarioResult.new(built.name, cfg.steps, sc, pattern)
+                if flops is not None and pattern:
+                    res.add_flops(flops.scenario(sc, pattern, cfg.guidance_scale))
+                res.add_timing(timing, base.get(False), base.get(True), sc.compiled)
+                if sc.setting.is_baseline:
+                    base[sc.compiled] = res
+                report.results.append(res)
+                if on_result is not None:
+                    on_result(res)
+            del inputs
+    finally:
+        pipe.unet = eager_unet
+        bar.close()
+        timer.remove()
+    return report

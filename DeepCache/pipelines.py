@@ -1,0 +1,66 @@
+"""Load the pipeline ``deepcache eval``/``demo`` run: the embedded demo model (offline) or any local or hub one.
+
+Example::
+
+    >>> from DeepCache.pipelines import is_demo_pipeline, load_pipeline
+    >>> pipe = load_pipeline()            # the embedded tiny SD pipeline, no download
+    >>> is_demo_pipeline(pipe), type(pipe).__name__
+    (True, 'StableDiffusionPipeline')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .demo_model import CLASSIFIER_DIR, EMBEDDED_MODEL, is_demo_pipeline_dir
+
+__all__ = ["demo_classifier_path", "is_demo_pipeline", "load_pipeline"]
+
+
+def load_pipeline(model: str | None = None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> Any:
+    """The embedded demo pipeline (``model=None``, offline) or any diffusers pipeline folder / hub id.
+
+    A local folder is read with ``local_files_only``; ``dtype`` (default: the weights' own) is passed
+    as ``torch_dtype``. The progress bar of generation is switched off.
+    """
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    if model is None:
+        if not (EMBEDDED_MODEL / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded demo model is missing from {EMBEDDED_MODEL}; reinstall DeepCache, or rebuild it with "
+                "`deepcache train-demo-model --out DeepCache/assets`."
+            )
+        pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, local_files_only=True, **kwargs)
+    else:
+        local = Path(model).expanduser()
+        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else model,
+                                                 local_files_only=local.exists(), **kwargs)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _folder(pipe: Any) -> Path | None:
+    path = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    return Path(str(path)) if path else None
+
+
+def is_demo_pipeline(pipe: Any) -> bool:
+    """Whether ``pipe`` was loaded from a folder written by ``deepcache train-demo-model`` (captions checkable)."""
+    folder = _folder(pipe)
+    return folder is not None and is_demo_pipeline_dir(folder)
+
+
+def demo_classifier_path(pipe: Any) -> Path | None:
+    """The classifier trained beside a demo pipeline (``../demo-classifier``), if there is one."""
+    folder = _folder(pipe)
+    if folder is None or not is_demo_pipeline_dir(folder):
+        return None
+    path = folder.parent / CLASSIFIER_DIR
+    return path if path.is_dir() else None

@@ -1,0 +1,218 @@
+"""One DeepCache setting for every tool: a :class:`~DeepCache.schedule.CacheParams` with a parser and a label.
+
+``deepcache bench``, ``eval`` and ``demo`` (and the coming ``tune`` and ``generate``) all take
+``--variant I,B[,SCHEDULE[,KEY=VALUE...]]`` and print the same label for it. :class:`Setting` *is* a
+``CacheParams`` (a subclass with no fields of its own), so every schedule kind and parameter the core
+adds is parsed, labelled, validated and handed to the helper here, once, with no tool changes.
+
+A uniform interval of 1 never caches: ``Setting()`` is the original (uncached) pipeline, labelled
+``original``; tools run it without a helper.
+
+Example::
+
+    >>> from DeepCache.settings import Setting
+    >>> Setting.parse("3,0").label, Setting.parse("5,1,non-uniform").label
+    ('I=3, B=0', 'I=5, B=1, non-uniform')
+    >>> Setting.parse("1,0,custom,full_steps=0/4/8").label
+    'I=1, B=0, custom, full_steps=0/4/8'
+    >>> Setting.parse("I=5, B=1, non-uniform") == Setting(5, 1, "non-uniform")  # a label parses back
+    True
+    >>> Setting().label, Setting.parse("original").is_baseline
+    ('original', True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+from .schedule import CacheParams
+
+__all__ = ["BASELINE", "BASELINE_LABEL", "Setting", "applied", "setting_grid"]
+
+#: Label of the uncached pipeline in every table and JSON file.
+BASELINE_LABEL = "original"
+#: Words that parse to the uncached pipeline.
+BASELINE_NAMES: tuple[str, ...] = (BASELINE_LABEL, "baseline", "uncached", "none")
+#: Fields the first three comma-separated parts give; every other field is ``KEY=VALUE``.
+_POSITIONAL = ("cache_interval", "cache_branch_id", "skip_mode")
+_SYNTAX = "expected INTERVAL,BRANCH[,SCHEDULE[,KEY=VALUE...]], e.g. 3,0 or 5,1,non-uniform or 1,0,custom,full_steps=0/4/8"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting(CacheParams):
+    """A :class:`CacheParams` as the tools see it: parsed from ``--variant``, labelled in tables.
+
+    Built exactly like ``CacheParams`` (``Setting(3, 0)``, ``Setting(5, 1, "non-uniform", center=10)``)
+    and validated by it.
+    """
+
+    @property
+    def is_baseline(self) -> bool:
+        """A uniform interval of 1: every step is full, so the tools run the pipeline without a helper."""
+        return self.skip_mode == "uniform" and self.cache_interval == 1
+
+    @property
+    def label(self) -> str:
+        """``I=3, B=0``; then the schedule when not uniform, then every other field that differs from its default.
+
+        >>> Setting(5, 1, "non-uniform", center=10).label
+        'I=5, B=1, non-uniform, center=10'
+        """
+        if self.is_baseline:
+            return BASELINE_LABEL
+        parts = [f"I={self.cache_interval}", f"B={self.cache_branch_id}"]
+        if self.skip_mode != "uniform":
+            parts.append(self.skip_mode)
+        parts += [f"{name}={_format_value(value)}" for name, value in self.extra_fields().items()]
+        return ", ".join(parts)
+
+    def extra_fields(self) -> dict[str, Any]:
+        """The fields beyond interval, branch and schedule whose value differs from the default."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(CacheParams)
+            if f.name not in _POSITIONAL and getattr(self, f.name) != f.default
+        }
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """Parse ``I,B[,SCHEDULE[,KEY=VALUE...]]`` (a :attr:`label` too), or ``original``/``baseline``.
+
+        ``KEY`` is any other ``CacheParams`` field; lists are written with ``/`` (``full_steps=0/4/8``).
+        Raises ``ValueError`` that names the problem and the expected form.
+
+        >>> Setting.parse("3,0,start_step=2").label
+        'I=3, B=0, start_step=2'
+        """
+        stripped = str(text).strip()
+        if stripped.lower() in BASELINE_NAMES:
+            return cls()
+        parts = [_strip_prefix(p.strip()) for p in stripped.split(",")]
+        count = 0  # leading parts without "=": interval, branch and the optional schedule
+        while count < min(3, len(parts)) and "=" not in parts[count]:
+            count += 1
+        if count < 2 or not all(parts):
+            raise ValueError(f"malformed setting {text!r}: {_SYNTAX}.")
+        try:
+            values: dict[str, Any] = {"cache_interval": int(parts[0]), "cache_branch_id": int(parts[1])}
+        except ValueError:
+            raise ValueError(f"malformed setting {text!r}: INTERVAL and BRANCH must be integers, e.g. 3,0.") from None
+        if count == 3:
+            values["skip_mode"] = parts[2]
+        values.update(_parse_extras(text, parts[count:]))
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"setting {text!r}: {exc}") from None
+
+    @classmethod
+    def of(cls, params: CacheParams | str) -> Setting:
+        """A ``Setting`` from a ``CacheParams`` (the same fields) or from a string (:meth:`parse`).
+
+        >>> Setting.of(CacheParams(cache_interval=3)) == Setting(3, 0)
+        True
+        """
+        if isinstance(params, cls):
+            return params
+        if isinstance(params, str):
+            return cls.parse(params)
+        if isinstance(params, CacheParams):
+            return cls(**_fields(params))
+        raise TypeError(f"expected a CacheParams, Setting or 'I,B[,SCHEDULE]' string, got {type(params).__name__}.")
+
+    def for_steps(self, num_steps: int) -> Setting:
+        """This setting for a ``num_steps``-evaluation generation: a non-uniform ``center`` beyond the
+        last step moves to the last step (the paper's center 15 assumes 50 steps).
+
+        >>> Setting(3, 0, "non-uniform").for_steps(10).center
+        9
+        """
+        if self.skip_mode == "non-uniform" and self.center >= num_steps >= 1:
+            return dataclasses.replace(self, center=num_steps - 1)
+        return self
+
+    def helper_kwargs(self) -> dict[str, Any]:
+        """Every field as a keyword of :meth:`DeepCacheSDHelper.set_params` (whose keywords are the fields)."""
+        return _fields(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field and the label, for JSON reports."""
+        return {**self.helper_kwargs(), "label": self.label}
+
+
+#: The original, uncached pipeline.
+BASELINE = Setting()
+
+
+def _fields(params: CacheParams) -> dict[str, Any]:
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(CacheParams)}
+
+
+def _strip_prefix(part: str) -> str:
+    """``"I=3"`` -> ``"3"``, ``"B=0"`` -> ``"0"`` (so a label parses back); anything else unchanged."""
+    head, sep, tail = part.partition("=")
+    return tail.strip() if sep and head.strip().upper() in ("I", "B") else part
+
+
+def _parse_extras(text: str, items: Sequence[str]) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(CacheParams) if f.name not in _POSITIONAL}
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = (s.strip() for s in item.partition("="))
+        if not sep or key not in fields:
+            raise ValueError(
+                f"malformed setting {text!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(fields)}."
+            )
+        values[key] = _parse_value(raw, is_sequence="tuple" in str(fields[key].type))
+    return values
+
+
+def _parse_value(raw: str, is_sequence: bool = False) -> Any:
+    """``none`` -> None; a sequence field ``0/4/8`` -> (0, 4, 8); ``10`` -> 10; ``1.5`` -> 1.5; else the string."""
+    if raw.lower() == "none":
+        return None
+    if is_sequence:
+        try:
+            return tuple(int(x) for x in raw.split("/") if x.strip())
+        except ValueError:
+            return raw
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "/".join(str(v) for v in value)
+    return str(value)
+
+
+@contextlib.contextmanager
+def applied(helper: Any, setting: Setting, num_steps: int) -> Iterator[None]:
+    """Run the block with ``setting`` enabled on ``helper`` (nothing for the baseline); disabled afterwards.
+
+    ``num_steps`` is the generation's length (see :meth:`Setting.for_steps`).
+    """
+    if setting.is_baseline:
+        yield
+        return
+    helper.set_params(**setting.for_steps(num_steps).helper_kwargs())
+    helper.enable()
+    try:
+        yield
+    finally:
+        helper.disable()
+
+
+def setting_grid(intervals: Sequence[int] = (2, 3, 4, 5), branches: Sequence[int] = (0, 1, 2)) -> list[Setting]:
+    """Every uniform (interval, branch) pair, interval-major.
+
+    >>> [s.label for s in setting_grid((2, 3), (0,))]
+    ['I=2, B=0', 'I=3, B=0']
+    """
+    return [Setting(i, b) for i in intervals for b in branches]

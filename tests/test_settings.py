@@ -1,0 +1,108 @@
+"""The one setting type of the tools: parsing, labels, round trips, and how it reaches the helper."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from DeepCache import DeepCacheSDHelper
+from DeepCache.schedule import CacheParams, schedule_pattern
+from DeepCache.settings import BASELINE, Setting, applied, setting_grid
+
+from .tiny import tiny_sd_unet, unet_inputs
+
+
+@pytest.mark.parametrize(
+    "text, expected, label",
+    [
+        ("3,0", Setting(3, 0), "I=3, B=0"),
+        (" 5 , 1 ,non-uniform", Setting(5, 1, "non-uniform"), "I=5, B=1, non-uniform"),
+        ("5,1,non-uniform,center=10,pow=2", Setting(5, 1, "non-uniform", center=10, pow=2),
+         "I=5, B=1, non-uniform, center=10, pow=2"),
+        ("1,2,custom,full_steps=8/0/4", Setting(1, 2, "custom", full_steps=(0, 4, 8)), "I=1, B=2, custom, full_steps=0/4/8"),
+        ("1,0,custom,full_steps=3", Setting(1, 0, "custom", full_steps=(3,)), "I=1, B=0, custom, full_steps=3"),
+        ("3,0,start_step=2,end_step=9", Setting(3, 0, start_step=2, end_step=9), "I=3, B=0, start_step=2, end_step=9"),
+        ("I=4, B=1", Setting(4, 1), "I=4, B=1"),
+        ("original", BASELINE, "original"),
+        ("Baseline", BASELINE, "original"),
+        ("uncached", BASELINE, "original"),
+    ],
+)
+def test_parse_and_label(text: str, expected: Setting, label: str) -> None:
+    parsed = Setting.parse(text)
+    assert parsed == expected
+    assert parsed.label == label
+    assert Setting.parse(parsed.label) == parsed  # every label parses back to its setting
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("3", r"malformed setting '3': expected INTERVAL,BRANCH\[,SCHEDULE"),
+        ("3;0", "malformed setting '3;0'"),
+        ("3,,0", "malformed setting"),
+        ("a,0", "INTERVAL and BRANCH must be integers"),
+        ("3,0,uniform,4", "'4' is not KEY=VALUE with KEY one of center, pow, full_steps, start_step, end_step"),
+        ("3,0,colour=red", "'colour=red' is not KEY=VALUE"),
+        ("3,0,quadratic", r"setting '3,0,quadratic': skip_mode must be one of \('uniform', 'non-uniform', 'custom'\)"),
+        ("3,0,custom", 'skip_mode="custom" needs full_steps'),
+        ("0,0", "cache_interval must be an integer >= 1"),
+        ("3,-1", "cache_branch_id must be an integer >= 0"),
+        ("3,0,non-uniform,pow=1", "pow must be a finite number > 1"),
+    ],
+)
+def test_parse_errors_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Setting.parse(text)
+
+
+def test_setting_is_a_cache_params_with_every_field() -> None:
+    s = Setting(5, 1, "non-uniform", center=7)
+    assert isinstance(s, CacheParams)
+    names = [f.name for f in dataclasses.fields(CacheParams)]
+    assert [f.name for f in dataclasses.fields(Setting)] == names  # no fields of its own: new ones flow through
+    assert list(s.helper_kwargs()) == names
+    assert s.to_dict() == {**s.helper_kwargs(), "label": "I=5, B=1, non-uniform, center=7"}
+    assert schedule_pattern(s, 20) == schedule_pattern(CacheParams(**s.helper_kwargs()), 20)
+    assert Setting.of(CacheParams(cache_interval=3, cache_branch_id=2)) == Setting(3, 2)
+    assert Setting.of("5,0") == Setting(5, 0) and Setting.of(s) is s
+    with pytest.raises(TypeError, match="expected a CacheParams"):
+        Setting.of(3)  # type: ignore[arg-type]
+
+
+def test_baseline_is_a_uniform_interval_of_one() -> None:
+    assert BASELINE == Setting() and BASELINE.is_baseline and BASELINE.label == "original"
+    assert Setting(1, 3).is_baseline  # a uniform interval of 1 never caches
+    assert not Setting(1, 0, "custom", full_steps=(0, 5)).is_baseline
+    assert not Setting(2, 0).is_baseline
+
+
+def test_for_steps_moves_a_non_uniform_center_inside_the_generation() -> None:
+    assert Setting(3, 0, "non-uniform").for_steps(10) == Setting(3, 0, "non-uniform", center=9)
+    assert Setting(3, 0, "non-uniform").for_steps(50) == Setting(3, 0, "non-uniform")
+    assert Setting(3, 0).for_steps(4) == Setting(3, 0)
+
+
+def test_grid_is_interval_major() -> None:
+    assert [s.label for s in setting_grid((2, 3), (0, 1))] == ["I=2, B=0", "I=2, B=1", "I=3, B=0", "I=3, B=1"]
+
+
+def test_applied_enables_every_field_on_the_helper_and_always_disables() -> None:
+    unet = tiny_sd_unet()
+    helper = DeepCacheSDHelper(pipe=unet)
+    setting = Setting(2, 1, start_step=1, end_step=4)
+    latents, kwargs = unet_inputs(unet)
+    with applied(helper, setting, num_steps=6), torch.no_grad():
+        assert helper.enabled and helper.params == CacheParams(**setting.helper_kwargs())
+        helper.reset_states()
+        for t in range(6):
+            unet(latents, 999 - 100 * t, **kwargs)
+        assert helper.last_steps == schedule_pattern(setting, 6) == (True, True, False, True, True, True)
+    assert not helper.enabled
+    with pytest.raises(RuntimeError, match="boom"), applied(helper, setting, num_steps=6):
+        raise RuntimeError("boom")
+    assert not helper.enabled
+    with applied(helper, BASELINE, num_steps=6):
+        assert not helper.enabled  # the original pipeline runs without the helper
