@@ -46,7 +46,7 @@ def test_parse_and_label(text: str, expected: Setting, label: str) -> None:
         ("a,0", "INTERVAL and BRANCH must be integers"),
         ("3,0,uniform,4", "'4' is not KEY=VALUE with KEY one of center, pow, full_steps, start_step, end_step"),
         ("3,0,colour=red", "'colour=red' is not KEY=VALUE"),
-        ("3,0,quadratic", r"setting '3,0,quadratic': skip_mode must be one of \('uniform', 'non-uniform', 'custom'\)"),
+        ("3,0,quadratic", r"setting '3,0,quadratic': skip_mode must be one of \('uniform', 'non-uniform', 'custom', 'adaptive'\)"),
         ("3,0,custom", 'skip_mode="custom" needs full_steps'),
         ("0,0", "cache_interval must be an integer >= 1"),
         ("3,-1", "cache_branch_id must be an integer >= 0"),
