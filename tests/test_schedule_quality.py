@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from DeepCache import CacheParams, DeepCacheSDHelper
-from DeepCache.evaluate import embedded_prompts
+from DeepCache.prompts import embedded_prompts
 from DeepCache.metrics import psnr
 
 MODEL = files("DeepCache") / "assets" / "demo-model"
