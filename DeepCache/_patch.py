@@ -500,7 +500,53 @@ class DeepCacheWarning(UserWarning):
     """DeepCache runs a module uncached, or in full, where the user may expect caching."""
 
 
-class UNetPatch:
+class _Hooked:
+    """What the U-Net and ControlNet patches share: wrapped modules, owners, and the hook pair around one
+    evaluation at a time (``_begin`` decides it from the caller's generation, ``_end`` closes it)."""
+
+    _wrapping: _Wrapping
+    owners: dict[weakref.ref, None]
+    evaluations: _Evaluations
+    mode: Mode
+
+    @property
+    def installed(self) -> bool:
+        return self._wrapping.installed
+
+    def remove(self) -> None:
+        if not self.owners:  # an owner may have come back while the removal waited
+            self._wrapping.remove()
+
+    def _begin(self, sample: Any) -> None:
+        raise NotImplementedError
+
+    def _end(self) -> None:
+        """Close the evaluation (its state is still set)."""
+
+    def _clear(self) -> None:
+        raise NotImplementedError
+
+    @torch.compiler.disable
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.evaluations.enter()
+        try:
+            self._clear()
+            self._begin(args[0] if args else kwargs.get("sample"))
+        except BaseException:
+            self._clear()
+            self.evaluations.leave()
+            raise
+
+    @torch.compiler.disable
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        try:
+            self._end()
+        finally:
+            self._clear()
+            self.evaluations.leave()
+
+
+class UNetPatch(_Hooked):
     """Hooks on one U-Net, shared by every helper that caches it; removed when the last owner leaves.
 
     It holds the U-Net weakly and no generation state of its own: a generation lives with the pipeline call
@@ -529,10 +575,6 @@ class UNetPatch:
         if unet is None:
             raise RuntimeError("the U-Net of this DeepCache patch was garbage-collected")
         return unet
-
-    @property
-    def installed(self) -> bool:
-        return self._wrapping.installed
 
     # -- plan -------------------------------------------------------------------------------
     def actions_for(self, branch: int) -> tuple[Action, ...]:
@@ -575,10 +617,6 @@ class UNetPatch:
         if keys != self._keys:  # same keys: keep the tables (compiled graphs guard on them)
             self._keys, self._actions = keys, {}
         self._wrapping.install(self, unet, modules)
-
-    def remove(self) -> None:
-        if not self.owners:  # an owner may have come back while the removal waited
-            self._wrapping.remove()
 
     def when_idle(self, action: Callable[[], None]) -> None:
         """Run ``action`` now if no generation is running on this U-Net, else when the last one ends."""
@@ -650,18 +688,10 @@ class UNetPatch:
             gen.pending = gen.step
         return full
 
-    @torch.compiler.disable
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.evaluations.enter()
-        try:
-            self._begin(args[0] if args else kwargs.get("sample"))
-        except BaseException:
-            self.mode, self.gen = Mode.OFF, None
-            self.evaluations.leave()
-            raise
+    def _clear(self) -> None:
+        self.mode, self.gen = Mode.OFF, None
 
     def _begin(self, sample: Any) -> None:
-        self.mode, self.gen = Mode.OFF, None
         gen = self.current_generation()
         if gen is None:
             if self.owners:
@@ -687,18 +717,10 @@ class UNetPatch:
         self.mode, self.gen = (Mode.FULL if full else Mode.RETRIEVE), gen
         return None
 
-    @torch.compiler.disable
-    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _end(self) -> None:
         gen, mode = self.gen, self.mode
-        self.mode, self.gen = Mode.OFF, None
-        try:
-            if gen is not None:
-                self._end(gen, mode)
-        finally:
-            self.evaluations.leave()
-        return None
-
-    def _end(self, gen: Generation, mode: Mode) -> None:
+        if gen is None:
+            return None
         if mode is Mode.FULL and gen.cache is not None:
             if gen.cache_from_graph:
                 # A compiled graph produced the cache. Under CUDA graphs (mode="reduce-overhead") its outputs
@@ -813,7 +835,7 @@ def _unet_module_forward(patch: UNetPatch, index: int, original: Callable, *args
 # The patch on one ControlNet
 
 
-class ControlNetPatch:
+class ControlNetPatch(_Hooked):
     """Runs only the part of a ``ControlNetModel`` that the U-Net's retrieval steps consume.
 
     A ControlNet computes one residual per U-Net skip connection plus one for the mid block, before the U-Net
@@ -843,10 +865,6 @@ class ControlNetPatch:
         self._actions: dict[int, tuple[Action, ...]] = {}
         self._wrapping = _Wrapping(_controlnet_module_forward)
 
-    @property
-    def installed(self) -> bool:
-        return self._wrapping.installed
-
     def actions_for(self, branch: int) -> tuple[Action, ...]:
         table = self._actions.get(branch)
         if table is None:
@@ -859,22 +877,10 @@ class ControlNetPatch:
         if controlnet is not None and not self.installed:
             self._wrapping.install(self, controlnet, controlnet_modules(controlnet))
 
-    def remove(self) -> None:
-        if not self.owners:
-            self._wrapping.remove()
-
-    @torch.compiler.disable
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.evaluations.enter()
-        try:
-            self._begin(args[0] if args else kwargs.get("sample"))
-        except BaseException:
-            self.mode, self.state = Mode.OFF, None
-            self.evaluations.leave()
-            raise
+    def _clear(self) -> None:
+        self.mode, self.state = Mode.OFF, None
 
     def _begin(self, sample: Any) -> None:
-        self.mode, self.state = Mode.OFF, None
         gen = self.unet_patch.current_generation()
         if gen is None:
             return None
@@ -889,12 +895,6 @@ class ControlNetPatch:
         if full:
             state.specs = {}
         self.mode, self.state = (Mode.FULL if full else Mode.RETRIEVE), state
-        return None
-
-    @torch.compiler.disable
-    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.mode, self.state = Mode.OFF, None
-        self.evaluations.leave()
         return None
 
 
