@@ -211,7 +211,10 @@ def is_full_step(params: CacheParams, step: int, num_steps: int | None = None) -
         assert params.full_steps is not None
         return step in params.full_steps or step == params.start_step
     if params.skip_mode == "adaptive":
-        raise ValueError('skip_mode="adaptive" decides full steps at run time; use adaptive_is_full_step.')
+        raise ValueError(
+            'skip_mode="adaptive" decides full steps at run time, so no pattern can be computed ahead (FLOP counts '
+            'need one): time it instead, or fix the decisions of an adaptive run with skip_mode="custom".'
+        )
     if num_steps is None or step >= num_steps:
         return True
     return step in _non_uniform_set(params, num_steps) or step == params.start_step

@@ -292,7 +292,8 @@ def test_json_schema(tiny_report: BenchReport) -> None:
     assert (s["weights"], s["text_encoding"], s["model_name"], s["dtype"]) == ("random", "excluded", "sd15-tiny", "float32")
     assert "VAE decode" in s["timed"] and s["shapes_run"] == [[64, 64, 1]]
     assert s["variants"][0] == {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform", "center": 15,
-                                "pow": 1.4, "full_steps": None, "start_step": 0, "end_step": None, "label": "I=3, B=0"}
+                                "pow": 1.4, "full_steps": None, "start_step": 0, "end_step": None, "threshold": None,
+                                "label": "I=3, B=0"}
     assert data["env"]["attention_backend"] == "torch SDPA (AttnProcessor2_0)"
 
 
