@@ -143,12 +143,12 @@ def test_a_from_pipe_view_of_an_enabled_pipeline_says_once_that_it_runs_uncached
         with pytest.warns(DeepCacheWarning, match=r"StableDiffusionPipeline runs a U-Net that DeepCache caches.*DeepCacheSDHelper\(pipe=this_pipeline\)\.enable\(\)"):
             assert torch.equal(tp_run(view), expected)  # uncached, and it says so
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error", DeepCacheWarning)
             assert torch.equal(tp_run(view), expected)  # once per pipeline
         with pytest.warns(DeepCacheWarning):
             tp_run(StableDiffusionPipeline.from_pipe(pipe))  # another view: said again
         with DeepCacheSDHelper(pipe=view) as own, warnings.catch_warnings():  # the fix the warning names
-            warnings.simplefilter("error")
+            warnings.simplefilter("error", DeepCacheWarning)
             own.set_params(cache_interval=3)
             assert not torch.equal(tp_run(view), expected)
 
@@ -272,7 +272,7 @@ def test_a_dropped_enabled_pipeline_releases_a_unet_that_lives_on() -> None:
     gc.collect()
     assert untouched(unet)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the U-Net is no longer cached for anyone: no word about it
+        warnings.simplefilter("error", DeepCacheWarning)  # the U-Net is no longer cached for anyone: no word about it
         assert torch.equal(tp_run(keeper), expected)
 
 
@@ -296,6 +296,6 @@ def test_a_controlnet_that_cannot_run_shallow_runs_in_full_and_says_why(monkeypa
         full = cached_call(pipe)
     assert torch.equal(full, shallow)  # correct either way: what a rename must not do is remove the saving silently
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", DeepCacheWarning)
         cached_call(pipe)  # said once per ControlNet
     assert untouched(pipe.controlnet) and untouched(pipe.unet)
