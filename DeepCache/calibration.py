@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -135,3 +136,20 @@ def reuse_errors(unet: nn.Module, rec: Recording, branch: int, max_gap: int | No
     finally:
         lease.release()
     return errors
+
+
+def measure_reuse_errors(pipeline: Any, unet: nn.Module, branch: int, max_gap: int | None = None,
+                         **call_kwargs: Any) -> list[list[float]]:
+    """Run ``pipeline(**call_kwargs)`` once under :func:`recording`, then :func:`reuse_errors` at ``branch``.
+
+    The U-Net must not be cached by this caller (the helper disables itself first). What
+    :meth:`DeepCacheSDHelper.calibrate` measures before its dynamic programme; ``deepcache tune`` measures once
+    per branch and solves for every budget.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _patch.DeepCacheWarning)  # uncached on purpose
+        with recording(pipeline, unet) as rec:
+            pipeline(**call_kwargs)
+    if len(rec.calls) < 2:
+        raise ValueError("calibration saw fewer than two U-Net evaluations: pass num_inference_steps >= 2.")
+    return reuse_errors(unet, rec, branch, max_gap)

@@ -19,7 +19,8 @@ from typing import Sequence
 from . import __version__
 
 # One entry per subcommand module; each exposes ``add_parser(subparsers)``.
-_COMMAND_MODULES: tuple[str, ...] = ("DeepCache.bench", "DeepCache.demo", "DeepCache.evaluate", "DeepCache.demo_model.train")
+_COMMAND_MODULES: tuple[str, ...] = ("DeepCache.bench", "DeepCache.demo", "DeepCache.evaluate", "DeepCache.tune",
+                                     "DeepCache.demo_model.train")
 
 
 def build_parser() -> argparse.ArgumentParser:

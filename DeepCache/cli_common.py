@@ -245,6 +245,12 @@ class Progress:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
 
+    def set_total(self, total: int) -> None:
+        """Correct the expected count once it is known."""
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from .cli_common import (
     add_threads_option,
     add_variant_option,
     apply_threads,
+    positive_int,
     quiet_third_party,
     register,
     resolve_device,
@@ -66,11 +67,15 @@ grid_settings = setting_grid
 # -- generation ------------------------------------------------------------------------------
 @dataclasses.dataclass
 class SettingRun:
-    """The images one setting produced, float (N, H, W, 3) in [0, 1], and the wall time of each repeat."""
+    """The images one setting produced, float (N, H, W, 3) in [0, 1], and the wall time of each repeat.
+
+    ``patterns``: each batch's full (True) / retrieval (False) steps (``helper.last_steps``; empty for the original).
+    """
 
     setting: Setting
     images: np.ndarray
     seconds: list[float]
+    patterns: list[tuple[bool, ...]] = dataclasses.field(default_factory=list)
 
     @property
     def median_seconds(self) -> float:
@@ -85,8 +90,13 @@ def generate(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     batch_size: int = 16,
+    patterns: list[tuple[bool, ...]] | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Generate one image per (prompt, seed) pair with ``setting``; returns images and seconds taken."""
+    """Generate one image per (prompt, seed) pair with ``setting``; returns images and seconds taken.
+
+    ``patterns``, when given, receives each cached batch's ``helper.last_steps`` (an adaptive schedule decides
+    per batch).
+    """
     from .helper import DeepCacheSDHelper
 
     if len(prompts) != len(seeds):
@@ -100,6 +110,8 @@ def generate(
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds[first : first + batch_size]]
             out = pipe(batch, generator=generators, num_inference_steps=steps, guidance_scale=guidance, output_type="np")
             chunks.append(np.asarray(out.images, dtype=np.float32))
+            if patterns is not None and not setting.is_baseline:
+                patterns.append(helper.last_steps)
     return np.concatenate(chunks), time.perf_counter() - start
 
 
@@ -112,18 +124,25 @@ def run_settings(
     guidance: float = DEFAULT_GUIDANCE,
     repeats: int = 1,
     batch_size: int = 16,
+    on_run: Callable[[Setting], None] | None = None,
 ) -> list[SettingRun]:
-    """The original pipeline first, then each setting; repeats are interleaved so load changes hit all alike."""
+    """The original pipeline first, then each setting; repeats are interleaved so load changes hit all alike.
+
+    ``on_run(setting)`` is called after every generation (a progress bar).
+    """
     order = [BASELINE] + [s for s in dict.fromkeys(settings) if not s.is_baseline]
     # Warm-up: one short uncached call (allocations, lazy imports) that is not timed.
     generate(pipe, list(prompts[:1]), list(seeds[:1]), BASELINE, steps=2, guidance=guidance)
     results = {s: SettingRun(s, np.empty(0), []) for s in order}
     for repeat in range(repeats):
         for setting in order:
-            images, seconds = generate(pipe, prompts, seeds, setting, steps, guidance, batch_size)
+            patterns: list[tuple[bool, ...]] = []
+            images, seconds = generate(pipe, prompts, seeds, setting, steps, guidance, batch_size, patterns)
             results[setting].seconds.append(seconds)
             if repeat == 0:
-                results[setting].images = images
+                results[setting].images, results[setting].patterns = images, patterns
+            if on_run is not None:
+                on_run(setting)
     return [results[s] for s in order]
 
 
@@ -207,6 +226,12 @@ def _embeds(output: Any) -> torch.Tensor:
 
 
 # -- scoring ---------------------------------------------------------------------------------
+def fidelity(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """``{"psnr": ..., "ssim": ...}``: the means over the images against the original's images."""
+    return {"psnr": float(np.mean(metrics.psnr(images, reference))),
+            "ssim": float(np.mean(metrics.ssim(images, reference)))}
+
+
 def score(
     runs: Sequence[SettingRun],
     prompts: Sequence[str],
@@ -232,8 +257,7 @@ def score(
             "params": run.setting.helper_kwargs() if cached else None,
             "seconds": run.median_seconds,
             "speedup": baseline.median_seconds / run.median_seconds,
-            "psnr": float(np.mean(metrics.psnr(run.images, baseline.images))),
-            "ssim": float(np.mean(metrics.ssim(run.images, baseline.images))),
+            **fidelity(run.images, baseline.images),
             "lpips": None,
         }
         if lpips_net is not None:
@@ -289,9 +313,37 @@ class EvalResult:
     def header(self) -> str:
         """One line: which model, steps, prompts, guidance, threads, device."""
         m = self.meta
-        where = "embedded demo model (offline)" if m["embedded"] else m["model"]
-        return (f"{where}; {m['steps']} {m['scheduler']} steps, {len(m['prompts'])} prompts, guidance {m['guidance']}, "
-                f"{m['torch_threads']} CPU thread(s), {m['device']} {m['dtype']}")
+        return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps, {len(m['prompts'])} prompts, guidance "
+                f"{m['guidance']}, {m['torch_threads']} CPU thread(s), {m['device']} {m['dtype']}")
+
+
+def model_name(meta: dict[str, Any]) -> str:
+    """How a header names the model of a :func:`run_meta`."""
+    return "embedded demo model (offline)" if meta["embedded"] else meta["model"]
+
+
+def run_meta(pipe: Any, steps: int, guidance: float, prompts: Sequence[str], seeds: Sequence[int],
+             **more: Any) -> dict[str, Any]:
+    """What a report says about the run (model, steps, scheduler, prompts, seeds, threads, device, dtype), and ``more``."""
+    device, dtype = pipeline_device(pipe)
+    return {
+        "model": str(getattr(pipe.config, "_name_or_path", "")),
+        "embedded": is_demo_pipeline(pipe),
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": type(pipe.scheduler).__name__,
+        "prompts": list(prompts),
+        "seeds": list(seeds),
+        **more,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def pipeline_device(pipe: Any) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype the pipeline's U-Net runs in."""
+    return torch.device(str(getattr(pipe, "device", "cpu"))), pipe.unet.dtype
 
 
 def evaluate(
@@ -317,53 +369,53 @@ def evaluate(
         batch_size = 16 if embedded else 1
     runs = run_settings(pipe, prompts, seeds, settings, steps, guidance, repeats, batch_size)
     rows = score(runs, prompts, classifier, lpips_model(), clip)
-    device, dtype = torch.device(str(getattr(pipe, "device", "cpu"))), pipe.unet.dtype
-    meta = {
-        "model": str(getattr(pipe.config, "_name_or_path", "")),
-        "embedded": embedded,
-        "steps": steps,
-        "guidance": guidance,
-        "scheduler": type(pipe.scheduler).__name__,
-        "prompts": list(prompts),
-        "seeds": list(seeds),
-        "repeats": repeats,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "lpips": "computed" if rows and rows[0]["lpips"] is not None else "n/a (lpips weights not available locally)",
-        "clip_score": "computed"
-        if clip is not None
+    meta = run_meta(
+        pipe, steps, guidance, prompts, seeds, repeats=repeats,
+        lpips="computed" if rows and rows[0]["lpips"] is not None else "n/a (lpips weights not available locally)",
+        clip_score="computed" if clip is not None
         else f"n/a ({'no --clip-model given' if not clip_name else 'weights not available locally'})",
-    }
-    return EvalResult(rows, meta, environment(device, dtype, pipe)), runs
+    )
+    return EvalResult(rows, meta, environment(*pipeline_device(pipe), pipe)), runs
 
 
 # -- command line ----------------------------------------------------------------------------
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--seed``, ``--steps``, ``--guidance``, ``--repeats``: how every setting generates (``eval``, ``demo``, ``tune``)."""
+    parser.add_argument("--seed", type=int, default=0, help="first seed; image k uses seed+k (default 0)")
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
+                        help=f"denoising steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"guidance scale (default {DEFAULT_GUIDANCE})")
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="timed repeats per setting; the median is reported")
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_prompts: int, default_variants: str) -> None:
     """Options shared by ``deepcache eval`` and ``deepcache demo``."""
     add_model_option(parser, "local folder or hub id of an SD/SDXL pipeline (default: the embedded demo model, offline)")
     add_variant_option(parser, default_help=default_variants)
     add_prompt_options(parser, default_count=default_prompts)
-    parser.add_argument("--seed", type=int, default=0, help="first seed; image k uses seed+k (default 0)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                        help=f"guidance scale (default {DEFAULT_GUIDANCE})")
-    parser.add_argument("--repeats", type=int, default=1, help="timed repeats per setting; the median is reported")
+    add_generation_arguments(parser)
     add_device_options(parser, default_device="cpu")
     add_threads_option(parser)
     add_json_option(parser)
     add_table_options(parser)
 
 
+def pipeline_from_args(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The pipeline (``--model``, ``--device``, ``--dtype``) and its prompts (``--prompt``, ``--num-prompts``, ``--seed``)."""
+    device = resolve_device(args.device)
+    pipe = load_pipeline(args.model, device, resolve_dtype(args.dtype, device))
+    prompts = choose_prompts(embedded=is_demo_pipeline(pipe), count=args.num_prompts, seed=args.seed, given=args.prompt)
+    return pipe, prompts
+
+
 def evaluate_from_args(args: argparse.Namespace, settings: Sequence[Setting],
                        clip_name: str | None = None) -> tuple[EvalResult, list[SettingRun]]:
     """Threads, device, pipeline and prompts from the shared options, then :func:`evaluate` (quietly)."""
     apply_threads(args.threads)
-    device = resolve_device(args.device)
     with quiet_third_party(not args.verbose):
-        pipe = load_pipeline(args.model, device, resolve_dtype(args.dtype, device))
-        prompts = choose_prompts(embedded=is_demo_pipeline(pipe), count=args.num_prompts, seed=args.seed,
-                                 given=args.prompt)
+        pipe, prompts = pipeline_from_args(args)
         return evaluate(pipe, settings, prompts, prompt_seeds(prompts, args.seed), args.steps, args.guidance,
                         args.repeats, clip_name=clip_name)
 

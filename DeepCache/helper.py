@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from typing import Any, Iterator, Sequence
 
 from torch import nn
@@ -238,13 +237,7 @@ class DeepCacheSDHelper:
             was_enabled = self.enabled
             self.disable()
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", _patch.DeepCacheWarning)  # uncached on purpose
-                    with calibration.recording(pipeline, unet) as rec:
-                        pipeline(**call_kwargs)
-                if len(rec.calls) < 2:
-                    raise ValueError("calibration saw fewer than two U-Net evaluations: pass num_inference_steps >= 2.")
-                errors = calibration.reuse_errors(unet, rec, branch, max_gap)
+                errors = calibration.measure_reuse_errors(pipeline, unet, branch, max_gap, **call_kwargs)
             finally:
                 if was_enabled:
                     self.enable()

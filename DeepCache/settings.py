@@ -133,6 +133,21 @@ class Setting(CacheParams):
             return dataclasses.replace(self, center=num_steps - 1)
         return self
 
+    def set_params_call(self, helper: str = "helper") -> str:
+        """The Python line that sets this setting: interval and branch, then the schedule and other fields if set.
+
+        >>> Setting(12, 0, "adaptive", threshold=0.05).set_params_call()
+        'helper.set_params(cache_interval=12, cache_branch_id=0, skip_mode="adaptive", threshold=0.05)'
+        >>> Setting(1, 2, "custom", full_steps=(0, 3, 9)).set_params_call()
+        'helper.set_params(cache_interval=1, cache_branch_id=2, skip_mode="custom", full_steps=[0, 3, 9])'
+        """
+        values = {"cache_interval": self.cache_interval, "cache_branch_id": self.cache_branch_id}
+        if self.skip_mode != "uniform":
+            values["skip_mode"] = self.skip_mode
+        values.update(self.extra_fields())
+        args = ", ".join(f"{name}={_python_value(value)}" for name, value in values.items())
+        return f"{helper}.set_params({args})"
+
     def helper_kwargs(self) -> dict[str, Any]:
         """Every field as a keyword of :meth:`DeepCacheSDHelper.set_params` (whose keywords are the fields)."""
         return _fields(self)
@@ -190,6 +205,15 @@ def _format_value(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return "/".join(str(v) for v in value)
     return str(value)
+
+
+def _python_value(value: Any) -> str:
+    """A value as Python source: strings in double quotes, tuples as lists."""
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, tuple):
+        return repr(list(value))
+    return repr(value)
 
 
 @contextlib.contextmanager

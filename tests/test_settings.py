@@ -106,3 +106,20 @@ def test_applied_enables_every_field_on_the_helper_and_always_disables() -> None
     assert not helper.enabled
     with applied(helper, BASELINE, num_steps=6):
         assert not helper.enabled  # the original pipeline runs without the helper
+
+
+@pytest.mark.parametrize("setting", [
+    Setting(3, 0), Setting(5, 1, "non-uniform", center=8), Setting(1, 2, "custom", full_steps=(0, 3, 9)),
+    Setting(12, 0, "adaptive", threshold=0.0562), Setting(3, 0, start_step=2, end_step=9),
+])
+def test_set_params_call_is_python_that_sets_the_same_setting(setting: Setting) -> None:
+    calls: list[dict] = []
+
+    class Recorder:
+        def set_params(self, **kwargs: object) -> None:
+            calls.append(kwargs)
+
+    line = setting.set_params_call()
+    assert line.startswith("helper.set_params(cache_interval=")
+    eval(line, {"helper": Recorder()})  # noqa: S307 - our own output
+    assert Setting(**calls[0]) == setting
