@@ -46,14 +46,16 @@ def test_threshold_zero_is_all_full_steps_and_a_huge_one_is_the_uniform_pattern_
     baseline = run(pipe, steps=STEPS)
     helper = DeepCacheSDHelper(pipe=pipe)
     with helper:
-        helper.set_params(cache_interval=3, cache_branch_id=1, skip_mode="adaptive", threshold=0.0)
-        assert torch.equal(run(pipe, steps=STEPS), baseline)
-        assert helper.last_steps == (True,) * STEPS
-        helper.set_params(cache_interval=3, cache_branch_id=1, skip_mode="adaptive", threshold=1e30)
-        capped = run(pipe, steps=STEPS)
-        assert helper.last_steps == schedule_pattern(CacheParams(cache_interval=3), STEPS)
-        helper.set_params(cache_interval=3, cache_branch_id=1)
-        assert torch.equal(run(pipe, steps=STEPS), capped)
+        for branch in range(helper.num_branches()):
+            helper.set_params(cache_interval=3, cache_branch_id=branch, skip_mode="adaptive", threshold=0.0)
+            assert torch.equal(run(pipe, steps=STEPS), baseline), branch
+            assert helper.last_steps == (True,) * STEPS
+        for cap in range(1, STEPS + 2):  # every cap a 12-step run can tell apart, and one beyond
+            helper.set_params(cache_interval=cap, cache_branch_id=1, skip_mode="adaptive", threshold=1e30)
+            capped = run(pipe, steps=STEPS)
+            assert helper.last_steps == schedule_pattern(CacheParams(cache_interval=cap), STEPS), cap
+            helper.set_params(cache_interval=cap, cache_branch_id=1)
+            assert torch.equal(run(pipe, steps=STEPS), capped), cap
 
 
 def test_adaptive_with_a_controlnet_reruns_bit_identically() -> None:
@@ -87,7 +89,7 @@ def test_calibrate_picks_exactly_k_full_steps_and_sets_them(monkeypatch) -> None
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=3, cache_branch_id=1)
     call = dict(num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent", **prompt_kwargs(batch=2))
-    for k in (1, 4, STEPS):
+    for k in range(1, STEPS + 1):  # every budget
         params = helper.calibrate(num_full_steps=k, generator=torch.Generator().manual_seed(0), **call)
         assert params.skip_mode == "custom" and params.cache_branch_id == 1
         assert len(params.full_steps) == k and params.full_steps[0] == 0 and max(params.full_steps) < STEPS
