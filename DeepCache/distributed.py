@@ -3,7 +3,9 @@
 A thin layer over ``accelerate.PartialState`` (imported only when the process was launched by one of them, so
 single-process runs need no ``accelerate``): :func:`process_info` gives the rank, the number of processes and the
 device each process uses (``cuda:<local rank>``, or the CPU with the gloo backend). :func:`shard` is the one rule
-that splits work: element ``k`` goes to process ``k % world_size``, a pure function of the list.
+that splits work: element ``k`` goes to process ``k % world_size``, a pure function of the list. Tools deal out whole
+:func:`global_batches` (batch ``j`` is items ``j*B`` to ``j*B+B-1``), so which items share a batch, and with it every
+pixel, does not depend on the number of processes.
 
 On a machine without a GPU, ``accelerate launch --cpu --num_processes 2`` starts *one* process (accelerate 1.x); start
 two CPU processes with::
@@ -17,6 +19,8 @@ Example::
     >>> from DeepCache.distributed import shard
     >>> shard(list(range(7)), rank=1, world_size=3)
     [1, 4]
+    >>> shard(global_batches(5, batch_size=2), rank=0, world_size=2)
+    [[0, 1], [4]]
     >>> process_info(device="cpu").world_size   # not launched: one process
     1
 """
@@ -29,7 +33,7 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
-__all__ = ["ProcessInfo", "barrier", "gather", "is_launched", "process_info", "shard"]
+__all__ = ["ProcessInfo", "barrier", "gather", "global_batches", "is_launched", "process_info", "shard"]
 
 T = TypeVar("T")
 
@@ -97,6 +101,17 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(items[rank::world_size])
 
 
+def global_batches(num_items: int, batch_size: int) -> list[list[int]]:
+    """Item indices in batches of ``batch_size`` over the whole list (the last may be shorter).
+
+    >>> global_batches(5, 2)
+    [[0, 1], [2, 3], [4]]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    return [list(range(first, min(first + batch_size, num_items))) for first in range(0, num_items, batch_size)]
+
+
 def barrier(info: ProcessInfo) -> None:
     """Wait until every process gets here (nothing to wait for with one process)."""
     if info.distributed:
@@ -105,10 +120,10 @@ def barrier(info: ProcessInfo) -> None:
         PartialState().wait_for_everyone()
 
 
-def gather(info: ProcessInfo, obj: Any) -> list[Any]:
-    """Every process's ``obj``, in rank order (each process receives the list; one process: ``[obj]``)."""
+def gather(info: ProcessInfo, obj: Any) -> list[Any] | None:
+    """Every process's ``obj`` in rank order on the main process, ``None`` on the others (one process: ``[obj]``)."""
     if not info.distributed:
         return [obj]
-    gathered: list[Any] = [None] * info.world_size
-    torch.distributed.all_gather_object(gathered, obj)
+    gathered: list[Any] | None = [None] * info.world_size if info.is_main else None
+    torch.distributed.gather_object(obj, gathered, dst=0)
     return gathered

@@ -40,8 +40,9 @@ from .cli_common import (
     register,
     resolve_dtype,
 )
-from .distributed import ProcessInfo, barrier, process_info, shard
+from .distributed import ProcessInfo, barrier, global_batches, process_info, shard
 from .image_store import ImageStore
+from .pipelines import default_batch_size
 from .prompts import PROMPT_FILE_FORMATS, PromptItem, read_prompt_file, seeded_items
 from .schedule import CacheParams
 from .settings import Setting, applied
@@ -64,8 +65,7 @@ def pending_batches(num_items: int, batch_size: int, finished: Sequence[int] | s
     [[3, 4, 5], [6]]
     """
     done = set(finished)
-    batches = [list(range(first, min(first + batch_size, num_items))) for first in range(0, num_items, batch_size)]
-    return [batch for batch in batches if not done.issuperset(batch)]
+    return [batch for batch in global_batches(num_items, batch_size) if not done.issuperset(batch)]
 
 
 def check_finished(items: Sequence[PromptItem], finished: Mapping[int, Mapping[str, Any]], folder: Path) -> None:
@@ -148,8 +148,7 @@ def run_job(args: argparse.Namespace, info: ProcessInfo) -> int:
     setting = setting_from_args(args.variant, args.params)
     items = seeded_items(read_prompt_file(args.prompts), args.seed)
     dtype = resolve_dtype(args.dtype, info.device)
-    embedded_batch = 16 if args.model is None else 1
-    batch_size = args.batch_size or embedded_batch
+    batch_size = args.batch_size or default_batch_size(args.model)
     wanted = run_settings_record(model=args.model, setting=setting, steps=args.steps, guidance=args.guidance,
                                  seed=args.seed, height=args.height, width=args.width, batch_size=batch_size,
                                  dtype=dtype)

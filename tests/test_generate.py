@@ -251,3 +251,27 @@ def test_other_settings_or_prompts_into_the_same_folder_refuse(reference: Path, 
     assert main(["generate", "--prompts", str(changed), "--out", str(out), *ARGS]) == 2
     assert f"holds image 0 for prompt {first!r} (seed 0), but the prompts file now gives" in capsys.readouterr().err
     assert (_pngs(out), (out / "manifest.jsonl").read_text()) == before
+
+
+def test_eval_with_a_prompts_file_on_two_processes_scores_like_one(prompts_file: Path, tmp_path: Path) -> None:
+    args = ["eval", "--prompts", str(prompts_file), "--steps", "3", "--variant", "3,0", "--threads", "1"]
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "DeepCache",
+               *args, "--json", str(tmp_path / "two.json")]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1 and ", 2 processes" in done.stdout  # only the main process reports
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["meta"]["seeds"] == two["meta"]["seeds"] == [0, 1, 1234, 3, 4]
+    assert one["meta"]["negative_prompts"] == [None, None, None, "a large blue circle", None]
+    assert (one["meta"]["processes"], two["meta"]["processes"]) == (1, 2)
+    timing = ("seconds", "speedup")
+    assert [{k: v for k, v in row.items() if k not in timing} for row in one["rows"]] == \
+        [{k: v for k, v in row.items() if k not in timing} for row in two["rows"]]
+    assert one["rows"][1]["psnr"] < 100  # the cached setting differs from the original
+
+
+def test_eval_prompts_file_and_prompt_are_exclusive(prompts_file: Path, capsys) -> None:
+    assert main(["eval", "--prompts", str(prompts_file), "--prompt", "a cat"]) == 2
+    assert "give either --prompts FILE or --prompt" in capsys.readouterr().err
