@@ -106,7 +106,7 @@ def add_variant_option(parser: argparse.ArgumentParser, *, default_help: str, re
         "--variant", action="append" if repeatable else "store", type=_setting, metavar="I,B[,SCHEDULE]",
         help="DeepCache setting: interval, branch, optional schedule uniform | non-uniform (the paper's center 15, "
         "or the last step if fewer steps) | custom (with full_steps=0/4/8), then any other set_params field as "
-        f"KEY=VALUE (e.g. 3,0,start_step=2); 'original' is the uncached pipeline; {'repeatable ' if repeatable else ''}"
+        f"KEY=VALUE (e.g. 3,0,start_step=2); 'original' is the uncached pipeline{'; repeatable' if repeatable else ''} "
         f"(default {default_help})",
     )
 

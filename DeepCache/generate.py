@@ -214,6 +214,18 @@ def run(args: argparse.Namespace) -> int:
     return run_job(args, info)
 
 
+#: The end of ``deepcache generate --help``.
+EPILOG = (
+    "Run the same command again to resume: finished images are kept, missing or partial ones are made; other "
+    "settings into the same --out are refused. Many processes (each on cuda:<local rank>, or the CPU), same images "
+    "as one process: `accelerate launch --num_processes N -m DeepCache generate ...` or `torchrun --nproc_per_node N "
+    "-m DeepCache generate ...`; multi-node with accelerate's --num_machines/--machine_rank/--main_process_ip and "
+    "--out on a shared filesystem. CPU only: `CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N "
+    "--num_machines 1 --mixed_precision no --dynamo_backend no -m DeepCache generate ... --threads 1` "
+    "(`accelerate launch --cpu` starts one process)."
+)
+
+
 # -- command line ----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``deepcache generate``."""
@@ -246,6 +258,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Register ``deepcache generate``."""
-    return register(subparsers, "generate", help="many images from a prompts file, resumable, on one or many "
-                    "processes (accelerate launch / torchrun)", module_doc=__doc__, add_arguments=add_arguments,
-                    run=run)
+    parser = register(subparsers, "generate", help="many images from a prompts file, resumable, on one or many "
+                      "processes (accelerate launch / torchrun)", module_doc=__doc__, add_arguments=add_arguments,
+                      run=run)
+    parser.epilog = EPILOG
+    return parser

@@ -275,3 +275,24 @@ def test_eval_with_a_prompts_file_on_two_processes_scores_like_one(prompts_file:
 def test_eval_prompts_file_and_prompt_are_exclusive(prompts_file: Path, capsys) -> None:
     assert main(["eval", "--prompts", str(prompts_file), "--prompt", "a cat"]) == 2
     assert "give either --prompts FILE or --prompt" in capsys.readouterr().err
+
+
+def test_help_documents_resume_and_launchers(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--prompts FILE", "--out DIR", "--params JSON", "--guidance-scale", "Run the same command again to "
+                 "resume", "accelerate launch --num_processes N -m DeepCache generate", "torchrun --nproc_per_node N",
+                 "accelerate launch --multi_gpu"):
+        assert text in out
+
+
+def test_negative_prompt_changes_the_image_and_empty_means_none() -> None:
+    from DeepCache.generate import generate_items
+    from DeepCache.pipelines import load_pipeline
+
+    pipe = load_pipeline()
+    prompt = embedded_prompts(1)[0]
+    items = [PromptItem(prompt, 0), PromptItem(prompt, 0, ""), PromptItem(prompt, 0, "a large blue circle")]
+    images = [generate_items(pipe, [item], Setting(3, 0), steps=2, guidance=4.0)[0].tobytes() for item in items]
+    assert images[0] == images[1] != images[2]
