@@ -140,7 +140,10 @@ def _stop_after() -> int | None:
 
 
 def _count_finished(store: ImageStore, pending: set[int]) -> int:
-    return len(pending.intersection(store.records()))
+    """How many of ``pending`` any process has recorded (in the parts: the merged manifest is written at the end)."""
+    from .image_store import read_records
+
+    return len(pending.intersection(r["index"] for path in store.manifest_files()[1:] for r in read_records(path)))
 
 
 def run_job(args: argparse.Namespace, info: ProcessInfo) -> int:
@@ -176,7 +179,7 @@ def run_job(args: argparse.Namespace, info: ProcessInfo) -> int:
         pipe = load_pipeline(args.model, info.device, dtype) if mine else None
     bar = Progress(len(pending), info.is_main and not args.no_progress, desc="deepcache generate", unit="image")
     stop_after, written = _stop_after(), 0
-    start = time.perf_counter()
+    start = counted = time.perf_counter()
     for batch in mine:
         batch_start = time.perf_counter()
         images = generate_items(pipe, [items[i] for i in batch], setting, steps=args.steps, guidance=args.guidance,
@@ -191,8 +194,11 @@ def run_job(args: argparse.Namespace, info: ProcessInfo) -> int:
             written += 1
             if stop_after is not None and written >= stop_after:
                 os._exit(75)  # test hook: as if killed here
-        if info.is_main:
-            bar.update_to(_count_finished(store, pending) if info.distributed else written)
+        if info.is_main and not info.distributed:
+            bar.update_to(written)
+        elif info.is_main and time.perf_counter() - counted >= 1.0:  # what every process finished, once a second
+            bar.update_to(_count_finished(store, pending))
+            counted = time.perf_counter()
     barrier(info)
     elapsed = time.perf_counter() - start
     if info.is_main:

@@ -296,3 +296,19 @@ def test_negative_prompt_changes_the_image_and_empty_means_none() -> None:
     items = [PromptItem(prompt, 0), PromptItem(prompt, 0, ""), PromptItem(prompt, 0, "a large blue circle")]
     images = [generate_items(pipe, [item], Setting(3, 0), steps=2, guidance=4.0)[0].tobytes() for item in items]
     assert images[0] == images[1] != images[2]
+
+
+def test_two_processes_killed_then_one_process_resumes(reference: Path, prompts_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "DeepCache",
+               "generate", "--prompts", str(prompts_file), "--out", str(out), *ARGS]
+    killed = subprocess.run(command, env=_env(**{STOP_AFTER_VARIABLE: "1"}), capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert killed.returncode != 0
+    assert [r["index"] for r in read_records(out / "manifest.rank0.jsonl")][:1] == [0]  # rank 0 made item 0, died
+    assert not (out / "manifest.jsonl").exists()  # never merged
+    assert main(["generate", "--prompts", str(prompts_file), "--out", str(out), *ARGS]) == 0
+    assert _pngs(out) == _pngs(reference)
+    assert [r["index"] for r in _manifest(out)] == list(range(NUM_ITEMS))
+    assert sorted(p.name for p in out.iterdir()) == sorted([*_pngs(out), "manifest.jsonl", "settings.json"])
