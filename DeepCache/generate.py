@@ -157,26 +157,40 @@ def run_job(args: argparse.Namespace, info: ProcessInfo) -> int:
                                  dtype=dtype)
     store = ImageStore(args.out, len(items), info.rank, info.world_size)
     # Every process reads the same files before anyone writes (barrier below), so they all plan the same batches
-    # and raise the same errors.
+    # and raise the same errors; nothing is written before the pipeline has loaded.
     started = store.check_settings(wanted)
     finished = store.finished()
     check_finished(items, finished, store.folder)
     batches = pending_batches(len(items), batch_size, set(finished))
     pending = {i for batch in batches for i in batch if i not in finished}
     mine = shard(batches, info.rank, info.world_size)
-    if info.is_main:
-        print(f"deepcache generate: {len(items)} items, {len(finished)} already in {store.folder}, {len(pending)} to "
-              f"make in {len(batches)} batches of up to {batch_size} on {info.world_size} process(es); {setting.label}, "
-              f"{args.steps} steps", flush=True)
-    barrier(info)
-    if info.is_main and not started:
-        store.write_settings(wanted)
-    store.start(finished)
-
     with quiet_third_party(not args.verbose):
         from .pipelines import load_pipeline
 
-        pipe = load_pipeline(args.model, info.device, dtype) if mine else None
+        pipe = load_pipeline(args.model, info.device, dtype)
+        if info.is_main:
+            print(f"deepcache generate: {len(items)} items, {len(finished)} already in {store.folder}, {len(pending)} "
+                  f"to make in {len(batches)} batches of up to {batch_size} on {info.world_size} process(es); "
+                  f"{setting.label}, {args.steps} steps", flush=True)
+        barrier(info)
+        if info.is_main and not started:
+            store.write_settings(wanted)
+        store.start(finished)
+        elapsed = _generate(args, info, pipe, store, items, mine, set(finished), pending, setting)
+    if info.is_main:
+        done = store.merge()
+        rate = f", {len(pending) / elapsed:.2f} images/s" if pending and elapsed > 0 else ""
+        print(f"deepcache generate: {len(pending)} new image(s) in {elapsed:.1f} s{rate}; {len(done)} of {len(items)} "
+              f"in {store.folder / 'manifest.jsonl'}", flush=True)
+        if len(done) < len(items):
+            raise ValueError(f"{len(items) - len(done)} item(s) are missing from {store.folder} after the run; run "
+                             "the command again.")
+    return 0
+
+
+def _generate(args: argparse.Namespace, info: ProcessInfo, pipe: Any, store: ImageStore, items: Sequence[PromptItem],
+              mine: Sequence[Sequence[int]], finished: set[int], pending: set[int], setting: Setting) -> float:
+    """Make and save this process's batches; wait for every process; the seconds from here to the last one's end."""
     bar = Progress(len(pending), info.is_main and not args.no_progress, desc="deepcache generate", unit="image")
     stop_after, written = _stop_after(), 0
     start = counted = time.perf_counter()
@@ -200,18 +214,9 @@ def run_job(args: argparse.Namespace, info: ProcessInfo) -> int:
             bar.update_to(_count_finished(store, pending))
             counted = time.perf_counter()
     barrier(info)
-    elapsed = time.perf_counter() - start
-    if info.is_main:
-        bar.update_to(len(pending))
-        bar.close()
-        done = store.merge()
-        missing = len(items) - len(done)
-        rate = f", {len(pending) / elapsed:.2f} images/s" if pending and elapsed > 0 else ""
-        print(f"deepcache generate: {len(pending)} new image(s) in {elapsed:.1f} s{rate}; {len(done)} of {len(items)} "
-              f"in {store.folder / 'manifest.jsonl'}", flush=True)
-        if missing:
-            raise ValueError(f"{missing} item(s) are missing from {store.folder} after the run; run the command again.")
-    return 0
+    bar.update_to(len(pending))
+    bar.close()
+    return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ Example::
     >>> import tempfile
     >>> from PIL import Image
     >>> store = ImageStore(tempfile.mkdtemp(), num_items=12)
+    >>> store.start({})
     >>> store.file_name(3)
     '03.png'
     >>> store.save(3, Image.new("RGB", (4, 4)), {"prompt": "a red circle", "seed": 3})
@@ -96,7 +97,6 @@ class ImageStore:
         self.folder = Path(folder)
         self.width = len(str(max(num_items - 1, 0)))
         self.rank, self.world_size = rank, world_size
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     # -- names ----------------------------------------------------------------------------------------
     def file_name(self, index: int) -> str:
@@ -109,6 +109,8 @@ class ImageStore:
 
     def manifest_files(self) -> list[Path]:
         """The merged manifest and every part left by any process of this or an earlier run."""
+        if not self.folder.is_dir():
+            return [self.folder / MANIFEST]
         parts = sorted((p for p in self.folder.iterdir() if _PART.match(p.name)), key=lambda p: p.name)
         return [self.folder / MANIFEST, *parts]
 
@@ -131,6 +133,8 @@ class ImageStore:
         return True
 
     def write_settings(self, wanted: Mapping[str, Any]) -> None:
+        """Record the settings (creating the folder)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(self.folder / SETTINGS, (json.dumps(wanted, indent=1) + "\n").encode())
 
     # -- records --------------------------------------------------------------------------------------
@@ -162,14 +166,16 @@ class ImageStore:
         """Rewrite this process's manifest file cleanly before appending to it (no torn line stays).
 
         One process: the manifest becomes exactly ``done`` and the parts of an earlier multi-process run are folded
-        in. Several: a process keeps the complete lines of its own part.
+        in. Several: a process keeps the complete lines of its own part whose items are in ``done``.
         """
+        self.folder.mkdir(parents=True, exist_ok=True)
         if self.world_size == 1:
             self._rewrite_manifest(done.values())
         else:
             path = self.own_manifest
             if path.exists():
-                _write_atomically(path, "".join(json.dumps(r) + "\n" for r in read_records(path)).encode())
+                kept = [r for r in read_records(path) if r["index"] in done]
+                _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def save(self, index: int, image: Any, record: Mapping[str, Any]) -> None:
         """Write image ``index`` atomically, then append its manifest record (with ``index``, ``file``, ``rank``)."""

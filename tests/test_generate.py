@@ -82,6 +82,14 @@ def test_generate_with_a_malformed_file_makes_nothing(tmp_path: Path, capsys, na
     assert not out.exists()
 
 
+def test_generate_with_a_model_that_does_not_load_makes_nothing(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    prompts = _write(tmp_path / "p.txt", "a red circle\n")
+    assert main(["generate", "--prompts", str(prompts), "--out", str(out), "--model", "/nonexistent/pipeline"]) == 2
+    assert capsys.readouterr().err.startswith("deepcache generate: error: ")
+    assert not out.exists()  # no settings.json that a corrected --model would then contradict
+
+
 # -- pure rules ------------------------------------------------------------------------------------------
 def test_batches_are_global_and_run_whole_when_any_item_is_unfinished() -> None:
     assert pending_batches(5, 2, set()) == [[0, 1], [2, 3], [4]]
@@ -306,7 +314,9 @@ def test_two_processes_killed_then_one_process_resumes(reference: Path, prompts_
     killed = subprocess.run(command, env=_env(**{STOP_AFTER_VARIABLE: "1"}), capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
     assert killed.returncode != 0
-    assert [r["index"] for r in read_records(out / "manifest.rank0.jsonl")][:1] == [0]  # rank 0 made item 0, died
+    # each process stops after its first image, and the launcher then ends the other one
+    made = [r["index"] for part in sorted(out.glob("manifest.rank*.jsonl")) for r in read_records(part)]
+    assert 1 <= len(made) <= 2 and set(made) <= {0, 2}
     assert not (out / "manifest.jsonl").exists()  # never merged
     assert main(["generate", "--prompts", str(prompts_file), "--out", str(out), *ARGS]) == 0
     assert _pngs(out) == _pngs(reference)
