@@ -19,7 +19,8 @@ from typing import Sequence
 from . import __version__
 
 # One entry per subcommand module; each exposes ``add_parser(subparsers)``.
-_COMMAND_MODULES: tuple[str, ...] = ("DeepCache.bench", "DeepCache.demo", "DeepCache.evaluate", "DeepCache.tune",
+_COMMAND_MODULES: tuple[str, ...] = ("DeepCache.bench", "DeepCache.demo", "DeepCache.evaluate", "DeepCache.generate",
+                                     "DeepCache.tune",
                                      "DeepCache.demo_model.train")
 
 

@@ -99,13 +99,15 @@ def add_threads_option(parser: argparse.ArgumentParser, *, default_help: str = "
                         help=f"torch CPU threads (default: {default_help}; 1 is fastest on a busy shared CPU)")
 
 
-def add_variant_option(parser: argparse.ArgumentParser, *, default_help: str) -> None:
-    """``--variant I,B[,SCHEDULE[,KEY=VALUE...]]``, repeatable, parsed into :class:`Setting` objects."""
+def add_variant_option(parser: argparse.ArgumentParser, *, default_help: str, repeatable: bool = True) -> None:
+    """``--variant I,B[,SCHEDULE[,KEY=VALUE...]]`` parsed into :class:`Setting` objects: a list when ``repeatable``,
+    else one setting."""
     parser.add_argument(
-        "--variant", action="append", type=_setting, metavar="I,B[,SCHEDULE]",
+        "--variant", action="append" if repeatable else "store", type=_setting, metavar="I,B[,SCHEDULE]",
         help="DeepCache setting: interval, branch, optional schedule uniform | non-uniform (the paper's center 15, "
         "or the last step if fewer steps) | custom (with full_steps=0/4/8), then any other set_params field as "
-        f"KEY=VALUE (e.g. 3,0,start_step=2); 'original' is the uncached pipeline; repeatable (default {default_help})",
+        f"KEY=VALUE (e.g. 3,0,start_step=2); 'original' is the uncached pipeline{'; repeatable' if repeatable else ''} "
+        f"(default {default_help})",
     )
 
 
@@ -240,10 +242,16 @@ class Progress:
                 return
             self.bar = tqdm(total=total, file=sys.stderr, desc=desc, unit=unit, dynamic_ncols=True)
 
-    def update(self, text: str) -> None:
+    def update(self, text: str = "", n: int = 1) -> None:
+        """``n`` more done; ``text`` shown after the bar."""
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
+            self.bar.update(n)
+
+    def update_to(self, done: int, text: str = "") -> None:
+        """``done`` in all (a count read from elsewhere, e.g. what every process finished)."""
+        if self.bar is not None and done > self.bar.n:
+            self.update(text, done - self.bar.n)
 
     def set_total(self, total: int) -> None:
         """Correct the expected count once it is known."""

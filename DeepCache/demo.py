@@ -72,7 +72,10 @@ def compose_grid(
 
 
 def run(args: argparse.Namespace) -> int:
-    result, runs = evaluate_from_args(args, list(args.variant or DEMO_SETTINGS))
+    evaluated = evaluate_from_args(args, list(args.variant or DEMO_SETTINGS))
+    if evaluated is None:  # not the main process of a launched run
+        return 0
+    result, runs = evaluated
     print(f"DeepCache demo: {result.header()}")
     prompts, seeds = result.meta["prompts"], result.meta["seeds"]
     for k, prompt in enumerate(prompts):

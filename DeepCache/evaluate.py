@@ -17,6 +17,13 @@ Example::
     $ deepcache eval --variant 3,0 --variant 5,0 --json eval.json
     $ deepcache eval --grid               # intervals 2-5 x branches 0-2
     $ deepcache eval --model ./my-sd-pipeline --prompt "a cat" --steps 25 --variant 3,1
+    $ accelerate launch --num_processes 8 -m DeepCache eval --device cuda --model ./sd-1.5 --prompts captions.csv \\
+          --clip-model ./clip-vit-large-patch14 --variant 3,1
+
+``--prompts FILE`` reads prompts (and their seeds and negative prompts) from a ``.txt``, ``.jsonl`` or ``.csv`` file.
+Under ``accelerate launch`` or ``torchrun`` each process generates whole batches of the prompts (the batches
+:func:`DeepCache.distributed.global_batches` forms, dealt out by :func:`DeepCache.distributed.shard`); the main
+process gathers the images and scores them. A setting's seconds are then the slowest process's.
 """
 
 from __future__ import annotations
@@ -49,8 +56,9 @@ from .cli_common import (
     resolve_dtype,
 )
 from .demo_model import EMBEDDED_MODEL  # noqa: F401  (re-exported: where the embedded model lives)
-from .pipelines import demo_classifier_path, is_demo_pipeline, load_pipeline
-from .prompts import GENERIC_PROMPTS, choose_prompts, embedded_prompts, prompt_seeds  # noqa: F401
+from .distributed import ProcessInfo, gather, global_batches, process_info, shard
+from .pipelines import default_batch_size, demo_classifier_path, is_demo_pipeline, load_pipeline
+from .prompts import GENERIC_PROMPTS, choose_prompts, embedded_prompts, prompt_seeds, read_prompt_file, seeded_items  # noqa: F401
 from .report import Column, environment, json_document, render_table, write_json
 from .settings import BASELINE, Setting, applied, setting_grid
 
@@ -91,16 +99,20 @@ def generate(
     guidance: float = DEFAULT_GUIDANCE,
     batch_size: int = 16,
     patterns: list[tuple[bool, ...]] | None = None,
+    negative_prompts: Sequence[str | None] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Generate one image per (prompt, seed) pair with ``setting``; returns images and seconds taken.
 
     ``patterns``, when given, receives each cached batch's ``helper.last_steps`` (an adaptive schedule decides
-    per batch).
+    per batch). ``negative_prompts``: one per prompt (``None`` or ``""``: none).
     """
     from .helper import DeepCacheSDHelper
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
+    negatives = [n or "" for n in negative_prompts] if negative_prompts is not None else [""] * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts; pass one per prompt.")
     helper = DeepCacheSDHelper(pipe=pipe)
     chunks: list[np.ndarray] = []
     start = time.perf_counter()
@@ -108,7 +120,9 @@ def generate(
         for first in range(0, len(prompts), batch_size):
             batch = list(prompts[first : first + batch_size])
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds[first : first + batch_size]]
-            out = pipe(batch, generator=generators, num_inference_steps=steps, guidance_scale=guidance, output_type="np")
+            negative = negatives[first : first + batch_size]  # diffusers' own default negative prompt is ""
+            out = pipe(batch, negative_prompt=negative if any(negative) else None, generator=generators,
+                       num_inference_steps=steps, guidance_scale=guidance, output_type="np")
             chunks.append(np.asarray(out.images, dtype=np.float32))
             if patterns is not None and not setting.is_baseline:
                 patterns.append(helper.last_steps)
@@ -125,6 +139,7 @@ def run_settings(
     repeats: int = 1,
     batch_size: int = 16,
     on_run: Callable[[Setting], None] | None = None,
+    negative_prompts: Sequence[str | None] | None = None,
 ) -> list[SettingRun]:
     """The original pipeline first, then each setting; repeats are interleaved so load changes hit all alike.
 
@@ -137,13 +152,58 @@ def run_settings(
     for repeat in range(repeats):
         for setting in order:
             patterns: list[tuple[bool, ...]] = []
-            images, seconds = generate(pipe, prompts, seeds, setting, steps, guidance, batch_size, patterns)
+            images, seconds = generate(pipe, prompts, seeds, setting, steps, guidance, batch_size, patterns,
+                                       negative_prompts)
             results[setting].seconds.append(seconds)
             if repeat == 0:
                 results[setting].images, results[setting].patterns = images, patterns
             if on_run is not None:
                 on_run(setting)
     return [results[s] for s in order]
+
+
+def run_settings_sharded(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    settings: Sequence[Setting],
+    info: ProcessInfo,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    repeats: int = 1,
+    batch_size: int = 16,
+    negative_prompts: Sequence[str | None] | None = None,
+) -> list[SettingRun] | None:
+    """:func:`run_settings` on this process's whole batches; the main process gets every image in prompt order
+    (each repeat's seconds are the slowest process's), the others ``None``."""
+    batches = shard(global_batches(len(prompts), batch_size), info.rank, info.world_size)
+    mine = [i for batch in batches for i in batch]
+    runs = None
+    if mine:
+        negatives = None if negative_prompts is None else [negative_prompts[i] for i in mine]
+        runs = run_settings(pipe, [prompts[i] for i in mine], [seeds[i] for i in mine], settings, steps, guidance,
+                            repeats, batch_size, negative_prompts=negatives)
+    parts = gather(info, (batches, runs))
+    if parts is None:
+        return None
+    return _merge_runs(parts, len(prompts))
+
+
+def _merge_runs(parts: Sequence[tuple[list[list[int]], list[SettingRun] | None]], count: int) -> list[SettingRun]:
+    """One run per setting from every process's (batches, runs): images in prompt order, patterns in batch order,
+    each repeat's seconds the slowest process's."""
+    done = [(batches, runs) for batches, runs in parts if runs is not None]
+    merged = []
+    for k, first in enumerate(done[0][1]):
+        images = np.empty((count, *first.images.shape[1:]), dtype=first.images.dtype)
+        patterns: dict[int, tuple[bool, ...]] = {}
+        for batches, runs in done:
+            run = runs[k]  # type: ignore[index]
+            images[[i for batch in batches for i in batch]] = run.images
+            patterns.update({batch[0]: p for batch, p in zip(batches, run.patterns)})
+        seconds = [max(runs[k].seconds[r] for _, runs in done) for r in range(len(first.seconds))]  # type: ignore[index]
+        merged.append(SettingRun(first.setting, images, seconds, [patterns[i] for i in sorted(patterns)]))
+    return merged
 
 
 # -- features --------------------------------------------------------------------------------
@@ -313,8 +373,9 @@ class EvalResult:
     def header(self) -> str:
         """One line: which model, steps, prompts, guidance, threads, device."""
         m = self.meta
+        processes = f", {m['processes']} processes" if m.get("processes", 1) > 1 else ""
         return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps, {len(m['prompts'])} prompts, guidance "
-                f"{m['guidance']}, {m['torch_threads']} CPU thread(s), {m['device']} {m['dtype']}")
+                f"{m['guidance']}, {m['torch_threads']} CPU thread(s), {m['device']} {m['dtype']}{processes}")
 
 
 def model_name(meta: dict[str, Any]) -> str:
@@ -357,17 +418,21 @@ def evaluate(
     classifier_path: Path | None = None,
     clip_name: str | None = None,
     batch_size: int | None = None,
+    negative_prompts: Sequence[str | None] | None = None,
+    runs: list[SettingRun] | None = None,
 ) -> tuple[EvalResult, list[SettingRun]]:
-    """Generate with every setting and score it; task metrics need a demo pipeline and its classifier."""
+    """Generate with every setting and score it; task metrics need a demo pipeline and its classifier.
+
+    ``runs``: images already generated (by :func:`run_settings_sharded` on several processes) to score instead.
+    """
     from .demo_model.classifier import load_classifier
 
     classifier_path = classifier_path or demo_classifier_path(pipe)
     classifier = load_classifier(classifier_path) if classifier_path is not None else None
     clip = clip_model(clip_name) if clip_name else None
-    embedded = is_demo_pipeline(pipe)
-    if batch_size is None:  # the tiny demo model batches well; a real SD/SDXL model may not fit 16 at once
-        batch_size = 16 if embedded else 1
-    runs = run_settings(pipe, prompts, seeds, settings, steps, guidance, repeats, batch_size)
+    if runs is None:
+        runs = run_settings(pipe, prompts, seeds, settings, steps, guidance, repeats,
+                            batch_size or default_batch_size(pipe), negative_prompts=negative_prompts)
     rows = score(runs, prompts, classifier, lpips_model(), clip)
     meta = run_meta(
         pipe, steps, guidance, prompts, seeds, repeats=repeats,
@@ -402,22 +467,46 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_prompts: in
     add_table_options(parser)
 
 
-def pipeline_from_args(args: argparse.Namespace) -> tuple[Any, list[str]]:
-    """The pipeline (``--model``, ``--device``, ``--dtype``) and its prompts (``--prompt``, ``--num-prompts``, ``--seed``)."""
-    device = resolve_device(args.device)
+def pipeline_from_args(args: argparse.Namespace, device: torch.device | None = None) -> tuple[Any, list[str]]:
+    """The pipeline (``--model``, ``--device`` unless ``device`` is given, ``--dtype``) and its prompts (``--prompt``,
+    ``--num-prompts``, ``--seed``)."""
+    device = device or resolve_device(args.device)
     pipe = load_pipeline(args.model, device, resolve_dtype(args.dtype, device))
     prompts = choose_prompts(embedded=is_demo_pipeline(pipe), count=args.num_prompts, seed=args.seed, given=args.prompt)
     return pipe, prompts
 
 
 def evaluate_from_args(args: argparse.Namespace, settings: Sequence[Setting],
-                       clip_name: str | None = None) -> tuple[EvalResult, list[SettingRun]]:
-    """Threads, device, pipeline and prompts from the shared options, then :func:`evaluate` (quietly)."""
+                       clip_name: str | None = None) -> tuple[EvalResult, list[SettingRun]] | None:
+    """Threads, device, pipeline and prompts from the shared options, then :func:`evaluate` (quietly).
+
+    Launched as several processes (``accelerate launch``, ``torchrun``), each generates its share and the main
+    process scores everything; the others return ``None``.
+    """
     apply_threads(args.threads)
+    file = getattr(args, "prompts", None)
+    if file is not None and args.prompt:
+        raise ValueError("give either --prompts FILE or --prompt, not both.")
+    items = seeded_items(read_prompt_file(file), args.seed) if file is not None else None
+    info = process_info(args.device)
     with quiet_third_party(not args.verbose):
-        pipe, prompts = pipeline_from_args(args)
-        return evaluate(pipe, settings, prompts, prompt_seeds(prompts, args.seed), args.steps, args.guidance,
-                        args.repeats, clip_name=clip_name)
+        pipe, prompts = pipeline_from_args(args, info.device)
+        seeds, negatives = prompt_seeds(prompts, args.seed), None
+        if items is not None:
+            prompts, seeds = [i.prompt for i in items], [int(i.seed) for i in items]  # type: ignore[arg-type]
+            negatives = [i.negative_prompt for i in items] if any(i.negative_prompt for i in items) else None
+        runs = None
+        if info.distributed:
+            runs = run_settings_sharded(pipe, prompts, seeds, settings, info, args.steps, args.guidance,
+                                        args.repeats, default_batch_size(pipe), negatives)
+            if runs is None:
+                return None
+        result, runs = evaluate(pipe, settings, prompts, seeds, args.steps, args.guidance, args.repeats,
+                                clip_name=clip_name, negative_prompts=negatives, runs=runs)
+        result.meta["processes"] = info.world_size
+        if negatives is not None:
+            result.meta["negative_prompts"] = negatives
+        return result, runs
 
 
 def write_report(result: EvalResult, path: Path | None) -> None:
@@ -428,7 +517,10 @@ def write_report(result: EvalResult, path: Path | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = setting_grid() if args.grid else list(args.variant or EVAL_SETTINGS)
-    result, _ = evaluate_from_args(args, settings, clip_name=args.clip_model)
+    evaluated = evaluate_from_args(args, settings, clip_name=args.clip_model)
+    if evaluated is None:  # not the main process: it only generated its share
+        return 0
+    result = evaluated[0]
     print(result.header())
     print(format_table(result.rows, args.table))
     print(f"LPIPS: {result.meta['lpips']}; CLIP score: {result.meta['clip_score']}")
@@ -441,6 +533,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, default_prompts=64, default_variants="2,0 3,0 3,1 5,0")
     parser.add_argument("--grid", action="store_true", help="evaluate intervals 2-5 x branches 0-2")
     parser.add_argument("--clip-model", help="CLIP weights (local folder or cached hub id) for the CLIP score")
+    parser.add_argument("--prompts", type=Path, metavar="FILE",
+                        help="read the prompts from a .txt (one a line), .jsonl ({\"prompt\", \"seed\", "
+                        "\"negative_prompt\"} a line) or .csv (a 'prompt' column) file; item i uses seed --seed+i unless "
+                        "it gives its own; under accelerate launch / torchrun the prompts are shared out")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]

@@ -17,7 +17,7 @@ import torch
 
 from .demo_model import CLASSIFIER_DIR, EMBEDDED_MODEL, is_demo_pipeline_dir
 
-__all__ = ["demo_classifier_path", "is_demo_pipeline", "load_pipeline"]
+__all__ = ["default_batch_size", "demo_classifier_path", "is_demo_pipeline", "load_pipeline"]
 
 
 def load_pipeline(model: str | None = None, device: str | torch.device = "cpu",
@@ -64,3 +64,17 @@ def demo_classifier_path(pipe: Any) -> Path | None:
         return None
     path = folder.parent / CLASSIFIER_DIR
     return path if path.is_dir() else None
+
+
+def default_batch_size(model: Any) -> int:
+    """Images per pipeline call when the user does not say: 16 for the tiny demo model (a pipeline loaded from it, its
+    folder, or ``None`` for the embedded one), which batches well; 1 for anything else, which may not fit 16 at once.
+
+    >>> default_batch_size(None), default_batch_size("./my-sd-pipeline")
+    (16, 1)
+    """
+    if model is None:
+        return 16
+    if isinstance(model, (str, Path)):
+        return 16 if is_demo_pipeline_dir(Path(model).expanduser()) else 1
+    return 16 if is_demo_pipeline(model) else 1

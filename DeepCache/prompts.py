@@ -4,6 +4,7 @@ On the embedded demo model: ``count`` distinct captions drawn (seeded) from its 
 combinations, so ``demo``'s six prompts are the first six of ``eval``'s 64. On any other model: the
 first ``count`` of a few generic prompts. Image ``k`` uses seed ``first_seed + k``. ``tune`` calibrates
 on other prompts (:func:`calibration_prompts`): the next captions of the same draw, or a second generic list.
+``generate`` and ``eval --prompts`` read a prompts file (:func:`read_prompt_file`: ``.txt``, ``.jsonl``, ``.csv``).
 
 Example::
 
@@ -20,12 +21,16 @@ Example::
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["GENERIC_CALIBRATION_PROMPTS", "GENERIC_PROMPTS", "calibration_prompts", "choose_prompts",
-           "embedded_prompts", "prompt_seeds"]
+__all__ = ["GENERIC_CALIBRATION_PROMPTS", "GENERIC_PROMPTS", "PROMPT_FILE_FORMATS", "PromptItem", "calibration_prompts",
+           "choose_prompts", "embedded_prompts", "prompt_seeds", "read_prompt_file", "seeded_items"]
 
 GENERIC_PROMPTS: tuple[str, ...] = (
     "a photograph of an astronaut riding a horse",
@@ -91,3 +96,130 @@ def calibration_prompts(*, embedded: bool, count: int, seed: int = 0, exclude: S
     if not chosen:
         raise ValueError("no calibration prompt is left that is not evaluated; pass --calibration-prompt.")
     return chosen
+
+
+# -- prompt files ------------------------------------------------------------------------------------
+#: Suffixes :func:`read_prompt_file` reads, and what each holds.
+PROMPT_FILE_FORMATS: dict[str, str] = {
+    ".txt": "one prompt a line (blank lines skipped)",
+    ".jsonl": 'one JSON object a line: {"prompt": ..., "seed": ..., "negative_prompt": ...} (seed and '
+              "negative_prompt optional)",
+    ".csv": "a header row with a 'prompt' column (optional 'seed' and 'negative_prompt' columns)",
+}
+_ITEM_KEYS = ("prompt", "seed", "negative_prompt")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptItem:
+    """One line of a prompts file: the prompt, its own seed (``None``: the run's ``first seed + index``) and its
+    negative prompt (``None``: none, which diffusers encodes as the empty string)."""
+
+    prompt: str
+    seed: int | None = None
+    negative_prompt: str | None = None
+
+
+def read_prompt_file(path: str | Path) -> list[PromptItem]:
+    """The items of a ``.txt``, ``.jsonl`` or ``.csv`` prompts file (see :data:`PROMPT_FILE_FORMATS`), in order.
+
+    Raises ``ValueError`` naming the file and line of the first problem (bad JSON, a missing ``prompt``, an
+    unknown key, a seed that is not an integer, an empty prompt), an unknown suffix or a file without prompts;
+    ``FileNotFoundError`` when it does not exist.
+
+    >>> import tempfile, os
+    >>> folder = tempfile.mkdtemp()
+    >>> with open(os.path.join(folder, "p.jsonl"), "w") as f:
+    ...     _ = f.write('{"prompt": "a red circle", "seed": 7}\\n\\n{"prompt": "a blue square"}\\n')
+    >>> read_prompt_file(os.path.join(folder, "p.jsonl"))
+    [PromptItem(prompt='a red circle', seed=7, negative_prompt=None), PromptItem(prompt='a blue square', seed=None, negative_prompt=None)]
+    >>> with open(os.path.join(folder, "bad.jsonl"), "w") as f:
+    ...     _ = f.write('{"prompt": "a red circle"}\\n{"prompt": "a cat", "seed": 1.5}\\n')
+    >>> read_prompt_file(os.path.join(folder, "bad.jsonl"))
+    Traceback (most recent call last):
+    ...
+    ValueError: ...bad.jsonl line 2: "seed" must be an integer, got 1.5.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_FILE_FORMATS:
+        kinds = "; ".join(f"{k}: {v}" for k, v in PROMPT_FILE_FORMATS.items())
+        raise ValueError(f"{path}: unknown prompts file type {path.suffix!r}; use {kinds}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompts file at {path}.")
+    text = path.read_text(encoding="utf-8-sig")
+    rows = _csv_rows(path, text) if suffix == ".csv" else _line_rows(path, text, suffix == ".jsonl")
+    items = [_item(path, line, row) for line, row in rows]
+    if not items:
+        raise ValueError(f"{path}: no prompts in the file; expected {PROMPT_FILE_FORMATS[suffix]}.")
+    return items
+
+
+def seeded_items(items: Sequence[PromptItem], first_seed: int = 0) -> list[PromptItem]:
+    """Every item with a seed: its own, else ``first_seed + index``.
+
+    >>> [i.seed for i in seeded_items([PromptItem("a"), PromptItem("b", seed=3), PromptItem("c")], 10)]
+    [10, 3, 12]
+    """
+    return [item if item.seed is not None else dataclasses.replace(item, seed=first_seed + k)
+            for k, item in enumerate(items)]
+
+
+def _line_rows(path: Path, text: str, is_json: bool) -> list[tuple[int, dict[str, object]]]:
+    rows: list[tuple[int, dict[str, object]]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not is_json:
+            rows.append((number, {"prompt": line.strip()}))
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {number}: not valid JSON ({exc.msg}); expected "
+                             f"{PROMPT_FILE_FORMATS['.jsonl']}.") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}.")
+        rows.append((number, row))
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, dict[str, object]]]:
+    reader = csv.DictReader(text.splitlines())
+    if reader.fieldnames is None or "prompt" not in [f.strip() for f in reader.fieldnames]:
+        raise ValueError(f"{path} line 1: no 'prompt' column (columns: {reader.fieldnames or []}); expected "
+                         f"{PROMPT_FILE_FORMATS['.csv']}.")
+    rows: list[tuple[int, dict[str, object]]] = []
+    for row in reader:
+        line = reader.line_num
+        if None in row:
+            raise ValueError(f"{path} line {line}: more fields than the header has columns.")
+        values = {k.strip(): (v if v is None else v.strip()) for k, v in row.items()}
+        if not any(values.values()):
+            continue  # a blank line
+        # empty optional cells mean "not given"
+        rows.append((line, {k: v for k, v in values.items() if k == "prompt" or v not in ("", None)}))
+    return rows
+
+
+def _item(path: Path, line: int, row: dict[str, object]) -> PromptItem:
+    where = f"{path} line {line}"
+    unknown = sorted(set(row) - set(_ITEM_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {list(_ITEM_KEYS)}.")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f'{where}: "prompt" must be a non-empty string, got {prompt!r}.')
+    seed = row.get("seed")
+    if isinstance(seed, str):  # CSV cells are text
+        try:
+            seed = int(seed)
+        except ValueError:
+            pass
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f'{where}: "seed" must be an integer, got {seed!r}.')
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ValueError(f'{where}: "seed" must be in 0..2**63-1, got {seed}.')
+    negative = row.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f'{where}: "negative_prompt" must be a string, got {negative!r}.')
+    return PromptItem(prompt, seed, negative)
