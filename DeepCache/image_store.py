@@ -21,7 +21,7 @@ Example::
     >>> store = ImageStore(tempfile.mkdtemp(), num_items=12)
     >>> store.start({})
     >>> store.file_name(3)
-    '03.png'
+    '00003.png'
     >>> store.save(3, Image.new("RGB", (4, 4)), {"prompt": "a red circle", "seed": 3})
     >>> sorted(store.finished())
     [3]
@@ -35,12 +35,15 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["MANIFEST", "SETTINGS", "ImageStore", "read_records", "settings_mismatch"]
+__all__ = ["MANIFEST", "MIN_NAME_DIGITS", "SETTINGS", "ImageStore", "read_records", "settings_mismatch"]
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "settings.json"
 _PART = re.compile(r"^manifest\.rank(\d+)\.jsonl$")
 _TEMP_SUFFIX = ".tmp"
+#: File names have at least this many digits, so appending prompts to a job of under 100,000 items never changes
+#: the name an item's image gets.
+MIN_NAME_DIGITS = 5
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -90,12 +93,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
 class ImageStore:
     """The output folder of one generation job, as seen by process ``rank`` of ``world_size``.
 
-    ``num_items`` (the size of the whole job) sets the zero padding of file names.
+    File names are zero-padded to ``MIN_NAME_DIGITS`` digits, or more when ``num_items`` (the size of the whole
+    job) needs them.
     """
 
     def __init__(self, folder: str | Path, num_items: int, rank: int = 0, world_size: int = 1) -> None:
         self.folder = Path(folder)
-        self.width = len(str(max(num_items - 1, 0)))
+        self.width = max(MIN_NAME_DIGITS, len(str(max(num_items - 1, 0))))
         self.rank, self.world_size = rank, world_size
 
     # -- names ----------------------------------------------------------------------------------------

@@ -80,3 +80,19 @@ def test_readme_serving_example_runs_and_caches_each_request() -> None:
     assert [namespace["handle"](p, s, i).tobytes() for p, s, i in zip(namespace["prompts"], range(4), [3, 3, 4, 5])] == [
         image.tobytes() for image in images
     ]
+
+
+def _package_modules() -> list[str]:
+    import pkgutil
+
+    found = (m.name for m in pkgutil.walk_packages(DeepCache.__path__, "DeepCache.") if m.name != "DeepCache.__main__")
+    return ["DeepCache", *sorted(found)]
+
+
+@pytest.mark.parametrize("name", _package_modules())
+def test_docstring_examples_run(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0, f"{result.failed} docstring example(s) of {name} fail (pytest --doctest-modules)"

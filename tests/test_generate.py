@@ -127,14 +127,23 @@ def test_records_must_match_the_prompts_file(tmp_path: Path) -> None:
         check_finished(items, {2: {"prompt": "x", "seed": 2}}, tmp_path)
 
 
+def test_file_names_keep_their_width_when_prompts_are_appended(tmp_path: Path) -> None:
+    from DeepCache.image_store import MIN_NAME_DIGITS
+
+    assert MIN_NAME_DIGITS == 5
+    for num_items in (1, 9, 10, 11, 99_999, 100_000):  # up to 100,000 items: the same name
+        assert ImageStore(tmp_path, num_items).file_name(7) == "00007.png", num_items
+    assert ImageStore(tmp_path, 100_001).file_name(7) == "000007.png"  # only a larger job needs more digits
+
+
 def test_store_ignores_torn_lines_and_undecodable_images(tmp_path: Path) -> None:
     from PIL import Image
 
     store = ImageStore(tmp_path, num_items=100)
     for index in (4, 7):
         store.save(index, Image.new("RGB", (8, 8), "red"), {"prompt": "p", "seed": index})
-    assert sorted(store.finished()) == [4, 7] and store.file_name(7) == "07.png"
-    (tmp_path / "07.png").write_bytes((tmp_path / "07.png").read_bytes()[:40])  # a half-written file
+    assert sorted(store.finished()) == [4, 7] and store.file_name(7) == "00007.png"
+    (tmp_path / "00007.png").write_bytes((tmp_path / "00007.png").read_bytes()[:40])  # a half-written file
     with open(tmp_path / "manifest.jsonl", "a") as f:
         f.write('{"index": 9, "prompt": "p", "se')  # a torn last line
     assert [r["index"] for r in read_records(tmp_path / "manifest.jsonl")] == [4, 7]
@@ -178,13 +187,13 @@ def _env(**more: str) -> dict[str, str]:
 
 
 def test_reference_run_writes_images_manifest_and_settings(reference: Path, prompts_file: Path) -> None:
-    assert sorted(_pngs(reference)) == [f"{i}.png" for i in range(NUM_ITEMS)]
+    assert sorted(_pngs(reference)) == [f"{i:05d}.png" for i in range(NUM_ITEMS)]
     records = _manifest(reference)
     assert [r["index"] for r in records] == list(range(NUM_ITEMS))
     assert [r["seed"] for r in records] == [0, 1, 1234, 3, 4]
     assert records[3]["negative_prompt"] == "a large blue circle" and records[0]["negative_prompt"] is None
     assert {r["setting"] for r in records} == {"I=3, B=0"} and {r["rank"] for r in records} == {0}
-    assert all(r["file"] == f"{r['index']}.png" and r["seconds"] > 0 for r in records)
+    assert all(r["file"] == f"{r['index']:05d}.png" and r["seconds"] > 0 for r in records)
     settings = json.loads((reference / "settings.json").read_text())
     assert (settings["steps"], settings["batch_size"], settings["setting"], settings["seed"]) == (3, 2, "I=3, B=0", 0)
     assert sorted(p.name for p in reference.iterdir()) == sorted([*_pngs(reference), "manifest.jsonl", "settings.json"])
@@ -218,7 +227,7 @@ def test_killed_run_resumes_to_every_item_exactly_once(reference: Path, prompts_
     killed = subprocess.run(command, env=_env(**{STOP_AFTER_VARIABLE: "3"}), capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
     assert killed.returncode == 75, killed.stderr[-3000:]  # killed in the middle of the second batch
-    assert sorted(_pngs(out)) == ["0.png", "1.png", "2.png"]
+    assert sorted(_pngs(out)) == ["00000.png", "00001.png", "00002.png"]
     assert [r["index"] for r in _manifest(out)] == [0, 1, 2]
     assert main(["generate", "--prompts", str(prompts_file), "--out", str(out), *ARGS]) == 0
     assert _pngs(out) == _pngs(reference)
@@ -229,9 +238,9 @@ def test_half_written_image_torn_line_and_stray_temp_file_are_redone(reference: 
                                                                      tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    (out / "3.png").write_bytes((out / "3.png").read_bytes()[:100])
-    (out / "4.png").unlink()
-    (out / ".4.png.tmp").write_bytes(b"\x89PNG half")
+    (out / "00003.png").write_bytes((out / "00003.png").read_bytes()[:100])
+    (out / "00004.png").unlink()
+    (out / ".00004.png.tmp").write_bytes(b"\x89PNG half")
     lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
     (out / "manifest.jsonl").write_text("".join(lines[:4]) + lines[4][:30])  # item 4's line torn
     assert main(["generate", "--prompts", str(prompts_file), "--out", str(out), *ARGS]) == 0
