@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,7 +185,7 @@ def _line_rows(path: Path, text: str, is_json: bool) -> list[tuple[int, dict[str
 
 
 def _csv_rows(path: Path, text: str) -> list[tuple[int, dict[str, object]]]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps newlines inside quoted cells
     if reader.fieldnames is None or "prompt" not in [f.strip() for f in reader.fieldnames]:
         raise ValueError(f"{path} line 1: no 'prompt' column (columns: {reader.fieldnames or []}); expected "
                          f"{PROMPT_FILE_FORMATS['.csv']}.")

@@ -41,6 +41,13 @@ def test_jsonl_file_with_seeds_and_negative_prompts(tmp_path: Path) -> None:
     assert read_prompt_file(_write(tmp_path / "p.jsonl", text)) == [PromptItem("a", 7, "blurry"), PromptItem("b")]
 
 
+def test_csv_cells_keep_their_newlines_and_excel_files_are_read(tmp_path: Path) -> None:
+    text = 'prompt,seed\r\n"a cat\non two lines",3\r\nb,4\r\n'
+    path = tmp_path / "p.csv"
+    path.write_bytes(text.encode("utf-8-sig"))  # Excel: a byte-order mark and CRLF line ends
+    assert read_prompt_file(path) == [PromptItem("a cat\non two lines", 3), PromptItem("b", 4)]
+
+
 def test_csv_file_with_optional_columns(tmp_path: Path) -> None:
     text = "prompt,seed,negative_prompt\n\"a, b\",3,\nc,,ugly\n"
     assert read_prompt_file(_write(tmp_path / "p.csv", text)) == [PromptItem("a, b", 3), PromptItem("c", None, "ugly")]
