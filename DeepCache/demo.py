@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .cli_common import add_out_option, register
-from .evaluate import SettingRun, add_common_arguments, evaluate_from_args, format_table, write_report
+from .evaluate import ScoredRun, add_common_arguments, evaluate_from_args, format_table, write_report
 from .settings import Setting
 
 DEMO_SETTINGS: tuple[Setting, ...] = (Setting(3, 0), Setting(5, 0), Setting(3, 1))
@@ -42,7 +42,7 @@ def _short_prompt(prompt: str) -> tuple[str, ...]:
 
 
 def compose_grid(
-    runs: Sequence[SettingRun], rows: Sequence[dict[str, Any]], prompts: Sequence[str], cell: int = 96
+    runs: Sequence[ScoredRun], rows: Sequence[dict[str, Any]], prompts: Sequence[str], cell: int = 96
 ) -> Any:
     """A PIL image: a header with the prompts, then one labelled row of images per setting."""
     from PIL import Image, ImageDraw
@@ -64,7 +64,7 @@ def compose_grid(
             draw.text((4, y + 52), f"SSIM {row['ssim']:.3f}", fill="black")
         if "task_accuracy" in row:
             draw.text((4, y + 68), f"task acc {row['task_accuracy']:.2f}", fill="black")
-        for col, image in enumerate(run.images):
+        for col, image in enumerate(run.images if run.images is not None else ()):
             tile = Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
             resample = Image.Resampling.NEAREST if tile.width <= cell else Image.Resampling.LANCZOS
             grid.paste(tile.resize((cell, cell), resample), (label_width + col * (cell + pad), y))
@@ -72,7 +72,7 @@ def compose_grid(
 
 
 def run(args: argparse.Namespace) -> int:
-    evaluated = evaluate_from_args(args, list(args.variant or DEMO_SETTINGS))
+    evaluated = evaluate_from_args(args, list(args.variant or DEMO_SETTINGS), keep_images=True)
     if evaluated is None:  # not the main process of a launched run
         return 0
     result, runs = evaluated

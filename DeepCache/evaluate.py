@@ -23,7 +23,9 @@ Example::
 ``--prompts FILE`` reads prompts (and their seeds and negative prompts) from a ``.txt``, ``.jsonl`` or ``.csv`` file.
 Under ``accelerate launch`` or ``torchrun`` each process generates whole batches of the prompts (the batches
 :func:`DeepCache.distributed.global_batches` forms, dealt out by :func:`DeepCache.distributed.shard`); the main
-process gathers the images and scores them. A setting's seconds are then the slowest process's.
+process gathers their scores. Images are scored as they are made, :data:`EVAL_CHUNK_IMAGES` at a time, one batch at
+a time, and dropped, so memory does not grow with the number of prompts and the scores do not depend on the number
+of processes. A setting's seconds are the slowest process's.
 """
 
 from __future__ import annotations
@@ -140,14 +142,16 @@ def run_settings(
     batch_size: int = 16,
     on_run: Callable[[Setting], None] | None = None,
     negative_prompts: Sequence[str | None] | None = None,
+    warm_up: bool = True,
 ) -> list[SettingRun]:
     """The original pipeline first, then each setting; repeats are interleaved so load changes hit all alike.
 
-    ``on_run(setting)`` is called after every generation (a progress bar).
+    ``on_run(setting)`` is called after every generation (a progress bar). ``warm_up``: first one short untimed
+    uncached call (allocations, lazy imports).
     """
     order = [BASELINE] + [s for s in dict.fromkeys(settings) if not s.is_baseline]
-    # Warm-up: one short uncached call (allocations, lazy imports) that is not timed.
-    generate(pipe, list(prompts[:1]), list(seeds[:1]), BASELINE, steps=2, guidance=guidance)
+    if warm_up:
+        generate(pipe, list(prompts[:1]), list(seeds[:1]), BASELINE, steps=2, guidance=guidance)
     results = {s: SettingRun(s, np.empty(0), []) for s in order}
     for repeat in range(repeats):
         for setting in order:
@@ -162,47 +166,182 @@ def run_settings(
     return [results[s] for s in order]
 
 
-def run_settings_sharded(
+@dataclasses.dataclass
+class Scorers:
+    """The models that score images, each ``None`` where it is not available."""
+
+    classifier: torch.nn.Module | None = None
+    lpips_net: Any | None = None
+    clip: tuple[Any, Any] | None = None
+
+
+@dataclasses.dataclass
+class ImageScores:
+    """One setting's per-image measurements against the original's images, in prompt order.
+
+    ``predicted`` (N, attributes) and ``features`` (N, D) come from the demo model's classifier; ``lpips`` and
+    ``clip`` from their models; each is ``None`` where its model is not available.
+    """
+
+    psnr: np.ndarray
+    ssim: np.ndarray
+    lpips: np.ndarray | None = None
+    predicted: np.ndarray | None = None
+    features: np.ndarray | None = None
+    clip: np.ndarray | None = None
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[ImageScores]) -> ImageScores:
+        """The parts one after the other (prompt order when the parts are in order)."""
+        fields = {}
+        for field in dataclasses.fields(cls):
+            values = [getattr(part, field.name) for part in parts]
+            fields[field.name] = None if any(v is None for v in values) else np.concatenate(values)
+        return cls(**fields)
+
+
+@dataclasses.dataclass
+class ScoredRun:
+    """What ``deepcache eval`` keeps of one setting: wall time per repeat, step patterns per batch, per-image scores,
+    and the images themselves only when asked to (``keep_images``; the demo's picture)."""
+
+    setting: Setting
+    seconds: list[float]
+    patterns: list[tuple[bool, ...]]
+    scores: ImageScores
+    images: np.ndarray | None = None
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+
+#: ``deepcache eval`` generates and scores this many images at a time (whole batches; at least one batch), so its
+#: memory does not grow with the number of prompts.
+EVAL_CHUNK_IMAGES = 64
+
+
+def measure(images: np.ndarray, original: np.ndarray, prompts: Sequence[str], scorers: Scorers) -> ImageScores:
+    """Per-image scores of ``images`` against the original pipeline's ``original`` images of the same prompts."""
+    scores = ImageScores(metrics.psnr(images, original), metrics.ssim(images, original))
+    if scorers.lpips_net is not None:
+        with torch.no_grad():
+            a, b = (to_classifier_input(x, size=x.shape[1]) for x in (images, original))
+            scores.lpips = scorers.lpips_net(a, b).reshape(len(images)).numpy().astype(np.float64)
+    if scorers.classifier is not None:
+        scores.predicted, scores.features = classify(scorers.classifier, images)
+    if scorers.clip is not None:
+        scores.clip = clip_scores(scorers.clip, images, prompts)
+    return scores
+
+
+def chunks_of_batches(batches: Sequence[Sequence[int]], max_images: int = EVAL_CHUNK_IMAGES) -> list[list[list[int]]]:
+    """Consecutive batches grouped into chunks of at most ``max_images`` images (at least one batch per chunk).
+
+    >>> chunks_of_batches([[0, 1], [2, 3], [4]], max_images=4)
+    [[[0, 1], [2, 3]], [[4]]]
+    """
+    chunks: list[list[list[int]]] = []
+    for batch in batches:
+        if chunks and sum(map(len, chunks[-1])) + len(batch) <= max_images:
+            chunks[-1].append(list(batch))
+        else:
+            chunks.append([list(batch)])
+    return chunks
+
+
+def run_and_score(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    settings: Sequence[Setting],
+    batches: Sequence[Sequence[int]],
+    scorers: Scorers,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    repeats: int = 1,
+    negative_prompts: Sequence[str | None] | None = None,
+    keep_images: bool = False,
+) -> list[ScoredRun]:
+    """:func:`run_settings` on ``batches`` (global item indices) a chunk at a time, each image scored against the
+    original's right away and dropped (unless ``keep_images``). Scores are measured one batch at a time, so they do
+    not depend on how the batches are grouped or shared out. A repeat's seconds are the sum over the chunks."""
+    results: list[ScoredRun] = []
+    parts: list[list[ImageScores]] = []
+    kept: list[list[np.ndarray]] = []
+    for number, chunk in enumerate(chunks_of_batches(batches, max(EVAL_CHUNK_IMAGES, max(map(len, batches))))):
+        mine = [i for batch in chunk for i in batch]
+        negatives = None if negative_prompts is None else [negative_prompts[i] for i in mine]
+        runs = run_settings(pipe, [prompts[i] for i in mine], [seeds[i] for i in mine], settings, steps, guidance,
+                            repeats, max(map(len, chunk)), negative_prompts=negatives, warm_up=number == 0)
+        if not results:
+            results = [ScoredRun(run.setting, [0.0] * len(run.seconds), [], ImageScores(np.empty(0), np.empty(0)))
+                       for run in runs]
+            parts, kept = [[] for _ in runs], [[] for _ in runs]
+        original = runs[0].images
+        for k, run in enumerate(runs):
+            results[k].seconds = [a + b for a, b in zip(results[k].seconds, run.seconds)]
+            results[k].patterns.extend(run.patterns)
+            first = 0
+            for batch in chunk:
+                rows = slice(first, first + len(batch))
+                parts[k].append(measure(run.images[rows], original[rows], [prompts[i] for i in batch], scorers))
+                first += len(batch)
+            if keep_images:
+                kept[k].append(run.images)
+    for k, result in enumerate(results):
+        result.scores = ImageScores.concatenate(parts[k])
+        result.images = np.concatenate(kept[k]) if keep_images else None
+    return results
+
+
+def run_and_score_sharded(
     pipe: Any,
     prompts: Sequence[str],
     seeds: Sequence[int],
     settings: Sequence[Setting],
     info: ProcessInfo,
+    scorers: Scorers,
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     repeats: int = 1,
     batch_size: int = 16,
     negative_prompts: Sequence[str | None] | None = None,
-) -> list[SettingRun] | None:
-    """:func:`run_settings` on this process's whole batches; the main process gets every image in prompt order
-    (each repeat's seconds are the slowest process's), the others ``None``."""
+    keep_images: bool = False,
+) -> list[ScoredRun] | None:
+    """:func:`run_and_score` on this process's whole batches (:func:`~DeepCache.distributed.global_batches` dealt
+    out by :func:`~DeepCache.distributed.shard`); the main process gets every setting's scores in prompt order
+    (each repeat's seconds the slowest process's), the others ``None``. Only scores travel, not images (unless
+    ``keep_images``)."""
     batches = shard(global_batches(len(prompts), batch_size), info.rank, info.world_size)
-    mine = [i for batch in batches for i in batch]
     runs = None
-    if mine:
-        negatives = None if negative_prompts is None else [negative_prompts[i] for i in mine]
-        runs = run_settings(pipe, [prompts[i] for i in mine], [seeds[i] for i in mine], settings, steps, guidance,
-                            repeats, batch_size, negative_prompts=negatives)
+    if batches:
+        runs = run_and_score(pipe, prompts, seeds, settings, batches, scorers, steps, guidance, repeats,
+                             negative_prompts, keep_images)
     parts = gather(info, (batches, runs))
     if parts is None:
         return None
-    return _merge_runs(parts, len(prompts))
+    return merge_scored_runs(parts)
 
 
-def _merge_runs(parts: Sequence[tuple[list[list[int]], list[SettingRun] | None]], count: int) -> list[SettingRun]:
-    """One run per setting from every process's (batches, runs): images in prompt order, patterns in batch order,
-    each repeat's seconds the slowest process's."""
+def merge_scored_runs(parts: Sequence[tuple[Sequence[Sequence[int]], list[ScoredRun] | None]]) -> list[ScoredRun]:
+    """One run per setting from every process's (batches, runs): scores (and images) in prompt order, patterns in
+    batch order, each repeat's seconds the slowest process's."""
     done = [(batches, runs) for batches, runs in parts if runs is not None]
+    order = np.argsort(np.concatenate([np.concatenate([np.asarray(b) for b in batches]) for batches, _ in done]),
+                       kind="stable")
     merged = []
-    for k, first in enumerate(done[0][1]):
-        images = np.empty((count, *first.images.shape[1:]), dtype=first.images.dtype)
-        patterns: dict[int, tuple[bool, ...]] = {}
-        for batches, runs in done:
-            run = runs[k]  # type: ignore[index]
-            images[[i for batch in batches for i in batch]] = run.images
-            patterns.update({batch[0]: p for batch, p in zip(batches, run.patterns)})
-        seconds = [max(runs[k].seconds[r] for _, runs in done) for r in range(len(first.seconds))]  # type: ignore[index]
-        merged.append(SettingRun(first.setting, images, seconds, [patterns[i] for i in sorted(patterns)]))
+    for k, first in enumerate(done[0][1]):  # type: ignore[index]
+        runs = [r[k] for _, r in done]  # type: ignore[index]
+        scores = ImageScores.concatenate([run.scores for run in runs])
+        for field in dataclasses.fields(ImageScores):
+            value = getattr(scores, field.name)
+            if value is not None:
+                setattr(scores, field.name, value[order])
+        patterns = {batch[0]: p for (batches, _), run in zip(done, runs) for batch, p in zip(batches, run.patterns)}
+        images = None if first.images is None else np.concatenate([run.images for run in runs])[order]  # type: ignore[misc]
+        seconds = [max(run.seconds[r] for run in runs) for r in range(len(first.seconds))]
+        merged.append(ScoredRun(first.setting, seconds, [patterns[i] for i in sorted(patterns)], scores, images))
     return merged
 
 
@@ -292,24 +431,22 @@ def fidelity(images: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "ssim": float(np.mean(metrics.ssim(images, reference)))}
 
 
-def score(
-    runs: Sequence[SettingRun],
-    prompts: Sequence[str],
-    classifier: torch.nn.Module | None = None,
-    lpips_net: Any | None = None,
-    clip: tuple[Any, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """One row per setting: seconds, speedup, PSNR/SSIM (and LPIPS) vs the original, task metrics, CLIP score."""
+def summarize(runs: Sequence[ScoredRun], prompts: Sequence[str], classifier: torch.nn.Module | None = None) -> list[dict[str, Any]]:
+    """One row per setting: seconds, speedup, PSNR/SSIM (and LPIPS) vs the original, task metrics, CLIP score
+    (means over the images; Fréchet distance of the classifier features to real renders of the prompts)."""
     from .demo_model.data import ATTRIBUTE_CLASSES
 
     baseline = runs[0]
     if not baseline.setting.is_baseline:
-        raise ValueError("the first run must be the original (uncached) pipeline; use run_settings().")
+        raise ValueError("the first run must be the original (uncached) pipeline; use run_and_score().")
     targets = prompt_labels(prompts) if classifier is not None else None
-    reference = classify(classifier, reference_images(prompts))[1] if classifier is not None else None
+    # Too few images for a covariance in FEATURE_DIM dimensions says nothing: report n/a.
+    enough = len(prompts) >= MIN_FRECHET_IMAGES
+    reference = classify(classifier, reference_images(prompts))[1] if classifier is not None and enough else None
     rows: list[dict[str, Any]] = []
     for run in runs:
         cached = not run.setting.is_baseline
+        scores = run.scores
         row: dict[str, Any] = {
             "setting": run.setting.label,
             "interval": run.setting.cache_interval,
@@ -317,25 +454,20 @@ def score(
             "params": run.setting.helper_kwargs() if cached else None,
             "seconds": run.median_seconds,
             "speedup": baseline.median_seconds / run.median_seconds,
-            **fidelity(run.images, baseline.images),
-            "lpips": None,
+            "psnr": float(np.mean(scores.psnr)),
+            "ssim": float(np.mean(scores.ssim)),
+            "lpips": None if scores.lpips is None else float(np.mean(scores.lpips)),
         }
-        if lpips_net is not None:
-            with torch.no_grad():
-                a, b = (to_classifier_input(x, size=x.shape[1]) for x in (run.images, baseline.images))
-                row["lpips"] = float(lpips_net(a, b).mean())
-        if classifier is not None and targets is not None and reference is not None:
-            predicted, feats = classify(classifier, run.images)
+        if targets is not None and scores.predicted is not None and scores.features is not None:
+            predicted = scores.predicted
             row["task_accuracy"] = float((predicted == targets).mean())
             row["attribute_accuracy"] = {
                 name: float((predicted[:, k] == targets[:, k]).mean()) for k, name in enumerate(ATTRIBUTE_CLASSES)
             }
             row["all_attributes_accuracy"] = metrics.accuracy(predicted, targets)
-            # Too few images for a covariance in FEATURE_DIM dimensions says nothing: report n/a.
-            enough = len(prompts) >= MIN_FRECHET_IMAGES
-            row["frechet"] = metrics.frechet_distance(feats, reference) if enough else None
-        if clip is not None:
-            row["clip_score"] = float(np.mean(clip_scores(clip, run.images, prompts)))
+            row["frechet"] = metrics.frechet_distance(scores.features, reference) if reference is not None else None
+        if scores.clip is not None:
+            row["clip_score"] = float(np.mean(scores.clip))
         rows.append(row)
     return rows
 
@@ -419,26 +551,38 @@ def evaluate(
     clip_name: str | None = None,
     batch_size: int | None = None,
     negative_prompts: Sequence[str | None] | None = None,
-    runs: list[SettingRun] | None = None,
-) -> tuple[EvalResult, list[SettingRun]]:
+    info: ProcessInfo | None = None,
+    keep_images: bool = False,
+) -> tuple[EvalResult, list[ScoredRun]] | None:
     """Generate with every setting and score it; task metrics need a demo pipeline and its classifier.
 
-    ``runs``: images already generated (by :func:`run_settings_sharded` on several processes) to score instead.
+    Images are scored as they are made, :data:`EVAL_CHUNK_IMAGES` at a time, and dropped (``keep_images`` keeps
+    them in the returned runs), so a large prompt set needs no more memory than a small one. ``info``: this process
+    among several (:func:`~DeepCache.distributed.process_info`); each generates and scores its share, and the main
+    process returns the result, the others ``None``.
+
+    Example::
+
+        result, runs = evaluate(pipe, [Setting(3, 0)], ["a red circle"] * 16, list(range(16)))
+        print(format_table(result.rows))
     """
     from .demo_model.classifier import load_classifier
 
+    info = info or ProcessInfo()
     classifier_path = classifier_path or demo_classifier_path(pipe)
-    classifier = load_classifier(classifier_path) if classifier_path is not None else None
-    clip = clip_model(clip_name) if clip_name else None
+    scorers = Scorers(load_classifier(classifier_path) if classifier_path is not None else None, lpips_model(),
+                      clip_model(clip_name) if clip_name else None)
+    runs = run_and_score_sharded(pipe, prompts, seeds, settings, info, scorers, steps, guidance, repeats,
+                                 batch_size or default_batch_size(pipe), negative_prompts, keep_images)
     if runs is None:
-        runs = run_settings(pipe, prompts, seeds, settings, steps, guidance, repeats,
-                            batch_size or default_batch_size(pipe), negative_prompts=negative_prompts)
-    rows = score(runs, prompts, classifier, lpips_model(), clip)
+        return None
+    rows = summarize(runs, prompts, scorers.classifier)
     meta = run_meta(
         pipe, steps, guidance, prompts, seeds, repeats=repeats,
-        lpips="computed" if rows and rows[0]["lpips"] is not None else "n/a (lpips weights not available locally)",
-        clip_score="computed" if clip is not None
+        lpips="computed" if scorers.lpips_net is not None else "n/a (lpips weights not available locally)",
+        clip_score="computed" if scorers.clip is not None
         else f"n/a ({'no --clip-model given' if not clip_name else 'weights not available locally'})",
+        processes=info.world_size,
     )
     return EvalResult(rows, meta, environment(*pipeline_device(pipe), pipe)), runs
 
@@ -476,12 +620,12 @@ def pipeline_from_args(args: argparse.Namespace, device: torch.device | None = N
     return pipe, prompts
 
 
-def evaluate_from_args(args: argparse.Namespace, settings: Sequence[Setting],
-                       clip_name: str | None = None) -> tuple[EvalResult, list[SettingRun]] | None:
+def evaluate_from_args(args: argparse.Namespace, settings: Sequence[Setting], clip_name: str | None = None,
+                       keep_images: bool = False) -> tuple[EvalResult, list[ScoredRun]] | None:
     """Threads, device, pipeline and prompts from the shared options, then :func:`evaluate` (quietly).
 
-    Launched as several processes (``accelerate launch``, ``torchrun``), each generates its share and the main
-    process scores everything; the others return ``None``.
+    Launched as several processes (``accelerate launch``, ``torchrun``), each generates and scores its share and the
+    main process reports everything; the others return ``None``.
     """
     apply_threads(args.threads)
     file = getattr(args, "prompts", None)
@@ -495,18 +639,11 @@ def evaluate_from_args(args: argparse.Namespace, settings: Sequence[Setting],
         if items is not None:
             prompts, seeds = [i.prompt for i in items], [int(i.seed) for i in items]  # type: ignore[arg-type]
             negatives = [i.negative_prompt for i in items] if any(i.negative_prompt for i in items) else None
-        runs = None
-        if info.distributed:
-            runs = run_settings_sharded(pipe, prompts, seeds, settings, info, args.steps, args.guidance,
-                                        args.repeats, default_batch_size(pipe), negatives)
-            if runs is None:
-                return None
-        result, runs = evaluate(pipe, settings, prompts, seeds, args.steps, args.guidance, args.repeats,
-                                clip_name=clip_name, negative_prompts=negatives, runs=runs)
-        result.meta["processes"] = info.world_size
-        if negatives is not None:
-            result.meta["negative_prompts"] = negatives
-        return result, runs
+        evaluated = evaluate(pipe, settings, prompts, seeds, args.steps, args.guidance, args.repeats,
+                             clip_name=clip_name, negative_prompts=negatives, info=info, keep_images=keep_images)
+        if evaluated is not None and negatives is not None:
+            evaluated[0].meta["negative_prompts"] = negatives
+        return evaluated
 
 
 def write_report(result: EvalResult, path: Path | None) -> None:

@@ -215,7 +215,8 @@ def test_eval_on_a_non_demo_pipeline_with_local_clip(tmp_path: Path) -> None:
 
     pipe = load_pipeline(str(tmp_path / "pipe"))
     prompts = ["a red circle", "a blue square"]
-    result, runs = evaluate(pipe, [Setting(3, 0)], prompts, [0, 1], steps=4, clip_name=str(tmp_path / "clip"))
+    result, runs = evaluate(pipe, [Setting(3, 0)], prompts, [0, 1], steps=4, clip_name=str(tmp_path / "clip"),
+                            keep_images=True)
     assert result.meta["embedded"] is False and result.meta["clip_score"] == "computed"
     rows = result.rows
     assert [r["setting"] for r in rows] == ["original", "I=3, B=0"]
@@ -223,3 +224,29 @@ def test_eval_on_a_non_demo_pipeline_with_local_clip(tmp_path: Path) -> None:
     assert runs[0].images.shape == (2, 32, 32, 3)
     missing = evaluate(pipe, [Setting(3, 0)], prompts[:1], [0], steps=2, clip_name=str(tmp_path / "absent"))[0]
     assert missing.meta["clip_score"] == "n/a (weights not available locally)"
+
+
+@needs_model
+def test_eval_scores_a_chunk_at_a_time_and_keeps_no_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    import DeepCache.evaluate as ev
+
+    pipe = load_pipeline()
+    prompts, seeds = embedded_prompts(16, seed=3), list(range(16))  # 16: enough for a Fréchet distance
+    timing = ("seconds", "speedup")
+
+    def rows(chunk: int) -> tuple[list[dict[str, Any]], list[int], Any]:
+        sizes: list[int] = []
+        real = ev.run_settings
+        monkeypatch.setattr(ev, "EVAL_CHUNK_IMAGES", chunk)
+        monkeypatch.setattr(ev, "run_settings", lambda pipe, prompts, *a, **k: (sizes.append(len(prompts)),
+                                                                                real(pipe, prompts, *a, **k))[1])
+        result, runs = evaluate(pipe, [Setting(3, 0)], prompts, seeds, steps=3, batch_size=4)
+        return [{k: v for k, v in row.items() if k not in timing} for row in result.rows], sizes, runs
+
+    whole, sizes, runs = rows(64)
+    assert sizes == [16] and all(run.images is None for run in runs)
+    assert whole[1]["frechet"] is not None and whole[1]["psnr"] < 100
+    chunked, sizes, runs = rows(8)
+    assert sizes == [8, 8]  # at most 8 images alive at a time: the same numbers
+    assert chunked == whole
+    assert [len(run.patterns) for run in runs] == [0, 4] and len(runs[1].seconds) == 1
