@@ -18,7 +18,7 @@ from typing import Any
 
 from .bench_models import BUILTIN_MODELS, SCHEDULERS
 from .cli_common import DTYPES
-from .settings import BASELINE, Setting
+from .settings import BASELINE, Setting, baseline_first
 
 __all__ = ["COMPILE_MODES", "PRESETS", "TINY_RESOLUTION_DIVISOR", "BenchConfig", "Scenario", "preset_config"]
 
@@ -114,7 +114,7 @@ class BenchConfig:
 
     def settings_run(self) -> list[Setting]:
         """The original pipeline, then each variant (a variant that never caches is the original: skipped)."""
-        return [BASELINE, *(v for v in dict.fromkeys(self.variants) if not v.is_baseline)]
+        return baseline_first(self.variants)
 
     def shape_scenarios(self, height: int, width: int, batch: int) -> list[Scenario]:
         """One shape's scenarios: (original, then each variant) for eager [and then compiled]."""

@@ -59,10 +59,10 @@ from .cli_common import (
 )
 from .demo_model import EMBEDDED_MODEL  # noqa: F401  (re-exported: where the embedded model lives)
 from .distributed import ProcessInfo, gather, global_batches, process_info, shard
-from .pipelines import default_batch_size, demo_classifier_path, is_demo_pipeline, load_pipeline
+from .pipelines import call_batch, default_batch_size, demo_classifier_path, is_demo_pipeline, load_pipeline
 from .prompts import GENERIC_PROMPTS, choose_prompts, embedded_prompts, prompt_seeds, read_prompt_file, seeded_items  # noqa: F401
 from .report import Column, environment, json_document, render_table, write_json
-from .settings import BASELINE, Setting, applied, setting_grid
+from .settings import BASELINE, Setting, applied, baseline_first, setting_grid
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
@@ -112,20 +112,17 @@ def generate(
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
-    negatives = [n or "" for n in negative_prompts] if negative_prompts is not None else [""] * len(prompts)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts; pass one per prompt.")
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts; pass one per prompt.")
     helper = DeepCacheSDHelper(pipe=pipe)
     chunks: list[np.ndarray] = []
     start = time.perf_counter()
     with applied(helper, setting, steps), torch.no_grad():
         for first in range(0, len(prompts), batch_size):
-            batch = list(prompts[first : first + batch_size])
-            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[first : first + batch_size]]
-            negative = negatives[first : first + batch_size]  # diffusers' own default negative prompt is ""
-            out = pipe(batch, negative_prompt=negative if any(negative) else None, generator=generators,
-                       num_inference_steps=steps, guidance_scale=guidance, output_type="np")
-            chunks.append(np.asarray(out.images, dtype=np.float32))
+            batch = slice(first, first + batch_size)
+            images = call_batch(pipe, prompts[batch], seeds[batch], steps=steps, guidance=guidance,
+                                negative_prompts=None if negative_prompts is None else negative_prompts[batch])
+            chunks.append(np.asarray(images, dtype=np.float32))
             if patterns is not None and not setting.is_baseline:
                 patterns.append(helper.last_steps)
     return np.concatenate(chunks), time.perf_counter() - start
@@ -149,7 +146,7 @@ def run_settings(
     ``on_run(setting)`` is called after every generation (a progress bar). ``warm_up``: first one short untimed
     uncached call (allocations, lazy imports).
     """
-    order = [BASELINE] + [s for s in dict.fromkeys(settings) if not s.is_baseline]
+    order = baseline_first(settings)
     if warm_up:
         generate(pipe, list(prompts[:1]), list(seeds[:1]), BASELINE, steps=2, guidance=guidance)
     results = {s: SettingRun(s, np.empty(0), []) for s in order}
@@ -266,22 +263,20 @@ def run_and_score(
     """:func:`run_settings` on ``batches`` (global item indices) a chunk at a time, each image scored against the
     original's right away and dropped (unless ``keep_images``). Scores are measured one batch at a time, so they do
     not depend on how the batches are grouped or shared out. A repeat's seconds are the sum over the chunks."""
-    results: list[ScoredRun] = []
-    parts: list[list[ImageScores]] = []
-    kept: list[list[np.ndarray]] = []
+    order = baseline_first(settings)
+    seconds = [[0.0] * repeats for _ in order]
+    patterns: list[list[tuple[bool, ...]]] = [[] for _ in order]
+    parts: list[list[ImageScores]] = [[] for _ in order]
+    kept: list[list[np.ndarray]] = [[] for _ in order]
     for number, chunk in enumerate(chunks_of_batches(batches, max(EVAL_CHUNK_IMAGES, max(map(len, batches))))):
         mine = [i for batch in chunk for i in batch]
         negatives = None if negative_prompts is None else [negative_prompts[i] for i in mine]
         runs = run_settings(pipe, [prompts[i] for i in mine], [seeds[i] for i in mine], settings, steps, guidance,
                             repeats, max(map(len, chunk)), negative_prompts=negatives, warm_up=number == 0)
-        if not results:
-            results = [ScoredRun(run.setting, [0.0] * len(run.seconds), [], ImageScores(np.empty(0), np.empty(0)))
-                       for run in runs]
-            parts, kept = [[] for _ in runs], [[] for _ in runs]
         original = runs[0].images
         for k, run in enumerate(runs):
-            results[k].seconds = [a + b for a, b in zip(results[k].seconds, run.seconds)]
-            results[k].patterns.extend(run.patterns)
+            seconds[k] = [a + b for a, b in zip(seconds[k], run.seconds)]
+            patterns[k].extend(run.patterns)
             first = 0
             for batch in chunk:
                 rows = slice(first, first + len(batch))
@@ -289,10 +284,8 @@ def run_and_score(
                 first += len(batch)
             if keep_images:
                 kept[k].append(run.images)
-    for k, result in enumerate(results):
-        result.scores = ImageScores.concatenate(parts[k])
-        result.images = np.concatenate(kept[k]) if keep_images else None
-    return results
+    return [ScoredRun(setting, seconds[k], patterns[k], ImageScores.concatenate(parts[k]),
+                      np.concatenate(kept[k]) if keep_images else None) for k, setting in enumerate(order)]
 
 
 def run_and_score_sharded(

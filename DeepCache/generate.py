@@ -41,8 +41,8 @@ from .cli_common import (
     resolve_dtype,
 )
 from .distributed import ProcessInfo, barrier, global_batches, process_info, shard
-from .image_store import ImageStore
-from .pipelines import default_batch_size
+from .image_store import ImageStore, read_records
+from .pipelines import call_batch, default_batch_size
 from .prompts import PROMPT_FILE_FORMATS, PromptItem, read_prompt_file, seeded_items
 from .schedule import CacheParams
 from .settings import Setting, applied
@@ -125,13 +125,11 @@ def generate_items(pipe: Any, items: Sequence[PromptItem], setting: Setting, *, 
     """One PIL image per seeded item, in one pipeline call; each item's noise comes from its own CPU generator."""
     from .helper import DeepCacheSDHelper
 
-    generators = [torch.Generator().manual_seed(int(item.seed)) for item in items]  # type: ignore[arg-type]
-    negatives = [item.negative_prompt or "" for item in items]  # diffusers' default negative prompt is ""
     with applied(DeepCacheSDHelper(pipe=pipe), setting, steps), torch.no_grad():
-        out = pipe([item.prompt for item in items], negative_prompt=negatives if any(negatives) else None,
-                   generator=generators, num_inference_steps=steps, guidance_scale=guidance, height=height,
-                   width=width, output_type="pil")
-    return list(out.images)
+        images = call_batch(pipe, [item.prompt for item in items], [int(item.seed) for item in items],  # type: ignore[arg-type]
+                            steps=steps, guidance=guidance, negative_prompts=[item.negative_prompt for item in items],
+                            output_type="pil", height=height, width=width)
+    return list(images)
 
 
 def _stop_after() -> int | None:
@@ -141,8 +139,6 @@ def _stop_after() -> int | None:
 
 def _count_finished(store: ImageStore, pending: set[int]) -> int:
     """How many of ``pending`` any process has recorded (in the parts: the merged manifest is written at the end)."""
-    from .image_store import read_records
-
     return len(pending.intersection(r["index"] for path in store.manifest_files()[1:] for r in read_records(path)))
 
 

@@ -1,4 +1,5 @@
-"""Load the pipeline ``deepcache eval``/``demo`` run: the embedded demo model (offline) or any local or hub one.
+"""Load the pipeline ``deepcache eval``/``demo``/``generate`` run (the embedded demo model, offline, or any local or
+hub one), and call it on a batch of seeded prompts the one way they all do (:func:`call_batch`).
 
 Example::
 
@@ -11,13 +12,13 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .demo_model import CLASSIFIER_DIR, EMBEDDED_MODEL, is_demo_pipeline_dir
 
-__all__ = ["default_batch_size", "demo_classifier_path", "is_demo_pipeline", "load_pipeline"]
+__all__ = ["call_batch", "default_batch_size", "demo_classifier_path", "is_demo_pipeline", "load_pipeline"]
 
 
 def load_pipeline(model: str | None = None, device: str | torch.device = "cpu",
@@ -78,3 +79,23 @@ def default_batch_size(model: Any) -> int:
     if isinstance(model, (str, Path)):
         return 16 if is_demo_pipeline_dir(Path(model).expanduser()) else 1
     return 16 if is_demo_pipeline(model) else 1
+
+
+def call_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
+               negative_prompts: Sequence[str | None] | None = None, output_type: str = "np",
+               height: int | None = None, width: int | None = None) -> Any:
+    """One pipeline call for a batch of prompts; returns its ``images``.
+
+    Each prompt's noise comes from its own CPU ``torch.Generator`` seeded with its seed, so an image does not depend
+    on the device, or on which other prompts share its batch. ``negative_prompts``: one per prompt (``None`` or
+    ``""``: none; diffusers' own default negative prompt is ``""``). ``height``/``width``: ``None`` is the model's.
+    """
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
+    negatives = [n or "" for n in negative_prompts] if negative_prompts is not None else [""] * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts; pass one per prompt.")
+    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
+    return pipe(list(prompts), negative_prompt=negatives if any(negatives) else None,
+                generator=[torch.Generator().manual_seed(int(s)) for s in seeds], num_inference_steps=steps,
+                guidance_scale=guidance, output_type=output_type, **size).images

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .schedule import CacheParams
 
-__all__ = ["BASELINE", "BASELINE_LABEL", "Setting", "applied", "setting_grid"]
+__all__ = ["BASELINE", "BASELINE_LABEL", "Setting", "applied", "baseline_first", "setting_grid"]
 
 #: Label of the uncached pipeline in every table and JSON file.
 BASELINE_LABEL = "original"
@@ -159,6 +159,16 @@ class Setting(CacheParams):
 
 #: The original, uncached pipeline.
 BASELINE = Setting()
+
+
+def baseline_first(settings: Iterable[Setting]) -> list[Setting]:
+    """The original first, then each distinct caching setting once, in the order given (a setting that never caches
+    is the original): the order every tool runs and reports settings in.
+
+    >>> [s.label for s in baseline_first([Setting(3, 0), BASELINE, Setting(3, 0), Setting(5, 1)])]
+    ['original', 'I=3, B=0', 'I=5, B=1']
+    """
+    return [BASELINE, *(s for s in dict.fromkeys(settings) if not s.is_baseline)]
 
 
 def _fields(params: CacheParams) -> dict[str, Any]:
