@@ -363,6 +363,24 @@ class _Evaluations:
 
     recover = leave
 
+    def mine(self) -> bool:
+        """Whether the evaluation in progress is this thread's. Another thread's evaluation can reach a wrapped
+        module without its pre-hook (it entered the module before the patch was installed): it must run plain."""
+        return self._owner == threading.get_ident()
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[None]:
+        """Hold the lock while the hooks come off, so they never come off inside another thread's evaluation (its
+        post-hook would not run and the lock would stay held); released afterwards even if this thread's own
+        evaluation held it (an uncached one, in which a garbage-collected helper let go: its post-hook is gone)."""
+        if not self.mine():
+            self._lock.acquire()
+            self._owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self.leave()
+
 
 # ----------------------------------------------------------------------------------------------
 # Installing wrappers and hooks
@@ -515,7 +533,8 @@ class _Hooked:
 
     def remove(self) -> None:
         if not self.owners:  # an owner may have come back while the removal waited
-            self._wrapping.remove()
+            with self.evaluations.closing():
+                self._wrapping.remove()
 
     def _begin(self, sample: Any) -> None:
         raise NotImplementedError
@@ -802,10 +821,16 @@ def _decide_in_the_unet(patch: UNetPatch, gen: Generation, args: tuple, kwargs: 
     return full
 
 
+def _plain(patch: _Hooked) -> bool:
+    """Whether a wrapped module runs unchanged: no evaluation in progress, or another thread's (checked eagerly;
+    a compiled graph is entered through the hooks, so it never runs a wrapper for another thread)."""
+    return patch.mode is Mode.OFF or not (torch.compiler.is_compiling() or patch.evaluations.mine())
+
+
 def _unet_module_forward(patch: UNetPatch, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
-    mode = patch.mode
-    if mode is Mode.OFF:
+    if _plain(patch):
         return original(*args, **kwargs)
+    mode = patch.mode
     gen = patch.gen
     action = gen.actions[index]
     if mode is Mode.RETRIEVE and action is not Action.RUN and gen.deciding:
@@ -899,9 +924,9 @@ class ControlNetPatch(_Hooked):
 
 
 def _controlnet_module_forward(patch: ControlNetPatch, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
-    mode = patch.mode
-    if mode is Mode.OFF:
+    if _plain(patch):
         return original(*args, **kwargs)
+    mode = patch.mode
     state = patch.state
     action = state.actions[index]
     if mode is Mode.FULL:

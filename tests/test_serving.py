@@ -24,7 +24,7 @@ from DeepCache import _patch
 from DeepCache.schedule import CacheParams, format_pattern, schedule_pattern
 
 from . import tiny_pipelines as tp
-from .tiny import prompt_kwargs, tiny_sd_pipe, tiny_sd_unet, tiny_sdxl_pipe, unet_loop
+from .tiny import prompt_kwargs, tiny_sd_pipe, tiny_sd_unet, tiny_sdxl_pipe, unet_inputs, unet_loop
 
 STEPS = 6
 
@@ -212,6 +212,88 @@ def test_disable_from_another_thread_during_a_call_lets_that_call_finish_cached(
         got = future.result(timeout=60)
     assert torch.equal(got, expected)
     assert untouched(pipe.unet)
+
+
+def test_a_thread_inside_the_unet_without_its_pre_hook_runs_plain_and_leaves_the_generation_alone() -> None:
+    # A request that entered the U-Net before the patch was installed reaches wrapped modules without having
+    # passed the pre-hook, while another thread's evaluation holds the patch (seen as a rare flaky mismatch in
+    # the concurrent-requests test). Here: at the boundary module of every evaluation of a cached call, another
+    # thread calls that module with other inputs.
+    pipe = tiny_sd_pipe()
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    with helper:
+        expected = tp_run(pipe)
+    boundary = _patch.boundary_module(pipe.unet, 0)
+    plain = type(boundary).forward
+    seen: list[bool] = []
+    inputs: dict = {}
+
+    def intruder(module, args, kwargs, out):
+        if threading.current_thread().name == "intruder":
+            return None
+        # the inputs of the first (full) step, doubled: a retrieval step's own inputs are placeholders
+        doubled = inputs.setdefault("args", tuple(a * 2 if torch.is_tensor(a) else a for a in args))
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(out=module(*doubled, **kwargs)), name="intruder")
+        thread.start()
+        thread.join(timeout=60)
+        got, want = (torch.utils._pytree.tree_leaves(x) for x in (result["out"], plain(module, *doubled, **kwargs)))
+        seen.append(len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)))
+        return None
+
+    handle = boundary.register_forward_hook(intruder, with_kwargs=True)
+    try:
+        with helper:
+            got = tp_run(pipe)
+    finally:
+        handle.remove()
+    assert len(seen) == STEPS and all(seen), seen  # the other thread got its own module output every time
+    assert torch.equal(got, expected)  # and did not write into this call's cache
+
+
+def test_the_patch_never_comes_off_in_the_middle_of_an_uncached_evaluation() -> None:
+    # Removing the hooks while another thread is inside an (uncached) evaluation would skip its post-hook and
+    # leave the evaluation lock held: every later cached call on this U-Net would wait forever.
+    pipe = tiny_sd_pipe()
+    unet = pipe.unet
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3)
+    inside, go_on = threading.Event(), threading.Event()
+
+    def pause(module, args):
+        if threading.current_thread().name == "uncached":
+            inside.set()
+            go_on.wait(timeout=60)
+
+    handle = unet.mid_block.register_forward_pre_hook(pause)
+    helper.enable()
+    latents, kwargs = unet_inputs(unet)
+    evaluated, finish = threading.Event(), threading.Event()
+
+    def uncached_request() -> None:
+        unet(latents, 10, **kwargs)
+        evaluated.set()
+        finish.wait(timeout=120)  # stays alive: a new thread must not reuse its identity
+
+    uncached = threading.Thread(target=uncached_request, name="uncached", daemon=True)
+    uncached.start()
+    assert inside.wait(timeout=60)
+    threading.Timer(0.3, go_on.set).start()
+    helper.disable()  # waits for the evaluation in progress, then removes everything
+    assert evaluated.wait(timeout=60)
+    handle.remove()
+    assert untouched(unet)
+    try:
+        with helper:
+            expected_pattern = format_pattern(schedule_pattern(CacheParams(cache_interval=3), STEPS))
+            cached = threading.Thread(target=lambda: tp_run(pipe), daemon=True)
+            cached.start()
+            cached.join(timeout=120)
+            assert not cached.is_alive(), "a cached call waits for the lock of an evaluation that has ended"
+            assert format_pattern(helper.last_steps) == expected_pattern
+    finally:
+        finish.set()
 
 
 def test_a_bare_unet_helper_dropped_while_enabled_stops_affecting_the_unet() -> None:
