@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import DeepCache
-from DeepCache._patch import unet_layout
+from DeepCache.engine import unet_layout
 from DeepCache.cli import main
 from DeepCache.layout import branch_table_markdown
 

@@ -20,7 +20,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from DeepCache import DeepCacheSDHelper, DeepCacheWarning
-from DeepCache import _patch
+from DeepCache import engine
+from DeepCache.engine import discovery
 from DeepCache.schedule import CacheParams, format_pattern, schedule_pattern
 
 from . import tiny_pipelines as tp
@@ -224,7 +225,7 @@ def test_a_thread_inside_the_unet_without_its_pre_hook_runs_plain_and_leaves_the
     helper.set_params(cache_interval=3, cache_branch_id=0)
     with helper:
         expected = tp_run(pipe)
-    boundary = _patch.boundary_module(pipe.unet, 0)
+    boundary = engine.boundary_module(pipe.unet, 0)
     plain = type(boundary).forward
     seen: list[bool] = []
     inputs: dict = {}
@@ -372,7 +373,7 @@ def test_a_controlnet_that_cannot_run_shallow_runs_in_full_and_says_why(monkeypa
     def renamed(controlnet):
         raise AttributeError("'ControlNetModel' object has no attribute 'controlnet_down_blocks'")
 
-    monkeypatch.setattr(_patch, "controlnet_modules", renamed)  # as a diffusers rename would
+    monkeypatch.setattr(discovery, "controlnet_modules", renamed)  # as a diffusers rename would
     pipe = tp.sd_controlnet_pipe()
     with pytest.warns(DeepCacheWarning, match=r"runs this ControlNetModel in full.*AttributeError.*controlnet_down_blocks"):
         full = cached_call(pipe)
