@@ -142,3 +142,30 @@ def test_nothing_raised_inside_an_evaluation_wedges_the_lifecycle(exc_type, modu
     assert untouched(*nets)
     if kind != "bare":
         assert torch.equal(in_thread(lambda: call(pipe)), reference(module, "view"))  # uncached again, exactly
+
+
+def test_enable_again_under_a_foreign_wrapper_does_not_wrap_a_second_time() -> None:
+    from DeepCache.engine import boundary_module
+
+    pipe = tiny_sd_pipe()
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=INTERVAL)
+    helper.enable()
+    boundary = boundary_module(pipe.unet, 0)
+    ours = boundary.forward
+    calls = []
+
+    def foreign_forward(inner, *args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    foreign = functools.update_wrapper(functools.partial(foreign_forward, ours), ours)
+    boundary.forward = foreign  # someone wraps our wrapper (as accelerate's hooks do)
+    helper.disable()
+    assert boundary.__dict__["forward"] is foreign  # ours stays inside it, passing through
+    helper.enable()
+    assert boundary.__dict__["forward"] is foreign  # taken back as it is, not wrapped again
+    assert torch.equal(call(pipe), reference("unet", "pipeline"))
+    assert len(calls) == STEPS
+    helper.disable()
+    assert torch.equal(call(pipe), reference("unet", "view"))  # uncached: ours passes straight through
