@@ -169,3 +169,14 @@ def test_enable_again_under_a_foreign_wrapper_does_not_wrap_a_second_time() -> N
     assert len(calls) == STEPS
     helper.disable()
     assert torch.equal(call(pipe), reference("unet", "view"))  # uncached: ours passes straight through
+
+
+def test_the_install_lock_runs_queued_releases_even_when_its_body_raises() -> None:
+    from DeepCache.engine import lifecycle
+
+    ran = []
+    with pytest.raises(RuntimeError):
+        with lifecycle.locked():
+            lifecycle._QUEUE.append(lambda: ran.append(1))  # as a weakref callback does while the lock is held
+            raise RuntimeError("inside")
+    assert ran == [1] and not lifecycle._QUEUE

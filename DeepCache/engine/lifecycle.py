@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import threading
 import weakref
 from collections import deque
@@ -185,8 +186,6 @@ def current_lease_generation(owners: dict[weakref.ref, None]) -> Generation | No
 def caller_self(skip: tuple[str, ...], depth: int = 16) -> Any:
     """``self`` of the first frame above the caller that is not call machinery (code in a file under one of
     ``skip``), or None. Reads the locals of that one frame only."""
-    import sys
-
     frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
