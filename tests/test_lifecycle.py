@@ -171,6 +171,46 @@ def test_enable_again_under_a_foreign_wrapper_does_not_wrap_a_second_time() -> N
     assert torch.equal(call(pipe), reference("unet", "view"))  # uncached: ours passes straight through
 
 
+def test_enable_again_under_a_foreign_root_wrapper_does_not_nest_a_second_evaluation() -> None:
+    from DeepCache.engine import wrappers
+
+    pipe = tiny_sd_pipe()
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=INTERVAL)
+    helper.enable()
+    ours = pipe.unet.forward
+    calls = []
+
+    def foreign_forward(inner, *args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    foreign = functools.update_wrapper(functools.partial(foreign_forward, ours), ours)
+    pipe.unet.forward = foreign  # someone wraps our root wrapper
+    helper.disable()
+    assert pipe.unet.__dict__["forward"] is foreign  # ours stays inside it, passing through
+    assert torch.equal(call(pipe), reference("unet", "view"))
+    opened = []
+    enter = wrappers.Patched._enter
+
+    def counting_enter(self, sample):
+        opened.append(1)
+        return enter(self, sample)
+
+    wrappers.Patched._enter = counting_enter
+    try:
+        helper.enable()
+        assert pipe.unet.__dict__["forward"] is foreign  # taken back as it is, not wrapped again
+        calls.clear()
+        assert torch.equal(call(pipe), reference("unet", "pipeline"))
+    finally:
+        wrappers.Patched._enter = enter
+    assert len(calls) == STEPS and len(opened) == STEPS  # one root wrapper per evaluation, not two
+    helper.disable()
+    del pipe.unet.forward
+    assert untouched(pipe.unet)
+
+
 def test_the_install_lock_runs_queued_releases_even_when_its_body_raises() -> None:
     from DeepCache.engine import lifecycle
 

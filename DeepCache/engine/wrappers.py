@@ -117,9 +117,10 @@ class Wrapping:
     Reinstalling reuses the same module wrappers, so the graphs torch.compile made with them (it guards on their
     identity) stay valid across disable/enable. A module wrapper that someone else wrapped in turn cannot be taken
     off; it stays, passes through while the patch is off, and is taken back as it is when the patch comes back
-    (never wrapped a second time). The root wrapper is made anew at each install and held only weakly: the patch
-    must not keep its U-Net alive (the registry of patches is keyed weakly by the U-Net). A root wrapper left
-    inside a foreign one passes through (:func:`evaluate` of an evaluation already open in this thread).
+    (never wrapped a second time). The root wrapper is made at install and held only weakly: the patch must not keep
+    its U-Net alive (the registry of patches is keyed weakly by the U-Net). A root wrapper left inside a foreign one
+    passes through while the patch is off and is taken back as it is, like a module wrapper (a foreign wrapper that
+    cannot be referenced weakly gets a new root wrapper on top; the old one inside then passes through).
     """
 
     def __init__(self, module_forward: Callable[..., Any]) -> None:
@@ -127,6 +128,8 @@ class Wrapping:
         self._saved: list[tuple[weakref.ref, str, bool, Any, weakref.ref]] = []  # (module, slot, had own, previous, ours)
         self._wrappers: dict[int, tuple[nn.Module, Any, Wrapper]] = {}  # index -> (module, original, wrapper)
         self._left: dict[int, tuple] = {}  # index -> (module, what is on top, saved entry)
+        self._root_entry: tuple | None = None  # the saved entry of the root wrapper while installed
+        self._root_left: tuple | None = None  # (root ref, what is on top (weak), saved entry) after removal
         self._on = False
 
     @property
@@ -148,8 +151,13 @@ class Wrapping:
                 self._wrappers[index] = (module, original, wrapper)
             self._put(module, "forward", wrapper)
         slot = _slot(root)
-        original = getattr(root, slot)
-        self._put(root, slot, _wrap(functools.partial(evaluate, patch, original), original))
+        left, self._root_left = self._root_left, None
+        if left is not None and left[0]() is root and left[2][1] == slot and _alive_on_top(root, slot, left[1], left[2]):
+            self._saved.append(left[2])  # ours, still under the same foreign wrapper: take it back as it is
+        else:
+            original = getattr(root, slot)
+            self._put(root, slot, _wrap(functools.partial(evaluate, patch, original), original))
+        self._root_entry = self._saved[-1]
         self._on = True
 
     def _put(self, module: nn.Module, slot: str, wrapper: Wrapper) -> None:
@@ -173,11 +181,23 @@ class Wrapping:
                     delattr(module, slot)
                 else:
                     setattr(module, slot, previous.bind(module) if isinstance(previous, _Rebind) else previous)
+            elif entry is self._root_entry:  # someone wrapped our root wrapper: it stays, passing through while off
+                try:
+                    self._root_left = (module_ref, weakref.ref(current), entry)
+                except TypeError:  # not weakly referenceable: a later install wraps anew (the old one passes through)
+                    pass
             elif slot == "forward":  # someone wrapped our module wrapper: it stays, passing through while we are off
                 for index, (m, _, w) in self._wrappers.items():
                     if m is module and w is wrapper:
                         self._left[index] = (module, current, entry)
         self._saved = []
+        self._root_entry = None
+
+
+def _alive_on_top(root: nn.Module, slot: str, on_top: weakref.ref, entry: tuple) -> bool:
+    """Whether the foreign wrapper left on top of our root wrapper is still there, with ours inside it."""
+    top = on_top()
+    return top is not None and root.__dict__.get(slot) is top and entry[4]() is not None
 
 
 class _Rebind:
