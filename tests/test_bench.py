@@ -10,17 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from DeepCache import bench, bench_report, bench_timing
-from DeepCache.bench import BenchConfig, BenchReport, ScenarioResult, preset_config
-from DeepCache.bench_flops import (
+from DeepCache.tools import bench
+from DeepCache.tools.bench import results as bench_report
+from DeepCache.tools.bench import timing as bench_timing
+from DeepCache.tools.bench import BenchConfig, BenchReport, ScenarioResult, preset_config
+from DeepCache.tools.bench.flops import (
     StepFlops,
     count_flops,
     count_unet_step_flops,
     ideal_speedup_pattern,
     ideal_speedup_uniform,
 )
-from DeepCache.bench_models import build_meta_unet, build_meta_vae, load_config, tiny_config
-from DeepCache.settings import Setting
+from DeepCache.tools.bench.models import build_meta_unet, build_meta_vae, load_config, tiny_config
+from DeepCache.tools.settings import Setting
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -37,7 +39,7 @@ def _one_thread():
 def test_variant_is_the_shared_setting() -> None:
     """``bench.Variant`` is the former name of the shared type; ``--variant`` parses into it."""
     assert bench.Variant is Setting and bench.Variant(5, 1, "non-uniform").label == "I=5, B=1, non-uniform"
-    from DeepCache import cli
+    from DeepCache.tools import cli
 
     args = cli.build_parser().parse_args(["bench", "--variant", "5,1,non-uniform", "--variant", "3,0,start_step=2"])
     cfg = bench.config_from_args(args)
@@ -214,7 +216,7 @@ def test_flops_are_linear_in_batch(name: str) -> None:
     one = count_unet_step_flops(unet, batch=1, latent_height=16, latent_width=8, cache_branch_id=1)
     three = count_unet_step_flops(unet, batch=3, latent_height=16, latent_width=8, cache_branch_id=1)
     assert three == StepFlops(full=3 * one.full, retrieval=3 * one.retrieval)
-    from DeepCache.bench_flops import count_vae_decode_flops
+    from DeepCache.tools.bench.flops import count_vae_decode_flops
 
     assert count_vae_decode_flops(vae, batch=3, latent_height=16, latent_width=8) == 3 * count_vae_decode_flops(
         vae, batch=1, latent_height=16, latent_width=8)
@@ -280,7 +282,7 @@ def test_run_tiny_results(tiny_report: BenchReport) -> None:
 
 
 def test_json_schema(tiny_report: BenchReport) -> None:
-    from DeepCache.report import to_jsonable
+    from DeepCache.tools.report import to_jsonable
 
     data = json.loads(json.dumps(to_jsonable(tiny_report.to_json()), allow_nan=False))
     assert set(data) == {"schema_version", "tool", "settings", "env", "results"}
@@ -399,7 +401,7 @@ def test_cli_compile_columns(tmp_path, capsys, monkeypatch) -> None:
 
 
 def test_cli_registered_and_errors(capsys) -> None:
-    from DeepCache import cli
+    from DeepCache.tools import cli
 
     args = cli.build_parser().parse_args(["bench", "--preset", "docs-table", "--variant", "3,0"])
     assert args.func is not None and args.preset == "docs-table"

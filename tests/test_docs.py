@@ -11,7 +11,7 @@ import pytest
 
 import DeepCache
 from DeepCache._patch import unet_layout
-from DeepCache.cli import main
+from DeepCache.tools.cli import main
 from DeepCache.layout import branch_table_markdown
 
 from .tiny import tiny_sd_unet, tiny_sdxl_unet

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from DeepCache.demo_model import EMBEDDED_MODEL
-from DeepCache.evaluate import evaluate
-from DeepCache.pipelines import load_pipeline
-from DeepCache.prompts import choose_prompts, embedded_prompts
-from DeepCache.settings import Setting, setting_grid
+from DeepCache.tools.demo_model import EMBEDDED_MODEL
+from DeepCache.tools.evaluate import evaluate
+from DeepCache.tools.pipelines import load_pipeline
+from DeepCache.tools.prompts import choose_prompts, embedded_prompts
+from DeepCache.tools.settings import Setting, setting_grid
 
 needs_model = pytest.mark.skipif(
     not (EMBEDDED_MODEL / "model_index.json").is_file(), reason="embedded demo model not built"
@@ -111,7 +111,7 @@ def test_disabling_restores_the_exact_baseline() -> None:
 def test_demo_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
 
-    from DeepCache.cli import main
+    from DeepCache.tools.cli import main
 
     out, report = tmp_path / "demo.png", tmp_path / "demo.json"
     assert main(["demo", "--out", str(out), "--num-prompts", "2", "--steps", "6", "--json", str(report)]) == 0
@@ -148,7 +148,7 @@ def test_demo_prompts_are_the_first_eval_prompts() -> None:
 
 @needs_model
 def test_eval_command_prints_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from DeepCache.cli import main
+    from DeepCache.tools.cli import main
 
     report = tmp_path / "eval.json"
     argv = ["eval", "--variant", "3,0", "--variant", "4,0,non-uniform", "--num-prompts", "4", "--steps", "6",
@@ -166,7 +166,7 @@ def test_eval_command_prints_table_and_json(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_eval_errors_are_clear(capsys: pytest.CaptureFixture[str]) -> None:
-    from DeepCache.cli import main
+    from DeepCache.tools.cli import main
 
     with pytest.raises(SystemExit):
         main(["eval", "--variant", "three"])
@@ -179,7 +179,7 @@ def test_eval_on_a_non_demo_pipeline_with_local_clip(tmp_path: Path) -> None:
     """A pipeline without the demo marker gets fidelity and CLIP score (from a local CLIP folder), no task metrics."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from DeepCache.demo_model.train import SMOKE, build_components, save_pipeline
+    from DeepCache.tools.demo_model.train import SMOKE, build_components, save_pipeline
 
     components = build_components(SMOKE)
     save_pipeline(components, components.unet, components.text_encoder, tmp_path / "pipe")
@@ -228,7 +228,7 @@ def test_eval_on_a_non_demo_pipeline_with_local_clip(tmp_path: Path) -> None:
 
 @needs_model
 def test_eval_scores_a_chunk_at_a_time_and_keeps_no_images(monkeypatch: pytest.MonkeyPatch) -> None:
-    import DeepCache.evaluate as ev
+    import DeepCache.tools.evaluate as ev
 
     pipe = load_pipeline()
     prompts, seeds = embedded_prompts(16, seed=3), list(range(16))  # 16: enough for a Fréchet distance

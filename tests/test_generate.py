@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from DeepCache.cli import main
-from DeepCache.distributed import process_info, shard
-from DeepCache.generate import STOP_AFTER_VARIABLE, check_finished, pending_batches, setting_from_args
-from DeepCache.image_store import ImageStore, read_records
-from DeepCache.prompts import PromptItem, embedded_prompts, read_prompt_file, seeded_items
+from DeepCache.tools.cli import main
+from DeepCache.tools.distributed import process_info, shard
+from DeepCache.tools.generate import STOP_AFTER_VARIABLE, check_finished, pending_batches, setting_from_args
+from DeepCache.tools.image_store import ImageStore, read_records
+from DeepCache.tools.prompts import PromptItem, embedded_prompts, read_prompt_file, seeded_items
 from DeepCache.schedule import CacheParams
-from DeepCache.settings import Setting
+from DeepCache.tools.settings import Setting
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ITEMS = 5
@@ -135,7 +135,7 @@ def test_records_must_match_the_prompts_file(tmp_path: Path) -> None:
 
 
 def test_file_names_keep_their_width_when_prompts_are_appended(tmp_path: Path) -> None:
-    from DeepCache.image_store import MIN_NAME_DIGITS
+    from DeepCache.tools.image_store import MIN_NAME_DIGITS
 
     assert MIN_NAME_DIGITS == 5
     for num_items in (1, 9, 10, 11, 99_999, 100_000):  # up to 100,000 items: the same name
@@ -312,8 +312,8 @@ def test_help_documents_resume_and_launchers(capsys) -> None:
 
 
 def test_negative_prompt_changes_the_image_and_empty_means_none() -> None:
-    from DeepCache.generate import generate_items
-    from DeepCache.pipelines import load_pipeline
+    from DeepCache.tools.generate import generate_items
+    from DeepCache.tools.pipelines import load_pipeline
 
     pipe = load_pipeline()
     prompt = embedded_prompts(1)[0]

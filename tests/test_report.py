@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from DeepCache import cli_common
-from DeepCache.report import Column, format_value, json_document, json_line, render_table, to_jsonable, write_json
+from DeepCache.tools import cli_common
+from DeepCache.tools.report import Column, format_value, json_document, json_line, render_table, to_jsonable, write_json
 
 COLUMNS = [Column("name", "name"), Column("x", "x", ".2f", align="right"), Column("y", "y", ".1f", " %"),
            Column("z", "z", lambda v: f"<{v}>")]
@@ -144,7 +144,7 @@ def test_quiet_third_party_holds_back_library_warnings_but_not_errors() -> None:
             assert not transformers_logging.is_progress_bar_enabled()
             assert not diffusers_logging.is_progress_bar_enabled()
             warnings.warn_explicit("deprecated thing", FutureWarning, "x.py", 1, module="diffusers.pipelines.x")
-            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="DeepCache.bench")
+            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="DeepCache.tools.bench")
     tf_logger.removeHandler(records)
     assert records.messages == ["a real error"]
     assert [str(w.message) for w in caught] == ["ours"]

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from DeepCache import CacheParams
-from DeepCache.cli import main
-from DeepCache.demo_model import EMBEDDED_MODEL
-from DeepCache.evaluate import fidelity, generate
-from DeepCache.pipelines import load_pipeline
-from DeepCache.prompts import GENERIC_CALIBRATION_PROMPTS, calibration_prompts, embedded_prompts
-from DeepCache.settings import BASELINE, Setting
-from DeepCache.tune import choose, full_step_budget, pareto_front, search_threshold, unmet_bound
+from DeepCache.tools.cli import main
+from DeepCache.tools.demo_model import EMBEDDED_MODEL
+from DeepCache.tools.evaluate import fidelity, generate
+from DeepCache.tools.pipelines import load_pipeline
+from DeepCache.tools.prompts import GENERIC_CALIBRATION_PROMPTS, calibration_prompts, embedded_prompts
+from DeepCache.tools.settings import BASELINE, Setting
+from DeepCache.tools.tune import choose, full_step_budget, pareto_front, search_threshold, unmet_bound
 
 needs_model = pytest.mark.skipif(
     not (EMBEDDED_MODEL / "model_index.json").is_file(), reason="embedded demo model not built"
@@ -199,7 +199,7 @@ def test_tune_help_documents_the_bound_and_the_outputs(capsys: pytest.CaptureFix
 
 def test_tune_on_a_local_pipeline_with_an_ssim_bound(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--model PATH`: any local pipeline folder; calibration prompts of its own; batch 1; an SSIM-only bound."""
-    from DeepCache.demo_model.train import SMOKE, build_components, save_pipeline
+    from DeepCache.tools.demo_model.train import SMOKE, build_components, save_pipeline
 
     components = build_components(SMOKE)
     save_pipeline(components, components.unet, components.text_encoder, tmp_path / "pipe")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DeepCache.demo_model.train import add_arguments, main
+from DeepCache.tools.demo_model.train import add_arguments, main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train the embedded tiny SD pipeline on procedural shapes.")

@@ -10,7 +10,7 @@ A uniform interval of 1 never caches: ``Setting()`` is the original (uncached) p
 
 Example::
 
-    >>> from DeepCache.settings import Setting
+    >>> from DeepCache.tools.settings import Setting
     >>> Setting.parse("3,0").label, Setting.parse("5,1,non-uniform").label
     ('I=3, B=0', 'I=5, B=1, non-uniform')
     >>> Setting.parse("1,0,custom,full_steps=0/4/8").label
@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 from typing import Any, Iterable, Iterator, Sequence
 
-from .schedule import CacheParams
+from ..schedule import CacheParams
 
 __all__ = ["BASELINE", "BASELINE_LABEL", "Setting", "applied", "baseline_first", "setting_grid"]
 

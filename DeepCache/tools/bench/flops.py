@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .bench_models import (
+from .models import (
     BUILTIN_MODELS,
     build_meta_unet,
     build_meta_vae,
@@ -40,11 +40,11 @@ from .bench_models import (
     unet_batch,
     vae_scale_factor,
 )
-from .schedule import schedule_pattern
+from ...schedule import schedule_pattern
 
 if TYPE_CHECKING:
-    from .bench_report import BenchReport
-    from .bench_scenarios import BenchConfig, Scenario
+    from .results import BenchReport
+    from .scenarios import BenchConfig, Scenario
 
 _aten = torch.ops.aten
 
@@ -147,7 +147,7 @@ def count_unet_step_flops(unet: torch.nn.Module, *, batch: int, latent_height: i
                           cache_branch_id: int) -> StepFlops:
     """Count one full and one retrieval step of ``unet`` under DeepCache at ``cache_branch_id``.
 
-    Pass a U-Net built on the ``meta`` device (:func:`DeepCache.bench_models.build_meta_unet`)
+    Pass a U-Net built on the ``meta`` device (:func:`DeepCache.tools.bench.models.build_meta_unet`)
     to count full-size models instantly. The helper is enabled on the bare U-Net with an interval
     larger than two steps, so the first evaluation is full and the second a retrieval.
     """
@@ -242,8 +242,8 @@ def flops_report(cfg: BenchConfig) -> BenchReport:
     Counts run on the ``meta`` device, so full-size SDXL takes seconds on a CPU. Needs a built-in
     model (or a local model folder, whose configs are read).
     """
-    from .bench_report import BenchReport, ScenarioResult, run_settings
-    from .report import environment
+    from .results import BenchReport, ScenarioResult, run_settings
+    from ..report import environment
 
     if cfg.model in BUILTIN_MODELS:
         conf = load_config(cfg.model)

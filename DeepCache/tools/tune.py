@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import calibration
+from .. import calibration
 from .cli_common import (Progress, add_device_options, add_json_option, add_model_option, add_prompt_options,
                          add_table_options, add_threads_option, apply_threads, positive_int, quiet_third_party, register)
 from .evaluate import COLUMNS as EVAL_COLUMNS
@@ -47,7 +47,7 @@ from .pipelines import is_demo_pipeline
 from .plot import PALETTE, Series, scatter_plot
 from .prompts import calibration_prompts, prompt_seeds
 from .report import Column, environment, json_document, render_table, write_json
-from .schedule import CacheParams, optimal_full_steps
+from ..schedule import CacheParams, optimal_full_steps
 from .settings import Setting
 
 __all__ = ["KINDS", "Candidate", "TuneConfig", "TuneResult", "choose", "full_step_budget", "pareto_front",
@@ -246,8 +246,8 @@ class _Flops:
     """FLOP-ideal end-to-end speedups (U-Net steps and the VAE decode) of step patterns, per branch."""
 
     def __init__(self, pipe: Any, guidance: float) -> None:
-        from .bench_flops import FlopCache
-        from .bench_models import unet_batch
+        from .bench.flops import FlopCache
+        from .bench.models import unet_batch
 
         self.counter: Any = None
         try:
@@ -259,7 +259,7 @@ class _Flops:
         self.unet_batch = unet_batch(pipe.unet.config, 1, guidance)
 
     def ideal(self, branch: int, patterns: Sequence[Sequence[bool]]) -> float | None:
-        from .bench_flops import ideal_speedup_pattern
+        from .bench.flops import ideal_speedup_pattern
 
         if self.counter is None or not patterns:
             return None
@@ -524,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _num_branches(pipe: Any) -> int:
-    from .helper import DeepCacheSDHelper
+    from ..helper import DeepCacheSDHelper
 
     return DeepCacheSDHelper(pipe=pipe).num_branches()
 

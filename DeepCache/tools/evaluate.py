@@ -2,7 +2,7 @@
 
 Same prompts, same seeds, same scheduler; each setting's images are compared with the original's:
 
-* fidelity: PSNR and SSIM (:mod:`DeepCache.metrics`); LPIPS only where the ``lpips`` package and
+* fidelity: PSNR and SSIM (:mod:`DeepCache.tools.metrics`); LPIPS only where the ``lpips`` package and
   its backbone weights are already on disk;
 * embedded model: task accuracy (the shipped attribute classifier checks shape, colour, background,
   position and size against the prompt) and the Fréchet distance, in that classifier's feature
@@ -22,7 +22,7 @@ Example::
 
 ``--prompts FILE`` reads prompts (and their seeds and negative prompts) from a ``.txt``, ``.jsonl`` or ``.csv`` file.
 Under ``accelerate launch`` or ``torchrun`` each process generates whole batches of the prompts (the batches
-:func:`DeepCache.distributed.global_batches` forms, dealt out by :func:`DeepCache.distributed.shard`); the main
+:func:`DeepCache.tools.distributed.global_batches` forms, dealt out by :func:`DeepCache.tools.distributed.shard`); the main
 process gathers their scores. Images are scored as they are made, :data:`EVAL_CHUNK_IMAGES` at a time, one batch at
 a time, and dropped, so memory does not grow with the number of prompts and the scores do not depend on the number
 of processes. A setting's seconds are the slowest process's.
@@ -70,7 +70,7 @@ MIN_FRECHET_IMAGES = 16
 #: What ``deepcache eval`` compares when no ``--variant`` is given.
 EVAL_SETTINGS: tuple[Setting, ...] = (Setting(2, 0), Setting(3, 0), Setting(3, 1), Setting(5, 0))
 
-#: Former name of :func:`DeepCache.settings.setting_grid`.
+#: Former name of :func:`DeepCache.tools.settings.setting_grid`.
 grid_settings = setting_grid
 
 
@@ -108,7 +108,7 @@ def generate(
     ``patterns``, when given, receives each cached batch's ``helper.last_steps`` (an adaptive schedule decides
     per batch). ``negative_prompts``: one per prompt (``None`` or ``""``: none).
     """
-    from .helper import DeepCacheSDHelper
+    from ..helper import DeepCacheSDHelper
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
@@ -302,8 +302,8 @@ def run_and_score_sharded(
     negative_prompts: Sequence[str | None] | None = None,
     keep_images: bool = False,
 ) -> list[ScoredRun] | None:
-    """:func:`run_and_score` on this process's whole batches (:func:`~DeepCache.distributed.global_batches` dealt
-    out by :func:`~DeepCache.distributed.shard`); the main process gets every setting's scores in prompt order
+    """:func:`run_and_score` on this process's whole batches (:func:`~DeepCache.tools.distributed.global_batches` dealt
+    out by :func:`~DeepCache.tools.distributed.shard`); the main process gets every setting's scores in prompt order
     (each repeat's seconds the slowest process's), the others ``None``. Only scores travel, not images (unless
     ``keep_images``)."""
     batches = shard(global_batches(len(prompts), batch_size), info.rank, info.world_size)
@@ -551,7 +551,7 @@ def evaluate(
 
     Images are scored as they are made, :data:`EVAL_CHUNK_IMAGES` at a time, and dropped (``keep_images`` keeps
     them in the returned runs), so a large prompt set needs no more memory than a small one. ``info``: this process
-    among several (:func:`~DeepCache.distributed.process_info`); each generates and scores its share, and the main
+    among several (:func:`~DeepCache.tools.distributed.process_info`); each generates and scores its share, and the main
     process returns the result, the others ``None``.
 
     Example::

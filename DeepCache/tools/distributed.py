@@ -16,7 +16,7 @@ two CPU processes with::
 
 Example::
 
-    >>> from DeepCache.distributed import shard
+    >>> from DeepCache.tools.distributed import shard
     >>> shard(list(range(7)), rank=1, world_size=3)
     [1, 4]
     >>> shard(global_batches(5, batch_size=2), rank=0, world_size=2)

@@ -3,7 +3,7 @@ hub one), and call it on a batch of seeded prompts the one way they all do (:fun
 
 Example::
 
-    >>> from DeepCache.pipelines import is_demo_pipeline, load_pipeline
+    >>> from DeepCache.tools.pipelines import is_demo_pipeline, load_pipeline
     >>> pipe = load_pipeline()            # the embedded tiny SD pipeline, no download
     >>> is_demo_pipeline(pipe), type(pipe).__name__
     (True, 'StableDiffusionPipeline')

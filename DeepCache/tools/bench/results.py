@@ -3,13 +3,13 @@
 A result is assembled in one place: :meth:`ScenarioResult.new` (what ran and its step pattern), then
 :meth:`~ScenarioResult.add_flops` (counts and FLOP-ideal speedups) and :meth:`~ScenarioResult.add_timing`
 (measured seconds, speedups, memory; ``--flops-only`` results have none). The tables are
-:func:`DeepCache.report.render_table` tables.
+:func:`DeepCache.tools.report.render_table` tables.
 
 Example::
 
-    >>> from DeepCache.bench_report import ScenarioResult
-    >>> from DeepCache.bench_scenarios import Scenario
-    >>> from DeepCache.settings import Setting
+    >>> from DeepCache.tools.bench.results import ScenarioResult
+    >>> from DeepCache.tools.bench.scenarios import Scenario
+    >>> from DeepCache.tools.settings import Setting
     >>> r = ScenarioResult.new("sd21", 4, Scenario(512, 512, 1, Setting(3, 0)), (True, False, False, True))
     >>> r.variant, r.pattern, (r.full_steps, r.retrieval_steps), r.seconds
     ('I=3, B=0', 'FrrF', (2, 2), nan)
@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .bench_scenarios import TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario
-from .report import Column, json_document, render_table
-from .schedule import format_pattern
+from .scenarios import TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario
+from ..report import Column, json_document, render_table
+from ...schedule import format_pattern
 
 if TYPE_CHECKING:
-    from .bench_flops import ScenarioFlops
+    from .flops import ScenarioFlops
 
 __all__ = ["TIMED", "BenchReport", "ScenarioResult", "Timing", "render_markdown", "run_settings"]
 

@@ -8,9 +8,9 @@ come from CUDA events (no extra sync) or ``perf_counter`` in U-Net forward hooks
 
 Example::
 
-    >>> from DeepCache.bench_scenarios import BenchConfig
-    >>> from DeepCache.bench_timing import run_benchmark
-    >>> from DeepCache.settings import Setting
+    >>> from DeepCache.tools.bench.scenarios import BenchConfig
+    >>> from DeepCache.tools.bench.timing import run_benchmark
+    >>> from DeepCache.tools.settings import Setting
     >>> cfg = BenchConfig(model="sd15", variants=(Setting(3, 0),), steps=4, scheduler="ddim", repeats=1,
     ...                   warmup_steps=0, tiny=True, device="cpu", count_flops=False)
     >>> [(r.variant, r.pattern) for r in run_benchmark(cfg, progress=False).results]
@@ -28,13 +28,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .bench_flops import FlopCache
-from .bench_models import build_pipeline, make_inputs
-from .bench_report import BenchReport, ScenarioResult, Timing, run_settings
-from .bench_scenarios import BenchConfig, Scenario
-from .cli_common import Progress, resolve_device, resolve_dtype
-from .report import environment
-from .settings import applied
+from .flops import FlopCache
+from .models import build_pipeline, make_inputs
+from .results import BenchReport, ScenarioResult, Timing, run_settings
+from .scenarios import BenchConfig, Scenario
+from ..cli_common import Progress, resolve_device, resolve_dtype
+from ..report import environment
+from ..settings import applied
 
 __all__ = ["StepTimer", "compile_unet", "run_benchmark"]
 
@@ -136,7 +136,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
     ``on_result`` is called with each :class:`ScenarioResult` as soon as its shape is done (the CLI
     prints it as a JSON line, so a run cut short still leaves what finished).
     """
-    from . import DeepCacheSDHelper
+    from ... import DeepCacheSDHelper
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -44,7 +44,7 @@ from .distributed import ProcessInfo, barrier, global_batches, process_info, sha
 from .image_store import ImageStore, read_records
 from .pipelines import call_batch, default_batch_size
 from .prompts import PROMPT_FILE_FORMATS, PromptItem, read_prompt_file, seeded_items
-from .schedule import CacheParams
+from ..schedule import CacheParams
 from .settings import Setting, applied
 
 __all__ = ["DEFAULT_SETTING", "STOP_AFTER_VARIABLE", "check_finished", "generate_items", "pending_batches",
@@ -123,7 +123,7 @@ def setting_from_args(variant: Setting | None, params: str | None) -> Setting:
 def generate_items(pipe: Any, items: Sequence[PromptItem], setting: Setting, *, steps: int, guidance: float,
                    height: int | None = None, width: int | None = None) -> list[Any]:
     """One PIL image per seeded item, in one pipeline call; each item's noise comes from its own CPU generator."""
-    from .helper import DeepCacheSDHelper
+    from ..helper import DeepCacheSDHelper
 
     with applied(DeepCacheSDHelper(pipe=pipe), setting, steps), torch.no_grad():
         images = call_batch(pipe, [item.prompt for item in items], [int(item.seed) for item in items],  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ embeddings of the right shape, so text encoding is excluded from what is timed.
 Example::
 
     >>> import torch
-    >>> from DeepCache.bench_models import build_pipeline, make_inputs
+    >>> from DeepCache.tools.bench.models import build_pipeline, make_inputs
     >>> built = build_pipeline("sd15", device="cpu", dtype=torch.float32, tiny=True)
     >>> inputs = make_inputs(built, batch_size=1, device="cpu", dtype=torch.float32)
     >>> sorted(inputs)
@@ -49,7 +49,7 @@ def load_config(name: str) -> dict[str, Any]:
     """
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)} or pass a local path.")
-    text = resources.files("DeepCache").joinpath("configs", f"{name}.json").read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("configs", f"{name}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 

@@ -8,7 +8,7 @@ Stages, all seeded:
    ``scaled_linear`` DDPM noise schedule, 10 % empty captions (classifier-free guidance),
    EMA of the weights, which are what gets saved.
 3. The autoencoder's decoder alone (encoder frozen, so the latent space is unchanged).
-4. The attribute classifier used by ``deepcache eval`` (see :mod:`DeepCache.demo_model.classifier`).
+4. The attribute classifier used by ``deepcache eval`` (see :mod:`DeepCache.tools.demo_model.classifier`).
 
 The pipeline is written with ``save_pretrained`` (a normal ``StableDiffusionPipeline`` folder),
 checkpointed every ``--checkpoint-every`` steps so a partial run is still usable.
@@ -186,7 +186,7 @@ def build_components(config: TrainConfig) -> Components:
 
 
 def _batches(batch_size: int, stream_seed: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Training batches as (images in [-1, 1], captions), from :func:`~DeepCache.demo_model.data.iter_batches`."""
+    """Training batches as (images in [-1, 1], captions), from :func:`~DeepCache.tools.demo_model.data.iter_batches`."""
     for batch in iter_batches(batch_size, stream_seed):
         yield images_to_tensor(batch.images), batch.captions
 

@@ -10,7 +10,7 @@ status 2, like argparse's own errors.
 Example::
 
     >>> import argparse
-    >>> from DeepCache.cli_common import add_variant_option
+    >>> from DeepCache.tools.cli_common import add_variant_option
     >>> parser = argparse.ArgumentParser()
     >>> add_variant_option(parser, default_help="3,0")
     >>> [s.label for s in parser.parse_args(["--variant", "3,0", "--variant", "5,1,non-uniform"]).variant]
