@@ -71,7 +71,7 @@ def process_info(device: str | None = "auto") -> ProcessInfo:
     ``device``: ``auto`` (or ``None``) -> ``cuda:<local rank>`` when CUDA is available, else the CPU; ``cpu`` forces
     the CPU; ``cuda`` means ``cuda:<local rank>``; ``cuda:N`` is taken as given (one process only).
     """
-    from .cli_common import resolve_device
+    from .pipelines import resolve_device
 
     if not is_launched():
         return ProcessInfo(device=resolve_device(device))

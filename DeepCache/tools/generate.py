@@ -38,20 +38,18 @@ from .cli_common import (
     positive_int,
     quiet_third_party,
     register,
-    resolve_dtype,
 )
 from .distributed import ProcessInfo, barrier, global_batches, process_info, shard
 from .image_store import ImageStore, read_records
-from .pipelines import call_batch, default_batch_size
+from .pipelines import call_batch, default_batch_size, resolve_dtype
 from .prompts import PROMPT_FILE_FORMATS, PromptItem, read_prompt_file, seeded_items
+from .runs import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from ..schedule import CacheParams
 from .settings import Setting, applied
 
 __all__ = ["DEFAULT_SETTING", "STOP_AFTER_VARIABLE", "check_finished", "generate_items", "pending_batches",
            "run_settings_record", "setting_from_args"]
 
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 4.0
 DEFAULT_SETTING = Setting(3, 0)
 #: Test hook: a process that has written this many images exits at once (``os._exit``), as if killed.
 STOP_AFTER_VARIABLE = "DEEPCACHE_GENERATE_STOP_AFTER"

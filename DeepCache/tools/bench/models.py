@@ -26,6 +26,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..flops import pooled_text_dim, unet_batch, vae_scale_factor  # noqa: F401  (the shape rules, shared)
+
 BUILTIN_MODELS: tuple[str, ...] = ("sd15", "sd21", "sdxl")
 
 #: ``--scheduler`` names and the diffusers scheduler class each one selects.
@@ -126,40 +128,6 @@ def _scheduler(name: str, scheduler_config: dict[str, Any] | Any) -> Any:
     return getattr(diffusers, cls_name).from_config(cfg)
 
 
-def pooled_text_dim(unet_config: Any) -> int | None:
-    """SDXL: the width of the pooled text embedding the U-Net's added condition takes (None for SD 1.x/2.x).
-
-    The added condition is the pooled embedding and 6 time ids of ``addition_time_embed_dim`` each.
-
-    >>> pooled_text_dim(load_config("sdxl")["unet"]), pooled_text_dim(load_config("sd15")["unet"])
-    (1280, None)
-    """
-    cfg = dict(unet_config)
-    if cfg.get("addition_embed_type") != "text_time":
-        return None
-    return int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
-
-
-def unet_batch(unet_config: Any, batch_size: int, guidance_scale: float) -> int:
-    """The U-Net's batch for ``batch_size`` images: doubled by classifier-free guidance (``guidance_scale > 1``),
-    except for guidance-distilled U-Nets (``time_cond_proj_dim`` set), which take the scale as an input.
-
-    >>> unet_batch(load_config("sd21")["unet"], 4, 7.5), unet_batch(load_config("sd21")["unet"], 4, 1.0)
-    (8, 4)
-    """
-    uses_cfg = guidance_scale > 1 and dict(unet_config).get("time_cond_proj_dim") is None
-    return 2 * batch_size if uses_cfg else batch_size
-
-
-def vae_scale_factor(vae_config: Any) -> int:
-    """How much smaller than the image the latent is (8 for SD's VAE): 2 ** (levels - 1), as diffusers computes it.
-
-    >>> vae_scale_factor(load_config("sdxl")["vae"])
-    8
-    """
-    return 2 ** (len(dict(vae_config)["block_out_channels"]) - 1)
-
-
 def _describe(pipe: Any, name: str, source: str, weights: str) -> BuiltPipeline:
     pooled = pooled_text_dim(pipe.unet.config)
     return BuiltPipeline(pipe, name, source, weights, pooled is not None, int(pipe.unet.config.cross_attention_dim),
@@ -242,19 +210,3 @@ def make_inputs(
         inputs["pooled_prompt_embeds"] = rand(batch_size, built.pooled_dim)
         inputs["negative_pooled_prompt_embeds"] = rand(batch_size, built.pooled_dim)
     return inputs
-
-
-def build_meta_unet(unet_config: Any) -> torch.nn.Module:
-    """A U-Net with the same config on the ``meta`` device (no memory, no compute): for FLOP counts."""
-    import diffusers
-
-    with torch.device("meta"):
-        return diffusers.UNet2DConditionModel.from_config(dict(unet_config)).eval()
-
-
-def build_meta_vae(vae_config: Any) -> torch.nn.Module:
-    """An ``AutoencoderKL`` with the same config on the ``meta`` device: for FLOP counts."""
-    import diffusers
-
-    with torch.device("meta"):
-        return diffusers.AutoencoderKL.from_config(dict(vae_config)).eval()

@@ -20,18 +20,16 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from .scenarios import TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario
+from ..flops import PatternFlops
 from ..report import Column, json_document, render_table
 from ...schedule import format_pattern
 
-if TYPE_CHECKING:
-    from .flops import ScenarioFlops
-
-__all__ = ["TIMED", "BenchReport", "ScenarioResult", "Timing", "render_markdown", "run_settings"]
+__all__ = ["TIMED", "BenchReport", "ScenarioResult", "Timing", "render_markdown", "report_settings"]
 
 #: What the benchmark times, stated in every output.
 TIMED = "pipeline call end to end: U-Net denoising loop + VAE decode (text encoding excluded: random prompt embeddings)"
@@ -112,7 +110,7 @@ class ScenarioResult:
             ideal_speedup_uniform=None, achieved_fraction=None,
         )
 
-    def add_flops(self, flops: ScenarioFlops) -> None:
+    def add_flops(self, flops: PatternFlops) -> None:
         """FLOP counts and the FLOP-ideal speedups of this scenario's pattern."""
         self.flops_full_step, self.flops_retrieval_step = flops.full_step, flops.retrieval_step
         self.flop_ratio, self.flops_vae_decode = flops.ratio, flops.vae_decode
@@ -159,7 +157,7 @@ class BenchReport:
                              results=[asdict(r) for r in self.results])
 
 
-def run_settings(cfg: BenchConfig, model_name: str, source: str, weights: str, device: torch.device,
+def report_settings(cfg: BenchConfig, model_name: str, source: str, weights: str, device: torch.device,
                  dtype: torch.dtype) -> dict[str, Any]:
     """The ``settings`` section of the report: the config, the model and what was timed."""
     s = asdict(cfg)
@@ -235,7 +233,7 @@ def markdown_table(report: BenchReport) -> str:
     return render_table(columns, cells)
 
 
-def _rows(report: BenchReport, compiled_only: bool = False) -> list[dict[str, Any]]:
+def _display_rows(report: BenchReport, compiled_only: bool = False) -> list[dict[str, Any]]:
     """Each result as a dict, with the derived display values the detail tables show."""
     out = []
     for r in report.results:
@@ -282,17 +280,17 @@ FLOP_COLUMNS: tuple[Column, ...] = (
 
 def markdown_details(report: BenchReport) -> str:
     """One row per scenario: time, speedup, FLOP-ideal speedup and achieved fraction, step times, memory."""
-    return render_table(DETAIL_COLUMNS, _rows(report))
+    return render_table(DETAIL_COLUMNS, _display_rows(report))
 
 
 def markdown_compile(report: BenchReport) -> str:
     """``--compile`` rows: compile + warm-up time, graph counts, speedups vs the compiled original."""
-    return render_table(COMPILE_COLUMNS, _rows(report, compiled_only=True))
+    return render_table(COMPILE_COLUMNS, _display_rows(report, compiled_only=True))
 
 
 def markdown_flops(report: BenchReport) -> str:
     """FLOP counts per scenario (``--flops-only``): step FLOPs, ratio, VAE decode and the ideal speedups."""
-    return render_table(FLOP_COLUMNS, _rows(report))
+    return render_table(FLOP_COLUMNS, _display_rows(report))
 
 
 def _header_lines(report: BenchReport) -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .models import BUILTIN_MODELS, SCHEDULERS
-from ..cli_common import DTYPES
+from ..pipelines import DTYPES
 from ..settings import BASELINE, Setting, baseline_first
 
 __all__ = ["COMPILE_MODES", "PRESETS", "TINY_RESOLUTION_DIVISOR", "BenchConfig", "Scenario", "preset_config"]
