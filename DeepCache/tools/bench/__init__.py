@@ -40,7 +40,8 @@ from typing import Any, Iterable, Sequence
 
 from .flops import flops_report
 from .models import BUILTIN_MODELS, SCHEDULERS
-from .results import TIMED, BenchReport, ScenarioResult, markdown_details, markdown_table, render_markdown
+from .results import TIMED, BenchReport, ScenarioResult
+from .tables import markdown_details, markdown_table, render_markdown
 from .scenarios import COMPILE_MODES, PRESETS, TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario, preset_config
 from .timing import run_benchmark
 from ..cli_common import (
