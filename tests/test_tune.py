@@ -260,6 +260,9 @@ def test_tune_help_documents_the_bound_and_the_outputs(capsys: pytest.CaptureFix
     for option in ("--model", "--min-psnr", "--min-ssim", "--intervals", "--branches", "--all-branches", "--kinds",
                    "--calibration-prompt", "--save", "--plot", "--json", "--no-progress"):
         assert option in out
+    text = " ".join(out.split())
+    assert "(default 3 on a CPU, where a shared machine's load changes from call to call" in text  # how many, why
+    assert "more than 10 % above that bound is noise" in text
 
 
 def test_tune_on_a_local_pipeline_with_an_ssim_bound(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -274,6 +274,17 @@ def _check_branches(pipe: Any, branches: Sequence[int]) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Register ``deepcache tune``."""
-    return register(subparsers, "tune", help="find the fastest DeepCache setting that keeps a PSNR/SSIM bound; "
-                    "print it, save it as JSON, plot speed vs PSNR", module_doc=__doc__, add_arguments=add_arguments,
-                    run=run)
+    parser = register(subparsers, "tune", help="find the fastest DeepCache setting that keeps a PSNR/SSIM bound; "
+                      "print it, save it as JSON, plot speed vs PSNR", module_doc=__doc__, add_arguments=add_arguments,
+                      run=run)
+    parser.epilog = EPILOG
+    return parser
+
+
+#: The end of ``deepcache tune --help``: how it decides.
+EPILOG = (
+    "Evidence: only the pipeline call is timed, the candidates' order rotates between the --repeats and the median "
+    f"counts. Every measured speedup is printed beside its FLOP-ideal one; a measured speedup more than "
+    f"{NOISE_MARGIN * 100:.0f} % above that bound is noise: it is marked, tune warns, and the candidate is ranked at "
+    "its bound. Images are scored as they are made and dropped: memory does not grow with the candidates or prompts."
+)
