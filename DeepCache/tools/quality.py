@@ -126,11 +126,13 @@ def evaluate(pipe: Any, settings: Sequence[Setting], items: Sequence[PromptItem]
     """Generate every seeded item with every setting, time it and score it (:func:`~DeepCache.tools.runs.run_and_score`);
     task metrics need a demo pipeline and its classifier.
 
-    ``spec``: steps, guidance, repeats, batch size (default: 25 steps, guidance 4, one repeat, the pipeline's
+    ``items``: the prompts, each with its seed (none: its index) and negative prompt. ``spec``: steps, guidance,
+    repeats, batch size (default: 25 steps, guidance 4, one repeat, the pipeline's
     :func:`~DeepCache.tools.pipelines.default_batch_size`). ``info``: this process among several
     (:func:`~DeepCache.tools.distributed.process_info`); each generates and scores its share, and the main process
     returns the result, the others ``None``. ``keep_images`` keeps the images in the returned runs.
     """
+    items = seeded_items(items)  # an item without a seed of its own gets its index
     info = info or ProcessInfo()
     spec = spec or RunSpec(DEFAULT_STEPS, DEFAULT_GUIDANCE, 1, default_batch_size(pipe))
     scorer = Scorer.for_pipeline(pipe, classifier_path, clip_name)
