@@ -171,9 +171,9 @@ def _description(module_doc: str | None) -> str | None:
 
 
 def register(subparsers: Any, name: str, *, help: str, module_doc: str | None, add_arguments: AddArguments,
-             run: Run, **defaults: Any) -> argparse.ArgumentParser:
-    """Add subcommand ``name`` (its description is the first paragraph of ``module_doc``)."""
-    parser = subparsers.add_parser(name, help=help, description=_description(module_doc))
+             run: Run, epilog: str | None = None, **defaults: Any) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` (its description is the first paragraph of ``module_doc``; ``epilog`` ends its help)."""
+    parser = subparsers.add_parser(name, help=help, description=_description(module_doc), epilog=epilog)
     add_arguments(parser)
     parser.set_defaults(func=lambda args: run_command(name, run, args), **defaults)
     return parser

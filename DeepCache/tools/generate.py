@@ -263,8 +263,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Register ``deepcache generate``."""
-    parser = register(subparsers, "generate", help="many images from a prompts file, resumable, on one or many "
-                      "processes (accelerate launch / torchrun)", module_doc=__doc__, add_arguments=add_arguments,
-                      run=run)
-    parser.epilog = EPILOG
-    return parser
+    return register(subparsers, "generate", help="many images from a prompts file, resumable, on one or many "
+                    "processes (accelerate launch / torchrun)", module_doc=__doc__, add_arguments=add_arguments,
+                    run=run, epilog=EPILOG)

@@ -274,11 +274,9 @@ def _check_branches(pipe: Any, branches: Sequence[int]) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Register ``deepcache tune``."""
-    parser = register(subparsers, "tune", help="find the fastest DeepCache setting that keeps a PSNR/SSIM bound; "
-                      "print it, save it as JSON, plot speed vs PSNR", module_doc=__doc__, add_arguments=add_arguments,
-                      run=run)
-    parser.epilog = EPILOG
-    return parser
+    return register(subparsers, "tune", help="find the fastest DeepCache setting that keeps a PSNR/SSIM bound; "
+                    "print it, save it as JSON, plot speed vs PSNR", module_doc=__doc__, add_arguments=add_arguments,
+                    run=run, epilog=EPILOG)
 
 
 #: The end of ``deepcache tune --help``: how it decides.
