@@ -1,7 +1,7 @@
 """One DeepCache setting for every tool: a :class:`~DeepCache.schedule.CacheParams` with a parser and a label.
 
-``deepcache bench``, ``eval`` and ``demo`` (and the coming ``tune`` and ``generate``) all take
-``--variant I,B[,SCHEDULE[,KEY=VALUE...]]`` and print the same label for it. :class:`Setting` *is* a
+``deepcache bench``, ``eval``, ``demo`` and ``generate`` take ``--variant I,B[,SCHEDULE[,KEY=VALUE...]]``, and
+every tool, ``tune`` too, prints the same label for a setting. :class:`Setting` *is* a
 ``CacheParams`` (a subclass with no fields of its own), so every schedule kind and parameter the core
 adds is parsed, labelled, validated and handed to the helper here, once, with no tool changes.
 
