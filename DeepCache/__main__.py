@@ -1,5 +1,7 @@
+"""``python -m DeepCache ...``: the same as ``deepcache ...`` (the command line lives in :mod:`DeepCache.tools.cli`)."""
+
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

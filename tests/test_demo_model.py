@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from DeepCache.demo_model import data
-from DeepCache.demo_model.tokenizer import build_tokenizer, learn_merges
+from DeepCache.tools.demo_model import data
+from DeepCache.tools.demo_model.tokenizer import build_tokenizer, learn_merges
 
 ASSETS = Path(__file__).resolve().parents[1] / "DeepCache" / "assets"
 
@@ -110,7 +110,7 @@ def test_learn_merges_is_deterministic() -> None:
 
 
 def test_classifier_forward_shapes() -> None:
-    from DeepCache.demo_model.classifier import FEATURE_DIM, ShapeClassifier
+    from DeepCache.tools.demo_model.classifier import FEATURE_DIM, ShapeClassifier
 
     logits, feats = ShapeClassifier()(torch.zeros(3, 3, 32, 32))
     assert {k: tuple(v.shape) for k, v in logits.items()} == {
@@ -125,8 +125,8 @@ def test_training_smoke_run_writes_a_loadable_pipeline(tmp_path: Path) -> None:
     """`deepcache train-demo-model --smoke`: a few steps of every stage, then load and generate offline."""
     from diffusers import StableDiffusionPipeline
 
-    from DeepCache.cli import main
-    from DeepCache.demo_model.classifier import load_classifier
+    from DeepCache.tools.cli import main
+    from DeepCache.tools.demo_model.classifier import load_classifier
 
     threads = torch.get_num_threads()
     assert main(["train-demo-model", "--out", str(tmp_path), "--smoke"]) == 0
@@ -149,7 +149,7 @@ def test_vae_stage_alone_saves_the_autoencoder_the_unet_stage_then_uses(tmp_path
     """`--stages vae` used to train the autoencoder and throw it away; `--stages unet` then found none."""
     from diffusers import AutoencoderKL
 
-    from DeepCache.cli import main
+    from DeepCache.tools.cli import main
 
     argv = ["train-demo-model", "--out", str(tmp_path), "--smoke", "--vae-steps", "1"]
     assert main([*argv, "--stages", "vae"]) == 0
@@ -164,7 +164,7 @@ def test_vae_stage_alone_saves_the_autoencoder_the_unet_stage_then_uses(tmp_path
 
 
 def test_train_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from DeepCache.cli import main
+    from DeepCache.tools.cli import main
 
     assert main(["train-demo-model", "--out", str(tmp_path), "--stages", "vae,gan"]) == 2
     assert "deepcache train-demo-model: error: unknown --stages ['gan']" in capsys.readouterr().err
@@ -172,7 +172,7 @@ def test_train_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_iter_batches_is_the_training_stream() -> None:
-    from DeepCache.demo_model.train import _batches
+    from DeepCache.tools.demo_model.train import _batches
 
     images, captions = next(_batches(3, stream_seed=7))
     batch = next(data.iter_batches(3, seed=7))

@@ -14,17 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-from DeepCache.demo_model import EMBEDDED_MODEL
-from DeepCache.evaluate import evaluate
-from DeepCache.pipelines import load_pipeline
-from DeepCache.prompts import choose_prompts, embedded_prompts
-from DeepCache.settings import Setting, setting_grid
+from DeepCache.tools.demo_model import EMBEDDED_MODEL
+from DeepCache.tools.pipelines import load_pipeline
+from DeepCache.tools.prompts import PromptItem, choose_prompts, embedded_prompts
+from DeepCache.tools.quality import evaluate
+from DeepCache.tools.runs import RunSpec
+from DeepCache.tools.settings import Setting, setting_grid
 
 needs_model = pytest.mark.skipif(
     not (EMBEDDED_MODEL / "model_index.json").is_file(), reason="embedded demo model not built"
 )
 
 STEPS = 20
+
+
+def seeded(prompts: list[str], seeds: list[int] | None = None) -> list[PromptItem]:
+    return [PromptItem(p, s) for p, s in zip(prompts, seeds if seeds is not None else range(len(prompts)))]
 NUM_PROMPTS = 32
 # Chance level of the mean per-attribute accuracy: mean of 1/3, 1/6, 1/5, 1/4, 1/2.
 CHANCE = (1 / 3 + 1 / 6 + 1 / 5 + 1 / 4 + 1 / 2) / 5
@@ -46,7 +51,7 @@ BRANCH_01_TOLERANCE_DB = 0.25
 def grid() -> dict[str, dict[str, Any]]:
     pipe = load_pipeline()
     prompts = embedded_prompts(NUM_PROMPTS, seed=0)
-    result, _ = evaluate(pipe, setting_grid(), prompts, list(range(NUM_PROMPTS)), steps=STEPS, batch_size=32)
+    result, _ = evaluate(pipe, setting_grid(), seeded(prompts), RunSpec(STEPS, 4.0, 1, 32))
     return {row["setting"]: row for row in result.rows}
 
 
@@ -111,7 +116,7 @@ def test_disabling_restores_the_exact_baseline() -> None:
 def test_demo_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
 
-    from DeepCache.cli import main
+    from DeepCache.tools.cli import main
 
     out, report = tmp_path / "demo.png", tmp_path / "demo.json"
     assert main(["demo", "--out", str(out), "--num-prompts", "2", "--steps", "6", "--json", str(report)]) == 0
@@ -148,7 +153,7 @@ def test_demo_prompts_are_the_first_eval_prompts() -> None:
 
 @needs_model
 def test_eval_command_prints_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from DeepCache.cli import main
+    from DeepCache.tools.cli import main
 
     report = tmp_path / "eval.json"
     argv = ["eval", "--variant", "3,0", "--variant", "4,0,non-uniform", "--num-prompts", "4", "--steps", "6",
@@ -166,7 +171,7 @@ def test_eval_command_prints_table_and_json(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_eval_errors_are_clear(capsys: pytest.CaptureFixture[str]) -> None:
-    from DeepCache.cli import main
+    from DeepCache.tools.cli import main
 
     with pytest.raises(SystemExit):
         main(["eval", "--variant", "three"])
@@ -179,7 +184,7 @@ def test_eval_on_a_non_demo_pipeline_with_local_clip(tmp_path: Path) -> None:
     """A pipeline without the demo marker gets fidelity and CLIP score (from a local CLIP folder), no task metrics."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from DeepCache.demo_model.train import SMOKE, build_components, save_pipeline
+    from DeepCache.tools.demo_model.train import SMOKE, build_components, save_pipeline
 
     components = build_components(SMOKE)
     save_pipeline(components, components.unet, components.text_encoder, tmp_path / "pipe")
@@ -215,38 +220,39 @@ def test_eval_on_a_non_demo_pipeline_with_local_clip(tmp_path: Path) -> None:
 
     pipe = load_pipeline(str(tmp_path / "pipe"))
     prompts = ["a red circle", "a blue square"]
-    result, runs = evaluate(pipe, [Setting(3, 0)], prompts, [0, 1], steps=4, clip_name=str(tmp_path / "clip"),
-                            keep_images=True)
+    result, runs = evaluate(pipe, [Setting(3, 0)], seeded(prompts), RunSpec(4, 4.0, 1, 1),
+                            clip_name=str(tmp_path / "clip"), keep_images=True)
     assert result.meta["embedded"] is False and result.meta["clip_score"] == "computed"
     rows = result.rows
     assert [r["setting"] for r in rows] == ["original", "I=3, B=0"]
     assert "task_accuracy" not in rows[0] and 0.0 <= rows[0]["clip_score"] <= 100.0
     assert runs[0].images.shape == (2, 32, 32, 3)
-    missing = evaluate(pipe, [Setting(3, 0)], prompts[:1], [0], steps=2, clip_name=str(tmp_path / "absent"))[0]
+    missing = evaluate(pipe, [Setting(3, 0)], seeded(prompts[:1]), RunSpec(2, 4.0, 1, 1),
+                       clip_name=str(tmp_path / "absent"))[0]
     assert missing.meta["clip_score"] == "n/a (weights not available locally)"
 
 
 @needs_model
-def test_eval_scores_a_chunk_at_a_time_and_keeps_no_images(monkeypatch: pytest.MonkeyPatch) -> None:
-    import DeepCache.evaluate as ev
+def test_eval_scores_one_batch_at_a_time_and_keeps_no_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch is generated and scored on its own; the scores equal scoring every image at once, and no images are
+    kept (runs.run_and_score is the one streaming loop; its memory bound is tested in test_runs.py)."""
+    from DeepCache import DeepCacheSDHelper
+    from DeepCache.tools import metrics, runs
 
     pipe = load_pipeline()
-    prompts, seeds = embedded_prompts(16, seed=3), list(range(16))  # 16: enough for a Fréchet distance
-    timing = ("seconds", "speedup")
-
-    def rows(chunk: int) -> tuple[list[dict[str, Any]], list[int], Any]:
-        sizes: list[int] = []
-        real = ev.run_settings
-        monkeypatch.setattr(ev, "EVAL_CHUNK_IMAGES", chunk)
-        monkeypatch.setattr(ev, "run_settings", lambda pipe, prompts, *a, **k: (sizes.append(len(prompts)),
-                                                                                real(pipe, prompts, *a, **k))[1])
-        result, runs = evaluate(pipe, [Setting(3, 0)], prompts, seeds, steps=3, batch_size=4)
-        return [{k: v for k, v in row.items() if k not in timing} for row in result.rows], sizes, runs
-
-    whole, sizes, runs = rows(64)
-    assert sizes == [16] and all(run.images is None for run in runs)
-    assert whole[1]["frechet"] is not None and whole[1]["psnr"] < 100
-    chunked, sizes, runs = rows(8)
-    assert sizes == [8, 8]  # at most 8 images alive at a time: the same numbers
-    assert chunked == whole
-    assert [len(run.patterns) for run in runs] == [0, 4] and len(runs[1].seconds) == 1
+    items = seeded(embedded_prompts(16, seed=3))  # 16: enough for a Fréchet distance
+    calls: list[int] = []
+    real = runs.generate_batch
+    monkeypatch.setattr(runs, "generate_batch", lambda pipe, helper, setting, batch, spec: (
+        calls.append(len(batch)), real(pipe, helper, setting, batch, spec))[1])
+    result, scored = evaluate(pipe, [Setting(3, 0)], items, RunSpec(3, 4.0, 1, 4))
+    assert calls == [1] + [4] * 8  # the warm-up, then 4 batches x (original, I=3)
+    assert all(run.images is None for run in scored)
+    assert result.rows[1]["frechet"] is not None and len(scored[1].patterns) == 4 and len(scored[1].seconds) == 1
+    # the same PSNR as generating all 16 at once, batch by batch, and scoring them together
+    helper = DeepCacheSDHelper(pipe=pipe)
+    spec = RunSpec(3, 4.0, 1, 4)
+    whole = {s: np.concatenate([real(pipe, helper, s, items[k:k + 4], spec)[0] for k in range(0, 16, 4)])
+             for s in (Setting(), Setting(3, 0))}
+    assert result.rows[1]["psnr"] == pytest.approx(float(np.mean(metrics.psnr(whole[Setting(3, 0)], whole[Setting()]))),
+                                                   abs=1e-9)

@@ -7,17 +7,18 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from DeepCache.cli import main
-from DeepCache.distributed import process_info, shard
-from DeepCache.generate import STOP_AFTER_VARIABLE, check_finished, pending_batches, setting_from_args
-from DeepCache.image_store import ImageStore, read_records
-from DeepCache.prompts import PromptItem, embedded_prompts, read_prompt_file, seeded_items
+from DeepCache.tools.cli import main
+from DeepCache.tools.distributed import process_info, shard
+from DeepCache.tools.generate import STOP_AFTER_VARIABLE, check_finished, pending_batches, setting_from_args
+from DeepCache.tools.image_store import ImageStore, read_records
+from DeepCache.tools.prompts import PromptItem, embedded_prompts, read_prompt_file, seeded_items
 from DeepCache.schedule import CacheParams
-from DeepCache.settings import Setting
+from DeepCache.tools.settings import Setting
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ITEMS = 5
@@ -135,7 +136,7 @@ def test_records_must_match_the_prompts_file(tmp_path: Path) -> None:
 
 
 def test_file_names_keep_their_width_when_prompts_are_appended(tmp_path: Path) -> None:
-    from DeepCache.image_store import MIN_NAME_DIGITS
+    from DeepCache.tools.image_store import MIN_NAME_DIGITS
 
     assert MIN_NAME_DIGITS == 5
     for num_items in (1, 9, 10, 11, 99_999, 100_000):  # up to 100,000 items: the same name
@@ -173,7 +174,9 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(prompts_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted single-process run."""
     out = tmp_path_factory.mktemp("reference") / "out"
+    start = time.perf_counter()
     assert main(["generate", "--prompts", str(prompts_file), "--out", str(out), *ARGS]) == 0
+    (out.parent / "wall_seconds").write_text(str(time.perf_counter() - start))
     return out
 
 
@@ -200,7 +203,11 @@ def test_reference_run_writes_images_manifest_and_settings(reference: Path, prom
     assert [r["seed"] for r in records] == [0, 1, 1234, 3, 4]
     assert records[3]["negative_prompt"] == "a large blue circle" and records[0]["negative_prompt"] is None
     assert {r["setting"] for r in records} == {"I=3, B=0"} and {r["rank"] for r in records} == {0}
-    assert all(r["file"] == f"{r['index']:05d}.png" and r["seconds"] > 0 for r in records)
+    assert all(r["file"] == f"{r['index']:05d}.png" for r in records)
+    # seconds per image: its batch's generation shared out, so all of them together fit in the command's wall time
+    wall = float((reference.parent / "wall_seconds").read_text())
+    assert all(r["seconds"] > 0 for r in records) and sum(r["seconds"] for r in records) <= wall
+    assert records[0]["seconds"] == records[1]["seconds"]  # one batch (--batch-size 2), one share
     settings = json.loads((reference / "settings.json").read_text())
     assert (settings["steps"], settings["batch_size"], settings["setting"], settings["seed"]) == (3, 2, "I=3, B=0", 0)
     assert sorted(p.name for p in reference.iterdir()) == sorted([*_pngs(reference), "manifest.jsonl", "settings.json"])
@@ -312,8 +319,8 @@ def test_help_documents_resume_and_launchers(capsys) -> None:
 
 
 def test_negative_prompt_changes_the_image_and_empty_means_none() -> None:
-    from DeepCache.generate import generate_items
-    from DeepCache.pipelines import load_pipeline
+    from DeepCache.tools.generate import generate_items
+    from DeepCache.tools.pipelines import load_pipeline
 
     pipe = load_pipeline()
     prompt = embedded_prompts(1)[0]

@@ -1,4 +1,4 @@
-"""Exact values of the pure metric functions in DeepCache.metrics."""
+"""Exact values of the pure metric functions in DeepCache.tools.metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from DeepCache import metrics
+from DeepCache.tools import metrics
 
 
 def test_psnr_identical_is_inf() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from DeepCache import cli_common
-from DeepCache.report import Column, format_value, json_document, json_line, render_table, to_jsonable, write_json
+from DeepCache.tools import cli_common, pipelines
+from DeepCache.tools.report import Column, format_value, json_document, json_line, render_table, to_jsonable, write_json
 
 COLUMNS = [Column("name", "name"), Column("x", "x", ".2f", align="right"), Column("y", "y", ".1f", " %"),
            Column("z", "z", lambda v: f"<{v}>")]
@@ -98,15 +98,15 @@ def test_shared_options_reject_bad_values_clearly(argv: list[str], message: str,
 def test_device_and_dtype_resolution() -> None:
     import torch
 
-    assert cli_common.resolve_device("cpu") == torch.device("cpu")
-    assert cli_common.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert cli_common.resolve_dtype("auto", torch.device("cuda")) == torch.float16
-    assert cli_common.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert pipelines.resolve_device("cpu") == torch.device("cpu")
+    assert pipelines.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pipelines.resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert pipelines.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="unsupported device 'tpu'"):
-        cli_common.resolve_device("tpu")
+        pipelines.resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
-            cli_common.resolve_device("cuda")
+            pipelines.resolve_device("cuda")
 
 
 def test_run_command_turns_value_errors_into_status_2(capsys) -> None:
@@ -144,7 +144,7 @@ def test_quiet_third_party_holds_back_library_warnings_but_not_errors() -> None:
             assert not transformers_logging.is_progress_bar_enabled()
             assert not diffusers_logging.is_progress_bar_enabled()
             warnings.warn_explicit("deprecated thing", FutureWarning, "x.py", 1, module="diffusers.pipelines.x")
-            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="DeepCache.bench")
+            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="DeepCache.tools.bench")
     tf_logger.removeHandler(records)
     assert records.messages == ["a real error"]
     assert [str(w.message) for w in caught] == ["ours"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from DeepCache import CacheParams, DeepCacheSDHelper
-from DeepCache.prompts import embedded_prompts
-from DeepCache.metrics import psnr
+from DeepCache.tools.prompts import embedded_prompts
+from DeepCache.tools.metrics import psnr
 
 MODEL = files("DeepCache") / "assets" / "demo-model"
 STEPS, GUIDANCE, MARGIN_DB = 25, 4.0, 0.5

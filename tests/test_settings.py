@@ -9,7 +9,7 @@ import torch
 
 from DeepCache import DeepCacheSDHelper
 from DeepCache.schedule import CacheParams, schedule_pattern
-from DeepCache.settings import BASELINE, Setting, applied, setting_grid
+from DeepCache.tools.settings import BASELINE, Setting, applied, setting_grid
 
 from .tiny import tiny_sd_unet, unet_inputs
 

@@ -16,7 +16,7 @@ STEPS=${STEPS:-25}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-python -c "from DeepCache.prompts import embedded_prompts; print('\n'.join(embedded_prompts($NUM_PROMPTS)))" > "$WORK/prompts.txt"
+python -c "from DeepCache.tools.prompts import embedded_prompts; print('\n'.join(embedded_prompts($NUM_PROMPTS)))" > "$WORK/prompts.txt"
 COMMON=(--prompts "$WORK/prompts.txt" --steps "$STEPS" --variant 3,0 --no-progress)
 TWO_CPU=(accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no)
 

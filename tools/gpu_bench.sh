@@ -22,7 +22,7 @@
 #     bash tools/gpu_bench.sh
 # CPU smoke test of the whole script (tiny models, seconds):
 #     OUT=/tmp/gpu_bench_cpu bash tools/gpu_bench.sh --tiny --device cpu --dtype float32 --threads 1 --steps 3 --repeats 1 --warmup-steps 1
-# Extra arguments are appended to every `python -m DeepCache.bench` call (scalar options override).
+# Extra arguments are appended to every `python -m DeepCache.tools.bench` call (scalar options override).
 # Environment: OUT (default ./out/gpu_bench), REPEATS (default 3), STAGES (default "docs-table sd15-512 sdxl-1024"),
 # COMPILE_MODE (compiled stages; default reduce-overhead).
 set -uo pipefail
@@ -69,7 +69,7 @@ bench() {  # bench NAME ARGS...
   local name=$1
   shift
   echo "{\"stage\": \"$name\", \"event\": \"start\", \"utc\": \"$(date -u +%FT%TZ)\"}"
-  python3 -m DeepCache.bench "$@" --repeats "$REPEATS" --jsonl --no-progress \
+  python3 -m DeepCache.tools.bench "$@" --repeats "$REPEATS" --jsonl --no-progress \
     --out "$OUT/$name.json" --markdown "$OUT/$name.md" "${EXTRA[@]}" 2> "$OUT/$name.err" | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "{\"stage\": \"$name\", \"event\": \"end\", \"rc\": $rc, \"utc\": \"$(date -u +%FT%TZ)\"}"

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DeepCache import CacheParams, DeepCacheSDHelper, engine  # noqa: E402
-from DeepCache.prompts import embedded_prompts  # noqa: E402
-from DeepCache.metrics import psnr, ssim  # noqa: E402
+from DeepCache.tools.prompts import embedded_prompts  # noqa: E402
+from DeepCache.tools.metrics import psnr, ssim  # noqa: E402
 
 STEPS, GUIDANCE = 25, 4.0
 

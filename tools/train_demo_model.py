@@ -7,15 +7,12 @@ Example (the shipped weights; about an hour on 2 CPU cores)::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DeepCache.demo_model.train import add_arguments, main
+from DeepCache.tools.demo_model.train import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Train the embedded tiny SD pipeline on procedural shapes.")
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(main())

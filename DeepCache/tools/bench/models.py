@@ -8,7 +8,7 @@ embeddings of the right shape, so text encoding is excluded from what is timed.
 Example::
 
     >>> import torch
-    >>> from DeepCache.bench_models import build_pipeline, make_inputs
+    >>> from DeepCache.tools.bench.models import build_pipeline, make_inputs
     >>> built = build_pipeline("sd15", device="cpu", dtype=torch.float32, tiny=True)
     >>> inputs = make_inputs(built, batch_size=1, device="cpu", dtype=torch.float32)
     >>> sorted(inputs)
@@ -25,6 +25,8 @@ from importlib import resources
 from typing import Any, Iterator
 
 import torch
+
+from ..flops import pooled_text_dim, unet_batch, vae_scale_factor  # noqa: F401  (the shape rules, shared)
 
 BUILTIN_MODELS: tuple[str, ...] = ("sd15", "sd21", "sdxl")
 
@@ -49,7 +51,7 @@ def load_config(name: str) -> dict[str, Any]:
     """
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)} or pass a local path.")
-    text = resources.files("DeepCache").joinpath("configs", f"{name}.json").read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("configs", f"{name}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -124,40 +126,6 @@ def _scheduler(name: str, scheduler_config: dict[str, Any] | Any) -> Any:
     if cls_name == "DDIMScheduler":
         cfg.setdefault("clip_sample", False)  # what the SD checkpoints use (DDIM's own default is True)
     return getattr(diffusers, cls_name).from_config(cfg)
-
-
-def pooled_text_dim(unet_config: Any) -> int | None:
-    """SDXL: the width of the pooled text embedding the U-Net's added condition takes (None for SD 1.x/2.x).
-
-    The added condition is the pooled embedding and 6 time ids of ``addition_time_embed_dim`` each.
-
-    >>> pooled_text_dim(load_config("sdxl")["unet"]), pooled_text_dim(load_config("sd15")["unet"])
-    (1280, None)
-    """
-    cfg = dict(unet_config)
-    if cfg.get("addition_embed_type") != "text_time":
-        return None
-    return int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
-
-
-def unet_batch(unet_config: Any, batch_size: int, guidance_scale: float) -> int:
-    """The U-Net's batch for ``batch_size`` images: doubled by classifier-free guidance (``guidance_scale > 1``),
-    except for guidance-distilled U-Nets (``time_cond_proj_dim`` set), which take the scale as an input.
-
-    >>> unet_batch(load_config("sd21")["unet"], 4, 7.5), unet_batch(load_config("sd21")["unet"], 4, 1.0)
-    (8, 4)
-    """
-    uses_cfg = guidance_scale > 1 and dict(unet_config).get("time_cond_proj_dim") is None
-    return 2 * batch_size if uses_cfg else batch_size
-
-
-def vae_scale_factor(vae_config: Any) -> int:
-    """How much smaller than the image the latent is (8 for SD's VAE): 2 ** (levels - 1), as diffusers computes it.
-
-    >>> vae_scale_factor(load_config("sdxl")["vae"])
-    8
-    """
-    return 2 ** (len(dict(vae_config)["block_out_channels"]) - 1)
 
 
 def _describe(pipe: Any, name: str, source: str, weights: str) -> BuiltPipeline:
@@ -242,19 +210,3 @@ def make_inputs(
         inputs["pooled_prompt_embeds"] = rand(batch_size, built.pooled_dim)
         inputs["negative_pooled_prompt_embeds"] = rand(batch_size, built.pooled_dim)
     return inputs
-
-
-def build_meta_unet(unet_config: Any) -> torch.nn.Module:
-    """A U-Net with the same config on the ``meta`` device (no memory, no compute): for FLOP counts."""
-    import diffusers
-
-    with torch.device("meta"):
-        return diffusers.UNet2DConditionModel.from_config(dict(unet_config)).eval()
-
-
-def build_meta_vae(vae_config: Any) -> torch.nn.Module:
-    """An ``AutoencoderKL`` with the same config on the ``meta`` device: for FLOP counts."""
-    import diffusers
-
-    with torch.device("meta"):
-        return diffusers.AutoencoderKL.from_config(dict(vae_config)).eval()

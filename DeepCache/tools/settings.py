@@ -1,7 +1,7 @@
 """One DeepCache setting for every tool: a :class:`~DeepCache.schedule.CacheParams` with a parser and a label.
 
-``deepcache bench``, ``eval`` and ``demo`` (and the coming ``tune`` and ``generate``) all take
-``--variant I,B[,SCHEDULE[,KEY=VALUE...]]`` and print the same label for it. :class:`Setting` *is* a
+``deepcache bench``, ``eval``, ``demo`` and ``generate`` take ``--variant I,B[,SCHEDULE[,KEY=VALUE...]]``, and
+every tool, ``tune`` too, prints the same label for a setting. :class:`Setting` *is* a
 ``CacheParams`` (a subclass with no fields of its own), so every schedule kind and parameter the core
 adds is parsed, labelled, validated and handed to the helper here, once, with no tool changes.
 
@@ -10,7 +10,7 @@ A uniform interval of 1 never caches: ``Setting()`` is the original (uncached) p
 
 Example::
 
-    >>> from DeepCache.settings import Setting
+    >>> from DeepCache.tools.settings import Setting
     >>> Setting.parse("3,0").label, Setting.parse("5,1,non-uniform").label
     ('I=3, B=0', 'I=5, B=1, non-uniform')
     >>> Setting.parse("1,0,custom,full_steps=0/4/8").label
@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 from typing import Any, Iterable, Iterator, Sequence
 
-from .schedule import CacheParams
+from ..schedule import CacheParams
 
 __all__ = ["BASELINE", "BASELINE_LABEL", "Setting", "applied", "baseline_first", "setting_grid"]
 

@@ -1,13 +1,13 @@
 """Pure image-quality metrics: PSNR, SSIM, Fréchet distance, accuracy, CLIP-style score.
 
 Every function takes arrays and returns numbers; nothing here loads a model or reads a file
-(feature extraction lives in :mod:`DeepCache.evaluate`). Images are float arrays in
+(feature extraction lives in :mod:`DeepCache.tools.evaluate`). Images are float arrays in
 ``[0, data_range]`` shaped ``(N, H, W, C)`` (a single ``(H, W, C)`` image is promoted to a batch).
 
 Example::
 
     >>> import numpy as np
-    >>> from DeepCache.metrics import psnr, ssim, frechet_distance
+    >>> from DeepCache.tools.metrics import psnr, ssim, frechet_distance
     >>> a = np.zeros((1, 8, 8, 3)); b = a + 0.1
     >>> round(float(psnr(a, b)[0]), 6)
     20.0

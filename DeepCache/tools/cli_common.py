@@ -3,14 +3,15 @@
 A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int`` and registers both with
 :func:`register`; the same two serve ``python -m DeepCache.<module>`` through :func:`standalone`.
 The options every tool spells the same way are added here: ``--model``, ``--device``/``--dtype``,
-``--threads``, ``--variant``, ``--prompt``/``--num-prompts``, ``--out``, ``--json``, ``--table`` and
-``--verbose``. A ``ValueError`` raised by ``run`` is printed as ``deepcache NAME: error: ...`` with exit
+``--threads``, ``--variant``, ``--prompt``/``--num-prompts``, ``--seed``/``--steps``/``--guidance``/``--repeats``,
+``--out``, ``--json``, ``--table`` and ``--verbose``; :func:`pipeline_from_args` loads the pipeline and prompts they
+name. A ``ValueError`` raised by ``run`` is printed as ``deepcache NAME: error: ...`` with exit
 status 2, like argparse's own errors.
 
 Example::
 
     >>> import argparse
-    >>> from DeepCache.cli_common import add_variant_option
+    >>> from DeepCache.tools.cli_common import add_variant_option
     >>> parser = argparse.ArgumentParser()
     >>> add_variant_option(parser, default_help="3,0")
     >>> [s.label for s in parser.parse_args(["--variant", "3,0", "--variant", "5,1,non-uniform"]).variant]
@@ -28,13 +29,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .pipelines import DTYPES, is_demo_pipeline, load_pipeline, resolve_device, resolve_dtype  # noqa: F401
+from .prompts import choose_prompts
 from .report import TABLE_STYLES
+from .runs import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .settings import Setting
 
 __all__ = [
-    "DTYPES",
     "Progress",
     "add_device_options",
+    "add_generation_arguments",
     "add_json_option",
     "add_model_option",
     "add_out_option",
@@ -43,17 +47,13 @@ __all__ = [
     "add_threads_option",
     "add_variant_option",
     "apply_threads",
+    "pipeline_from_args",
     "positive_int",
     "quiet_third_party",
     "register",
-    "resolve_device",
-    "resolve_dtype",
     "run_command",
     "standalone",
 ]
-
-DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-                                  "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 
 #: Libraries whose warnings and loading bars :func:`quiet_third_party` holds back.
 THIRD_PARTY = ("diffusers", "transformers", "torchvision", "huggingface_hub", "accelerate")
@@ -118,6 +118,19 @@ def add_prompt_options(parser: argparse.ArgumentParser, *, default_count: int) -
                         f"otherwise (default {default_count})")
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser, *, default_repeats: int | None = 1,
+                             repeats_default_help: str | None = None) -> None:
+    """``--seed``, ``--steps``, ``--guidance``, ``--repeats``: how every setting generates (``eval``, ``demo``, ``tune``)."""
+    parser.add_argument("--seed", type=int, default=0, help="first seed; image k uses seed+k (default 0)")
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
+                        help=f"denoising steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"guidance scale (default {DEFAULT_GUIDANCE})")
+    parser.add_argument("--repeats", type=positive_int, default=default_repeats,
+                        help="timed repeats per setting, the order rotated between them; the median is reported "
+                        f"(default {repeats_default_help or default_repeats})")
+
+
 def add_out_option(parser: argparse.ArgumentParser, *, help: str, default: str | None = None,
                    required: bool = False) -> None:
     parser.add_argument("--out", type=Path, default=None if default is None else Path(default), required=required,
@@ -137,28 +150,13 @@ def add_table_options(parser: argparse.ArgumentParser) -> None:
 
 
 # -- resolving them ---------------------------------------------------------------------------------
-def resolve_device(name: str | None) -> torch.device:
-    """``auto``/None -> CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N.") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but torch sees no CUDA device.")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> float16 on CUDA, float32 elsewhere; otherwise the named dtype."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose auto, float16, bfloat16 or float32.")
-    return DTYPES[name]
+def pipeline_from_args(args: argparse.Namespace, device: torch.device | None = None) -> tuple[Any, list[str]]:
+    """The pipeline (``--model``, ``--device`` unless ``device`` is given, ``--dtype``) and its prompts (``--prompt``,
+    ``--num-prompts``, ``--seed``)."""
+    device = device or resolve_device(args.device)
+    pipe = load_pipeline(args.model, device, resolve_dtype(args.dtype, device))
+    prompts = choose_prompts(embedded=is_demo_pipeline(pipe), count=args.num_prompts, seed=args.seed, given=args.prompt)
+    return pipe, prompts
 
 
 def apply_threads(threads: int | None) -> None:
@@ -173,9 +171,9 @@ def _description(module_doc: str | None) -> str | None:
 
 
 def register(subparsers: Any, name: str, *, help: str, module_doc: str | None, add_arguments: AddArguments,
-             run: Run, **defaults: Any) -> argparse.ArgumentParser:
-    """Add subcommand ``name`` (its description is the first paragraph of ``module_doc``)."""
-    parser = subparsers.add_parser(name, help=help, description=_description(module_doc))
+             run: Run, epilog: str | None = None, **defaults: Any) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` (its description is the first paragraph of ``module_doc``; ``epilog`` ends its help)."""
+    parser = subparsers.add_parser(name, help=help, description=_description(module_doc), epilog=epilog)
     add_arguments(parser)
     parser.set_defaults(func=lambda args: run_command(name, run, args), **defaults)
     return parser

@@ -8,7 +8,7 @@ infinity ``null`` (so the files are strict JSON).
 
 Example::
 
-    >>> from DeepCache.report import Column, render_table
+    >>> from DeepCache.tools.report import Column, render_table
     >>> cols = [Column("setting", "setting"), Column("psnr", "PSNR dB", ".1f", align="right"),
     ...         Column("lpips", "LPIPS", ".3f", align="right")]
     >>> rows = [{"setting": "original", "psnr": float("inf")}, {"setting": "I=3, B=0", "psnr": 37.04}]
@@ -151,7 +151,7 @@ def environment(device: torch.device, dtype: torch.dtype, pipe: Any | None = Non
     import diffusers
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     env: dict[str, Any] = {
         "python": platform.python_version(),

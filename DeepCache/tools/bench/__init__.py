@@ -8,20 +8,20 @@ on the weight values, so nothing is downloaded); text encoding is excluded (rand
 embeddings of the right shape are passed), and what is timed is the pipeline call end to end:
 the U-Net denoising loop plus the VAE decode.
 
-This module is the command line; the work is done in :mod:`DeepCache.bench_scenarios` (what runs),
-:mod:`DeepCache.bench_models` (building the models), :mod:`DeepCache.bench_timing` (timing),
-:mod:`DeepCache.bench_flops` (FLOP counts) and :mod:`DeepCache.bench_report` (results and tables).
+This module is the command line; the work is done in :mod:`DeepCache.tools.bench.scenarios` (what runs),
+:mod:`DeepCache.tools.bench.models` (building the models), :mod:`DeepCache.tools.bench.timing` (timing),
+:mod:`DeepCache.tools.bench.flops` (FLOP counts) and :mod:`DeepCache.tools.bench.results` (results and tables).
 
 Example::
 
     $ deepcache bench --preset docs-table --device cuda --json results.json --markdown table.md
     $ deepcache bench --preset docs-table --device cpu --tiny --steps 10 --repeats 1
     $ deepcache bench --model sdxl --resolution 1024 --batch-size 1 --variant 3,0 --flops-only
-    $ python -m DeepCache.bench ...        # the same as deepcache bench ...
+    $ python -m DeepCache.tools.bench ...        # the same as deepcache bench ...
 
 or from Python::
 
-    >>> from DeepCache.bench import BenchConfig, Setting, run_benchmark
+    >>> from DeepCache.tools.bench import BenchConfig, Setting, run_benchmark
     >>> cfg = BenchConfig(model="sd15", resolutions=(512,), batch_sizes=(1,), variants=(Setting(3, 0),),
     ...                   steps=4, scheduler="ddim", repeats=1, warmup_steps=2, tiny=True, device="cpu")
     >>> [s.label for s in cfg.scenarios()]
@@ -38,12 +38,13 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .bench_flops import flops_report
-from .bench_models import BUILTIN_MODELS, SCHEDULERS
-from .bench_report import TIMED, BenchReport, ScenarioResult, markdown_details, markdown_table, render_markdown
-from .bench_scenarios import COMPILE_MODES, PRESETS, TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario, preset_config
-from .bench_timing import run_benchmark
-from .cli_common import (
+from .flops import flops_report
+from .models import BUILTIN_MODELS, SCHEDULERS
+from .results import TIMED, BenchReport, ScenarioResult
+from .tables import markdown_details, markdown_table, render_markdown
+from .scenarios import COMPILE_MODES, PRESETS, TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario, preset_config
+from .timing import run_benchmark
+from ..cli_common import (
     add_device_options,
     add_json_option,
     add_model_option,
@@ -52,8 +53,8 @@ from .cli_common import (
     register,
     standalone,
 )
-from .report import json_line, write_json
-from .settings import Setting
+from ..report import json_line, write_json
+from ..settings import Setting
 
 __all__ = [
     "BenchConfig", "BenchReport", "PRESETS", "Scenario", "ScenarioResult", "Setting", "Variant", "add_parser",
@@ -61,7 +62,7 @@ __all__ = [
     "render_markdown", "run_benchmark",
 ]
 
-#: Former name of :class:`DeepCache.settings.Setting` (``Variant(3, 0)``, ``Variant.parse("5,1")`` still work).
+#: Former name of :class:`DeepCache.tools.settings.Setting` (``Variant(3, 0)``, ``Variant.parse("5,1")`` still work).
 Variant = Setting
 
 _DESCRIPTION = ("Time DeepCache against the original pipeline, full-size models with random weights (or --model PATH). "
@@ -108,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``deepcache bench`` (and ``python -m DeepCache.bench``)."""
+    """Options of ``deepcache bench`` (and ``python -m DeepCache.tools.bench``)."""
     p.add_argument("--preset", choices=sorted(PRESETS), help="docs-table: SD2.1, 50 DDIM steps, 512/768/1024 x 8/4/1, "
                    "variants 3,0 5,0 5,1 (other flags override its values)")
     add_model_option(p, f"{', '.join(BUILTIN_MODELS)} (full size, random weights) or a local pipeline folder / hub id "
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``deepcache bench`` on a ``subparsers`` object (see :mod:`DeepCache.cli`)."""
+    """Register ``deepcache bench`` on a ``subparsers`` object (see :mod:`DeepCache.tools.cli`)."""
     parser = register(subparsers, "bench", help="time DeepCache vs the original pipeline (full-size models, random "
                       "weights)", module_doc=None, add_arguments=add_arguments, run=run)
     parser.description = _DESCRIPTION
@@ -169,8 +170,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m DeepCache.bench ...``: the same as ``deepcache bench ...``."""
-    return standalone("python -m DeepCache.bench", _DESCRIPTION, add_arguments, run, argv, name="bench")
+    """``python -m DeepCache.tools.bench ...``: the same as ``deepcache bench ...``."""
+    return standalone("python -m DeepCache.tools.bench", _DESCRIPTION, add_arguments, run, argv, name="bench")
 
 
 if __name__ == "__main__":  # pragma: no cover

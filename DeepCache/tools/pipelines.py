@@ -1,9 +1,10 @@
-"""Load the pipeline ``deepcache eval``/``demo``/``generate`` run (the embedded demo model, offline, or any local or
-hub one), and call it on a batch of seeded prompts the one way they all do (:func:`call_batch`).
+"""Load the pipeline ``deepcache eval``/``demo``/``tune``/``generate`` run (the embedded demo model, offline, or any
+local or hub one), call it on a batch of seeded prompts the one way they all do (:func:`call_batch`), and say what ran
+(:func:`run_meta`).
 
 Example::
 
-    >>> from DeepCache.pipelines import is_demo_pipeline, load_pipeline
+    >>> from DeepCache.tools.pipelines import is_demo_pipeline, load_pipeline
     >>> pipe = load_pipeline()            # the embedded tiny SD pipeline, no download
     >>> is_demo_pipeline(pipe), type(pipe).__name__
     (True, 'StableDiffusionPipeline')
@@ -18,7 +19,11 @@ import torch
 
 from .demo_model import CLASSIFIER_DIR, EMBEDDED_MODEL, is_demo_pipeline_dir
 
-__all__ = ["call_batch", "default_batch_size", "demo_classifier_path", "is_demo_pipeline", "load_pipeline"]
+DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+                                  "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+__all__ = ["DTYPES", "call_batch", "default_batch_size", "demo_classifier_path", "is_demo_pipeline", "load_pipeline", "model_name",
+           "pipeline_device", "resolve_device", "resolve_dtype", "run_meta"]
 
 
 def load_pipeline(model: str | None = None, device: str | torch.device = "cpu",
@@ -99,3 +104,60 @@ def call_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps
     return pipe(list(prompts), negative_prompt=negatives if any(negatives) else None,
                 generator=[torch.Generator().manual_seed(int(s)) for s in seeds], num_inference_steps=steps,
                 guidance_scale=guidance, output_type=output_type, **size).images
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto``/None -> CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but torch sees no CUDA device.")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float16 on CUDA, float32 elsewhere; otherwise the named dtype."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, float16, bfloat16 or float32.")
+    return DTYPES[name]
+
+
+def pipeline_device(pipe: Any) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype the pipeline's U-Net runs in."""
+    return torch.device(str(getattr(pipe, "device", "cpu"))), pipe.unet.dtype
+
+
+def run_meta(pipe: Any, steps: int, guidance: float, prompts: Sequence[str], seeds: Sequence[int],
+             **more: Any) -> dict[str, Any]:
+    """What a report says about the run (model, steps, scheduler, prompts, seeds, threads, device, dtype), and ``more``."""
+    device, dtype = pipeline_device(pipe)
+    return {
+        "model": str(getattr(pipe.config, "_name_or_path", "")),
+        "embedded": is_demo_pipeline(pipe),
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": type(pipe.scheduler).__name__,
+        "prompts": list(prompts),
+        "seeds": list(seeds),
+        **more,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def model_name(meta: dict[str, Any]) -> str:
+    """How a header names the model of a :func:`run_meta`.
+
+    >>> model_name({"embedded": True, "model": "x"}), model_name({"embedded": False, "model": "./sd15"})
+    ('embedded demo model (offline)', './sd15')
+    """
+    return "embedded demo model (offline)" if meta["embedded"] else meta["model"]

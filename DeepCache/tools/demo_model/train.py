@@ -8,7 +8,7 @@ Stages, all seeded:
    ``scaled_linear`` DDPM noise schedule, 10 % empty captions (classifier-free guidance),
    EMA of the weights, which are what gets saved.
 3. The autoencoder's decoder alone (encoder frozen, so the latent space is unchanged).
-4. The attribute classifier used by ``deepcache eval`` (see :mod:`DeepCache.demo_model.classifier`).
+4. The attribute classifier used by ``deepcache eval`` (see :mod:`DeepCache.tools.demo_model.classifier`).
 
 The pipeline is written with ``save_pretrained`` (a normal ``StableDiffusionPipeline`` folder),
 checkpointed every ``--checkpoint-every`` steps so a partial run is still usable.
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli_common import add_out_option, add_threads_option, positive_int, register, run_command
+from ..cli_common import add_out_option, add_threads_option, positive_int, register, standalone
 from . import CLASSIFIER_DIR, MARKER, PIPELINE_DIR
 from .data import IMAGE_SIZE, caption_words, images_to_tensor, iter_batches, make_dataset
 
@@ -186,7 +186,7 @@ def build_components(config: TrainConfig) -> Components:
 
 
 def _batches(batch_size: int, stream_seed: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Training batches as (images in [-1, 1], captions), from :func:`~DeepCache.demo_model.data.iter_batches`."""
+    """Training batches as (images in [-1, 1], captions), from :func:`~DeepCache.tools.demo_model.data.iter_batches`."""
     for batch in iter_batches(batch_size, stream_seed):
         yield images_to_tensor(batch.images), batch.captions
 
@@ -360,7 +360,7 @@ def save_pipeline(components: Components, unet: torch.nn.Module, text_encoder: t
 STAGES: tuple[str, ...] = ("vae", "unet", "decoder", "classifier")
 
 
-def run(config: TrainConfig, out: Path, stages: tuple[str, ...] = STAGES) -> dict[str, object]:
+def train(config: TrainConfig, out: Path, stages: tuple[str, ...] = STAGES) -> dict[str, object]:
     """Train the requested stages into ``out/demo-model`` and ``out/demo-classifier``; returns a summary.
 
     Stages ``unet`` and ``decoder`` without ``vae`` (and ``decoder`` without ``unet``) continue from the
@@ -485,17 +485,18 @@ def parse_stages(text: str) -> tuple[str, ...]:
     return stages
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    run(_config_from_args(args), args.out, parse_stages(args.stages))
+def run(args: argparse.Namespace) -> int:
+    """``deepcache train-demo-model``: :func:`train` with the options' config, folder and stages."""
+    train(_config_from_args(args), args.out, parse_stages(args.stages))
     return 0
 
 
-def main(args: argparse.Namespace) -> int:
-    """``tools/train_demo_model.py``: the same as ``deepcache train-demo-model`` (errors included)."""
-    return run_command("train-demo-model", run_cli, args)
+def main(argv: list[str] | None = None) -> int:
+    """``python tools/train_demo_model.py ...``: the same as ``deepcache train-demo-model ...`` (errors included)."""
+    return standalone("python tools/train_demo_model.py", __doc__, add_arguments, run, argv, name="train-demo-model")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Register ``deepcache train-demo-model``."""
     return register(subparsers, "train-demo-model", help="train the embedded tiny SD pipeline on procedural shapes",
-                    module_doc=__doc__, add_arguments=add_arguments, run=run_cli)
+                    module_doc=__doc__, add_arguments=add_arguments, run=run)

@@ -10,7 +10,7 @@ Stored as ``model.safetensors`` plus ``config.json`` (class names, sizes, held-o
 Example::
 
     >>> import torch
-    >>> from DeepCache.demo_model.classifier import ShapeClassifier
+    >>> from DeepCache.tools.demo_model.classifier import ShapeClassifier
     >>> model = ShapeClassifier()
     >>> logits, feats = model(torch.zeros(2, 3, 32, 32))
     >>> sorted(logits), tuple(feats.shape)

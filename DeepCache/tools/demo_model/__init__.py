@@ -6,10 +6,10 @@ Where it lives: ``deepcache train-demo-model --out DIR`` writes the pipeline to 
 
 Example::
 
-    >>> from DeepCache.demo_model.data import make_dataset
+    >>> from DeepCache.tools.demo_model.data import make_dataset
     >>> make_dataset(2, seed=0).captions[0]
     'a small black square on a blue background, top right'
-    >>> from DeepCache.demo_model import EMBEDDED_MODEL, is_demo_pipeline_dir
+    >>> from DeepCache.tools.demo_model import EMBEDDED_MODEL, is_demo_pipeline_dir
     >>> is_demo_pipeline_dir(EMBEDDED_MODEL)
     True
 """
@@ -25,7 +25,7 @@ CLASSIFIER_DIR = "demo-classifier"
 #: File in a pipeline folder that marks it as a demo pipeline (its captions can be checked).
 MARKER = "deepcache-demo.json"
 #: The shipped model and classifier.
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 EMBEDDED_MODEL = ASSETS / PIPELINE_DIR
 EMBEDDED_CLASSIFIER = ASSETS / CLASSIFIER_DIR
 

@@ -38,20 +38,18 @@ from .cli_common import (
     positive_int,
     quiet_third_party,
     register,
-    resolve_dtype,
 )
 from .distributed import ProcessInfo, barrier, global_batches, process_info, shard
 from .image_store import ImageStore, read_records
-from .pipelines import call_batch, default_batch_size
+from .pipelines import call_batch, default_batch_size, resolve_dtype
 from .prompts import PROMPT_FILE_FORMATS, PromptItem, read_prompt_file, seeded_items
-from .schedule import CacheParams
+from .runs import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from ..schedule import CacheParams
 from .settings import Setting, applied
 
 __all__ = ["DEFAULT_SETTING", "STOP_AFTER_VARIABLE", "check_finished", "generate_items", "pending_batches",
            "run_settings_record", "setting_from_args"]
 
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 4.0
 DEFAULT_SETTING = Setting(3, 0)
 #: Test hook: a process that has written this many images exits at once (``os._exit``), as if killed.
 STOP_AFTER_VARIABLE = "DEEPCACHE_GENERATE_STOP_AFTER"
@@ -123,7 +121,7 @@ def setting_from_args(variant: Setting | None, params: str | None) -> Setting:
 def generate_items(pipe: Any, items: Sequence[PromptItem], setting: Setting, *, steps: int, guidance: float,
                    height: int | None = None, width: int | None = None) -> list[Any]:
     """One PIL image per seeded item, in one pipeline call; each item's noise comes from its own CPU generator."""
-    from .helper import DeepCacheSDHelper
+    from ..helper import DeepCacheSDHelper
 
     with applied(DeepCacheSDHelper(pipe=pipe), setting, steps), torch.no_grad():
         images = call_batch(pipe, [item.prompt for item in items], [int(item.seed) for item in items],  # type: ignore[arg-type]
@@ -265,8 +263,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Register ``deepcache generate``."""
-    parser = register(subparsers, "generate", help="many images from a prompts file, resumable, on one or many "
-                      "processes (accelerate launch / torchrun)", module_doc=__doc__, add_arguments=add_arguments,
-                      run=run)
-    parser.epilog = EPILOG
-    return parser
+    return register(subparsers, "generate", help="many images from a prompts file, resumable, on one or many "
+                    "processes (accelerate launch / torchrun)", module_doc=__doc__, add_arguments=add_arguments,
+                    run=run, epilog=EPILOG)

@@ -8,7 +8,7 @@ classifier trained on the same data.
 Example::
 
     >>> import numpy as np
-    >>> from DeepCache.demo_model.data import Attributes, caption, parse_caption, render
+    >>> from DeepCache.tools.demo_model.data import Attributes, caption, parse_caption, render
     >>> attrs = Attributes(shape="circle", colour="red", background="blue", position="top left", size="small")
     >>> caption(attrs)
     'a small red circle on a blue background, top left'

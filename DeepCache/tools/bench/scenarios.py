@@ -1,11 +1,11 @@
 """What ``deepcache bench`` runs: a :class:`BenchConfig` (from flags or a preset) and its grid of scenarios.
 
-A scenario is one shape (height, width, batch) and one :class:`~DeepCache.settings.Setting` (the
+A scenario is one shape (height, width, batch) and one :class:`~DeepCache.tools.settings.Setting` (the
 original pipeline or a DeepCache setting), eager or compiled.
 
 Example::
 
-    >>> from DeepCache.bench_scenarios import preset_config
+    >>> from DeepCache.tools.bench.scenarios import preset_config
     >>> cfg = preset_config("docs-table", tiny=True)
     >>> cfg.shapes()[:2], [s.label for s in cfg.scenarios()[:2]]
     ([(64, 64, 8), (64, 64, 4)], ['64x64 b8 original', '64x64 b8 I=3, B=0'])
@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .bench_models import BUILTIN_MODELS, SCHEDULERS
-from .cli_common import DTYPES
-from .settings import BASELINE, Setting, baseline_first
+from .models import BUILTIN_MODELS, SCHEDULERS
+from ..pipelines import DTYPES
+from ..settings import BASELINE, Setting, baseline_first
 
 __all__ = ["COMPILE_MODES", "PRESETS", "TINY_RESOLUTION_DIVISOR", "BenchConfig", "Scenario", "preset_config"]
 
@@ -31,7 +31,7 @@ TINY_RESOLUTION_DIVISOR = 8
 
 @dataclass(frozen=True)
 class Scenario:
-    """One timed configuration: a shape and a setting (:data:`~DeepCache.settings.BASELINE`: the original)."""
+    """One timed configuration: a shape and a setting (:data:`~DeepCache.tools.settings.BASELINE`: the original)."""
 
     height: int
     width: int

@@ -8,7 +8,7 @@ list still tokenize (into smaller pieces), as with any BPE tokenizer.
 
 Example::
 
-    >>> from DeepCache.demo_model.tokenizer import build_tokenizer
+    >>> from DeepCache.tools.demo_model.tokenizer import build_tokenizer
     >>> tok = build_tokenizer(["a", "red", "circle", ","], max_length=16)
     >>> ids = tok("a red circle,")["input_ids"]
     >>> tok.convert_ids_to_tokens(ids)

@@ -6,7 +6,7 @@ non-finite coordinate are left out.
 
 Example::
 
-    >>> from DeepCache.plot import Series, scatter_plot
+    >>> from DeepCache.tools.plot import Series, scatter_plot
     >>> image = scatter_plot([Series("uniform", [(1.5, 40.0), (2.5, 31.0)], (31, 119, 180))],
     ...                      x_label="speedup", y_label="PSNR dB", hline=(30.0, "bound"))
     >>> image.size

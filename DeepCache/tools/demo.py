@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 
 from .cli_common import add_out_option, register
-from .evaluate import ScoredRun, add_common_arguments, evaluate_from_args, format_table, write_report
+from .quality import add_common_arguments, evaluate_from_args, format_table, write_report
+from .runs import SettingRun
 from .settings import Setting
 
 DEMO_SETTINGS: tuple[Setting, ...] = (Setting(3, 0), Setting(5, 0), Setting(3, 1))
 DEMO_PROMPTS = 6
+#: Timed repeats of the demo: three, so that one noisy call on a busy machine does not decide a speedup.
+DEMO_REPEATS = 3
 
 
 def _short_prompt(prompt: str) -> tuple[str, ...]:
@@ -42,7 +45,7 @@ def _short_prompt(prompt: str) -> tuple[str, ...]:
 
 
 def compose_grid(
-    runs: Sequence[ScoredRun], rows: Sequence[dict[str, Any]], prompts: Sequence[str], cell: int = 96
+    runs: Sequence[SettingRun], rows: Sequence[dict[str, Any]], prompts: Sequence[str], cell: int = 96
 ) -> Any:
     """A PIL image: a header with the prompts, then one labelled row of images per setting."""
     from PIL import Image, ImageDraw
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``deepcache demo``."""
-    add_common_arguments(parser, default_prompts=DEMO_PROMPTS, default_variants="3,0 5,0 3,1")
+    add_common_arguments(parser, default_prompts=DEMO_PROMPTS, default_variants="3,0 5,0 3,1",
+                         default_repeats=DEMO_REPEATS)
     add_out_option(parser, default="deepcache-demo.png",
                    help="where to save the side-by-side PNG (default ./deepcache-demo.png)")
 
@@ -98,4 +102,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     """Register ``deepcache demo``."""
     return register(subparsers, "demo", help="run the embedded tiny SD pipeline with and without DeepCache; print "
-                    "a table, save a PNG", module_doc=__doc__, add_arguments=add_arguments, run=run, repeats=3)
+                    "a table, save a PNG", module_doc=__doc__, add_arguments=add_arguments, run=run)

@@ -1,4 +1,4 @@
-"""Count U-Net and VAE FLOPs, and the ideal DeepCache speedup they imply.
+"""Count U-Net and VAE FLOPs, and the ideal DeepCache speedup they imply (for ``deepcache bench`` and ``tune``).
 
 FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` (matrix multiplies,
 convolutions and attention; elementwise ops, norms and softmax are not counted). On CUDA, the
@@ -25,26 +25,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-from .bench_models import (
-    BUILTIN_MODELS,
-    build_meta_unet,
-    build_meta_vae,
-    load_config,
-    pooled_text_dim,
-    tiny_config,
-    unet_batch,
-    vae_scale_factor,
-)
-from .schedule import schedule_pattern
-
-if TYPE_CHECKING:
-    from .bench_report import BenchReport
-    from .bench_scenarios import BenchConfig, Scenario
 
 _aten = torch.ops.aten
 
@@ -147,7 +131,7 @@ def count_unet_step_flops(unet: torch.nn.Module, *, batch: int, latent_height: i
                           cache_branch_id: int) -> StepFlops:
     """Count one full and one retrieval step of ``unet`` under DeepCache at ``cache_branch_id``.
 
-    Pass a U-Net built on the ``meta`` device (:func:`DeepCache.bench_models.build_meta_unet`)
+    Pass a U-Net built on the ``meta`` device (:func:`build_meta_unet`)
     to count full-size models instantly. The helper is enabled on the bare U-Net with an interval
     larger than two steps, so the first evaluation is full and the second a retrieval.
     """
@@ -179,6 +163,19 @@ def count_vae_decode_flops(vae: Any, *, batch: int, latent_height: int, latent_w
     return count_flops(lambda: vae.decode(z))
 
 
+@dataclass(frozen=True)
+class PatternFlops:
+    """FLOP counts of a generation with one step pattern at one shape, and the ideal speedups they imply."""
+
+    full_step: int
+    retrieval_step: int | None  # None for the original pipeline
+    ratio: float | None
+    vae_decode: int
+    ideal: float  # end to end: the pattern's U-Net steps + VAE decode
+    ideal_unet: float  # the U-Net loop alone
+    ideal_uniform: float | None  # N / (1 + (N-1) f): uniform schedules only
+
+
 class FlopCache:
     """FLOP counts per shape on meta-device copies of a U-Net and VAE (shapes only, no compute).
 
@@ -207,66 +204,72 @@ class FlopCache:
             self._vae[key] = count_vae_decode_flops(self.vae, batch=1, latent_height=lh, latent_width=lw)
         return self._vae[key] * batch
 
-    def scenario(self, scenario: Scenario, pattern: Sequence[bool], guidance_scale: float) -> ScenarioFlops:
-        """The counts and FLOP-ideal speedups of one scenario run with step ``pattern``."""
+    def for_pattern(self, pattern: Sequence[bool], *, images: int, latent: tuple[int, int], branch: int,
+                guidance_scale: float, uniform_interval: int | None = None) -> PatternFlops:
+        """The counts and FLOP-ideal speedups of ``images`` images generated with step ``pattern`` (all True: the
+        original) at latent size ``latent``, caching at ``branch``; ``uniform_interval`` also gives N / (1 + (N-1) f)."""
+        step = self.step(unet_batch(self.unet_config, images, guidance_scale), *latent, branch)
+        vae = self.vae_decode(images, *latent)
+        if all(pattern):
+            return PatternFlops(step.full, None, None, vae, 1.0, 1.0, 1.0)
+        uniform = ideal_speedup_uniform(uniform_interval, step.ratio) if uniform_interval is not None else None
+        return PatternFlops(step.full, step.retrieval, step.ratio, vae,
+                            ideal_speedup_pattern(pattern, step.full, step.retrieval, vae),
+                            ideal_speedup_pattern(pattern, step.full, step.retrieval), uniform)
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """The latent (height, width) of an image of this size."""
         scale = vae_scale_factor(self.vae_config)
-        lh, lw = scenario.height // scale, scenario.width // scale
-        setting = scenario.setting
-        step = self.step(unet_batch(self.unet_config, scenario.batch_size, guidance_scale), lh, lw,
-                         setting.cache_branch_id)
-        vae = self.vae_decode(scenario.batch_size, lh, lw)
-        if setting.is_baseline:
-            return ScenarioFlops(step.full, None, None, vae, 1.0, 1.0, 1.0)
-        uniform = ideal_speedup_uniform(setting.cache_interval, step.ratio) if setting.skip_mode == "uniform" else None
-        return ScenarioFlops(step.full, step.retrieval, step.ratio, vae,
-                             ideal_speedup_pattern(pattern, step.full, step.retrieval, vae),
-                             ideal_speedup_pattern(pattern, step.full, step.retrieval), uniform)
+        return height // scale, width // scale
 
 
-@dataclass(frozen=True)
-class ScenarioFlops:
-    """FLOP counts of one scenario and the ideal speedups they imply (see the module docstring)."""
+# -- shape rules ---------------------------------------------------------------------------------------
+def pooled_text_dim(unet_config: Any) -> int | None:
+    """SDXL: the width of the pooled text embedding the U-Net's added condition takes (None for SD 1.x/2.x).
 
-    full_step: int
-    retrieval_step: int | None  # None for the original pipeline
-    ratio: float | None
-    vae_decode: int
-    ideal: float  # end to end: the pattern's U-Net steps + VAE decode
-    ideal_unet: float  # the U-Net loop alone
-    ideal_uniform: float | None  # N / (1 + (N-1) f): uniform schedules only
+    The added condition is the pooled embedding and 6 time ids of ``addition_time_embed_dim`` each.
 
-
-def flops_report(cfg: BenchConfig) -> BenchReport:
-    """FLOP counts and ideal speedups for every (eager) scenario, without building or timing the real model.
-
-    Counts run on the ``meta`` device, so full-size SDXL takes seconds on a CPU. Needs a built-in
-    model (or a local model folder, whose configs are read).
+    >>> pooled_text_dim({"addition_embed_type": "text_time", "projection_class_embeddings_input_dim": 2816,
+    ...                  "addition_time_embed_dim": 256}), pooled_text_dim({})
+    (1280, None)
     """
-    from .bench_report import BenchReport, ScenarioResult, run_settings
-    from .report import environment
+    cfg = dict(unet_config)
+    if cfg.get("addition_embed_type") != "text_time":
+        return None
+    return int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
 
-    if cfg.model in BUILTIN_MODELS:
-        conf = load_config(cfg.model)
-        if cfg.tiny:
-            conf = tiny_config(conf)
-        unet_cfg, vae_cfg, name = conf["unet"], conf["vae"], cfg.model + ("-tiny" if cfg.tiny else "")
-    else:
-        import diffusers
 
-        unet_cfg = diffusers.UNet2DConditionModel.load_config(cfg.model, subfolder="unet")
-        vae_cfg = diffusers.AutoencoderKL.load_config(cfg.model, subfolder="vae")
-        name = cfg.model
-    counter = FlopCache(unet_cfg, vae_cfg)
-    device = torch.device("meta")
-    settings = run_settings(cfg, name, "builtin config" if cfg.model in BUILTIN_MODELS else cfg.model,
-                            "n/a (FLOPs only)", device, torch.float32)
-    settings.update(timed="nothing: FLOP counts only", flops_only=True)
-    report = BenchReport(settings, environment(device, torch.float32))
-    for sc in cfg.scenarios():
-        if sc.compiled:  # the same counts as eager
-            continue
-        pattern = schedule_pattern(sc.setting.for_steps(cfg.steps), cfg.steps)
-        result = ScenarioResult.new(name, cfg.steps, sc, pattern)
-        result.add_flops(counter.scenario(sc, pattern, cfg.guidance_scale))
-        report.results.append(result)
-    return report
+def unet_batch(unet_config: Any, batch_size: int, guidance_scale: float) -> int:
+    """The U-Net's batch for ``batch_size`` images: doubled by classifier-free guidance (``guidance_scale > 1``),
+    except for guidance-distilled U-Nets (``time_cond_proj_dim`` set), which take the scale as an input.
+
+    >>> unet_batch({}, 4, 7.5), unet_batch({}, 4, 1.0), unet_batch({"time_cond_proj_dim": 256}, 4, 7.5)
+    (8, 4, 4)
+    """
+    uses_cfg = guidance_scale > 1 and dict(unet_config).get("time_cond_proj_dim") is None
+    return 2 * batch_size if uses_cfg else batch_size
+
+
+def vae_scale_factor(vae_config: Any) -> int:
+    """How much smaller than the image the latent is (8 for SD's VAE): 2 ** (levels - 1), as diffusers computes it.
+
+    >>> vae_scale_factor({"block_out_channels": [128, 256, 512, 512]})
+    8
+    """
+    return 2 ** (len(dict(vae_config)["block_out_channels"]) - 1)
+
+
+def build_meta_unet(unet_config: Any) -> torch.nn.Module:
+    """A U-Net with the same config on the ``meta`` device (no memory, no compute): for FLOP counts."""
+    import diffusers
+
+    with torch.device("meta"):
+        return diffusers.UNet2DConditionModel.from_config(dict(unet_config)).eval()
+
+
+def build_meta_vae(vae_config: Any) -> torch.nn.Module:
+    """An ``AutoencoderKL`` with the same config on the ``meta`` device: for FLOP counts."""
+    import diffusers
+
+    with torch.device("meta"):
+        return diffusers.AutoencoderKL.from_config(dict(vae_config)).eval()

@@ -16,7 +16,7 @@ two CPU processes with::
 
 Example::
 
-    >>> from DeepCache.distributed import shard
+    >>> from DeepCache.tools.distributed import shard
     >>> shard(list(range(7)), rank=1, world_size=3)
     [1, 4]
     >>> shard(global_batches(5, batch_size=2), rank=0, world_size=2)
@@ -71,7 +71,7 @@ def process_info(device: str | None = "auto") -> ProcessInfo:
     ``device``: ``auto`` (or ``None``) -> ``cuda:<local rank>`` when CUDA is available, else the CPU; ``cpu`` forces
     the CPU; ``cuda`` means ``cuda:<local rank>``; ``cuda:N`` is taken as given (one process only).
     """
-    from .cli_common import resolve_device
+    from .pipelines import resolve_device
 
     if not is_launched():
         return ProcessInfo(device=resolve_device(device))

@@ -16,12 +16,12 @@ import importlib
 import sys
 from typing import Sequence
 
-from . import __version__
+from .. import __version__
 
 # One entry per subcommand module; each exposes ``add_parser(subparsers)``.
-_COMMAND_MODULES: tuple[str, ...] = ("DeepCache.bench", "DeepCache.demo", "DeepCache.evaluate", "DeepCache.generate",
-                                     "DeepCache.tune",
-                                     "DeepCache.demo_model.train")
+_COMMAND_MODULES: tuple[str, ...] = ("DeepCache.tools.bench", "DeepCache.tools.demo", "DeepCache.tools.evaluate", "DeepCache.tools.generate",
+                                     "DeepCache.tools.tune",
+                                     "DeepCache.tools.demo_model.train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ on other prompts (:func:`calibration_prompts`): the next captions of the same dr
 
 Example::
 
-    >>> from DeepCache.prompts import choose_prompts, embedded_prompts
+    >>> from DeepCache.tools.prompts import choose_prompts, embedded_prompts
     >>> embedded_prompts(2)
     ['a small green triangle on a black background, bottom right', 'a large red square on a green background, bottom left']
     >>> choose_prompts(embedded=True, count=6) == embedded_prompts(64)[:6]

@@ -2,15 +2,16 @@
 
 For each (resolution, batch) shape, every scenario (the original and each setting, eager and with
 ``--compile`` also compiled) is warmed up once, then the scenarios are run ``repeats`` times
-*interleaved* (the order rotates every round) and the median is reported. On CUDA the timed region is
-bracketed by ``torch.cuda.synchronize()`` and peak memory is reset before every call; per-step times
-come from CUDA events (no extra sync) or ``perf_counter`` in U-Net forward hooks.
+*interleaved* (the order rotates every round: :func:`DeepCache.tools.runs.rotation`) and the median is reported.
+Each call is timed by the tools' one timed call (:func:`DeepCache.tools.runs.timed`: only the pipeline call, between
+``torch.cuda.synchronize()`` on CUDA); peak memory is reset before every call; per-step times come from CUDA events
+(no extra sync) or ``perf_counter`` in U-Net forward hooks.
 
 Example::
 
-    >>> from DeepCache.bench_scenarios import BenchConfig
-    >>> from DeepCache.bench_timing import run_benchmark
-    >>> from DeepCache.settings import Setting
+    >>> from DeepCache.tools.bench.scenarios import BenchConfig
+    >>> from DeepCache.tools.bench.timing import run_benchmark
+    >>> from DeepCache.tools.settings import Setting
     >>> cfg = BenchConfig(model="sd15", variants=(Setting(3, 0),), steps=4, scheduler="ddim", repeats=1,
     ...                   warmup_steps=0, tiny=True, device="cpu", count_flops=False)
     >>> [(r.variant, r.pattern) for r in run_benchmark(cfg, progress=False).results]
@@ -28,13 +29,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .bench_flops import FlopCache
-from .bench_models import build_pipeline, make_inputs
-from .bench_report import BenchReport, ScenarioResult, Timing, run_settings
-from .bench_scenarios import BenchConfig, Scenario
-from .cli_common import Progress, resolve_device, resolve_dtype
-from .report import environment
-from .settings import applied
+from ..flops import FlopCache
+from .flops import scenario_flops
+from .models import build_pipeline, make_inputs
+from .results import BenchReport, ScenarioResult, Timing, report_settings
+from .scenarios import BenchConfig, Scenario
+from ..cli_common import Progress
+from ..pipelines import resolve_device, resolve_dtype
+from ..report import environment
+from ..runs import rotation, timed
+from ..settings import applied
 
 __all__ = ["StepTimer", "compile_unet", "run_benchmark"]
 
@@ -136,7 +140,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
     ``on_result`` is called with each :class:`ScenarioResult` as soon as its shape is done (the CLI
     prints it as a JSON line, so a run cut short still leaves what finished).
     """
-    from . import DeepCacheSDHelper
+    from ... import DeepCacheSDHelper
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -144,7 +148,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
         torch.set_num_threads(cfg.threads)
     built = build_pipeline(cfg.model, device=device, dtype=dtype, scheduler=cfg.scheduler, tiny=cfg.tiny)
     pipe = built.pipe
-    report = BenchReport(run_settings(cfg, built.name, built.source, built.weights, device, dtype),
+    report = BenchReport(report_settings(cfg, built.name, built.source, built.weights, device, dtype),
                          environment(device, dtype, pipe))
     flops = FlopCache(pipe.unet.config, pipe.vae.config) if cfg.count_flops else None
     helper = DeepCacheSDHelper(pipe=pipe)
@@ -163,19 +167,13 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
     def call(sc: Scenario, inputs: dict[str, torch.Tensor], steps: int) -> _Sample:
         gen = torch.Generator(device).manual_seed(cfg.seed)
         pipe.unet = compiled_unet if sc.compiled else eager_unet
-        with applied(helper, sc.setting, steps):
+        with applied(helper, sc.setting, steps), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # random weights may overflow in the image cast
             timer.start()
             if cuda:
-                torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # random weights may overflow in the image cast
-                pipe(**inputs, height=sc.height, width=sc.width, num_inference_steps=steps,
-                     guidance_scale=cfg.guidance_scale, generator=gen, output_type="np")
-            if cuda:
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
+            _, seconds = timed(lambda: pipe(**inputs, height=sc.height, width=sc.width, num_inference_steps=steps,
+                                            guidance_scale=cfg.guidance_scale, generator=gen, output_type="np"), device)
             peak = int(torch.cuda.max_memory_allocated(device)) if cuda else None
             step_ms = timer.step_ms()
         pattern = (True,) * len(step_ms) if sc.setting.is_baseline else tuple(helper.last_steps)
@@ -195,8 +193,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
             samples: dict[Scenario, list[_Sample]] = {sc: [] for sc in scenarios}
             recompiles: dict[Scenario, int] = {sc: 0 for sc in scenarios}
             for rep in range(cfg.repeats):
-                k = rep % len(scenarios)  # rotate the order every round: no scenario always runs first
-                for sc in scenarios[k:] + scenarios[:k]:
+                for sc in rotation(scenarios, rep):  # no scenario always runs first
                     g0 = graph_count()
                     samples[sc].append(call(sc, inputs, cfg.steps))
                     recompiles[sc] += graph_count() - g0
@@ -211,7 +208,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
                 pattern = samples[sc][-1].pattern
                 res = ScenarioResult.new(built.name, cfg.steps, sc, pattern)
                 if flops is not None and pattern:
-                    res.add_flops(flops.scenario(sc, pattern, cfg.guidance_scale))
+                    res.add_flops(scenario_flops(flops, sc, pattern, cfg.guidance_scale))
                 res.add_timing(timing, base.get(False), base.get(True), sc.compiled)
                 if sc.setting.is_baseline:
                     base[sc.compiled] = res

@@ -1,0 +1,288 @@
+"""``deepcache tune``: the fastest DeepCache setting that keeps your quality bound, on your pipeline and prompts.
+
+For every interval N (``--intervals``, default 2-6) and branch (``--branches``, default 0, 1, 2) it builds four
+candidates with the same budget of K = ceil(n / N) full steps in an n-evaluation generation:
+
+* ``uniform``: a full step every N evaluations;
+* ``non-uniform``: the paper's schedule (Eq. 7) with K full steps, centred at 30 % of the generation (its 15 of 50);
+* ``calibrated``: the K full steps :meth:`DeepCacheSDHelper.calibrate` picks on the calibration prompts (the reuse
+  errors are measured once per branch, gaps up to twice the largest N, and the exact programme solved for each K);
+* ``adaptive``: cap 2N, with the smallest threshold (a short bisection) that keeps the mean full steps on the
+  calibration prompts at K or fewer.
+
+The calibration prompts are never evaluated. Each candidate then generates the evaluation prompts (the same
+seeds and batches) and is scored against the uncached images (PSNR, SSIM) as the images are made; only the pipeline
+call is timed, after a warm-up, and the order of the candidates rotates between the ``--repeats`` (default 3 on a
+CPU, where a shared machine's load changes from call to call and one measurement cannot be trusted; 1 on CUDA,
+whose synchronized timings repeat within a few per cent); the median counts.
+
+``tune`` decides on evidence: every measured speedup is printed beside its FLOP-ideal one (the U-Net and VAE FLOPs
+the schedule saves); a measured speedup more than 10 % above that bound is noise: ``tune`` warns, and ranks that
+candidate at its bound. It prints every candidate, then the fastest that meets ``--min-psnr`` and/or ``--min-ssim``
+as a ``helper.set_params(...)`` line; it writes that setting as ``CacheParams`` JSON (``--save``) and a
+speed-vs-PSNR plot of all candidates with their Pareto front, the choice labelled as the printed line
+(``--plot``). When nothing meets the bound it says what the best candidate reached and exits with status 2.
+Adaptive schedules decide per batch: they are tuned and measured at ``--batch-size``.
+
+Example::
+
+    $ deepcache tune --min-psnr 30          # embedded model: 25 steps, 6 + 4 prompts, 60 candidates, 3 repeats
+    $ deepcache tune --model ./my-sd-pipeline --min-psnr 28 --min-ssim 0.9 --prompt "a cat" --prompt "a dog"
+    $ deepcache tune --min-psnr 35 --intervals 2,3 --branches 0 --kinds uniform,calibrated --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..cli_common import (add_device_options, add_generation_arguments, add_json_option, add_model_option,
+                          add_prompt_options, add_table_options, add_threads_option, apply_threads,
+                          pipeline_from_args, positive_int, quiet_third_party, register)
+from ..pipelines import is_demo_pipeline, model_name
+from ..plot import PALETTE, Series, scatter_plot
+from ..prompts import PromptItem, calibration_prompts, prompt_seeds
+from ..quality import COLUMNS as EVAL_COLUMNS
+from ..report import Column, render_table, write_json
+from ..settings import Setting
+from .choice import NOISE_MARGIN, bound_text, choose, credible_speedup, full_step_budget, pareto_front, \
+    search_threshold, unmet_bound
+from .search import DEFAULT_BRANCHES, DEFAULT_INTERVALS, KINDS, Candidate, TuneConfig, TuneResult, tune
+
+__all__ = ["KINDS", "Candidate", "TuneConfig", "TuneResult", "choose", "credible_speedup", "full_step_budget",
+           "pareto_front", "search_threshold", "tune", "unmet_bound"]
+
+#: The bound when neither ``--min-psnr`` nor ``--min-ssim`` is given.
+DEFAULT_MIN_PSNR = 30.0
+EVAL_PROMPTS, CALIBRATION_PROMPTS = 6, 4
+#: Timed repeats when ``--repeats`` is not given: on a CPU (noisy: shared cores, frequency changes) three, whose
+#: median discards one disturbed call; on CUDA one (synchronized timings repeat within a few per cent).
+CPU_REPEATS, CUDA_REPEATS = 3, 1
+
+
+def header(result: TuneResult) -> str:
+    """One line: model, steps, prompts, guidance, batch, repeats, threads, device."""
+    m = result.meta
+    return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps ({m['evaluations']} U-Net evaluations), "
+            f"{len(m['prompts'])} evaluation + {len(m['calibration_prompts'])} calibration prompts, guidance "
+            f"{m['guidance']}, batch {m['batch_size']}, median of {m['repeats']} repeat(s), {m['torch_threads']} CPU "
+            f"thread(s), {m['device']} {m['dtype']}")
+
+
+def noise_warning(result: TuneResult) -> str | None:
+    """The warning when some measured speedups beat their FLOP bound by more than 10 % (``None`` if none do)."""
+    noisy = result.noisy
+    if not noisy:
+        return None
+    worst = max(noisy, key=lambda r: r["speedup"] / r["ideal_speedup"])
+    return (f"deepcache tune: warning: {len(noisy)} of {len(result.candidates)} measured speedups beat their FLOP "
+            f"bound by more than {NOISE_MARGIN * 100:.0f} % (e.g. {worst['kind']} {worst['setting']}: {worst['speedup']:.2f}x "
+            f"measured, FLOP-ideal {worst['ideal_speedup']:.2f}x): the timings are noisy, and those candidates are "
+            f"ranked at their bound. For figures to trust, run on a quiet machine, with more --repeats (now "
+            f"{result.meta['repeats']}) or --threads 1.")
+
+
+def chosen_label(row: dict[str, Any]) -> str:
+    """The chosen row as the plot names it: its kind and the label of the parameters ``set_params`` gets.
+
+    >>> chosen_label({"kind": "adaptive", "params": Setting(8, 0, "adaptive", threshold=0.16).helper_kwargs()})
+    'adaptive I=8, B=0, adaptive, threshold=0.16'
+    """
+    return f"{row['kind']} {Setting(**row['params']).label}"
+
+
+# -- output ----------------------------------------------------------------------------------
+def _yes(value: Any) -> str:
+    return "yes" if value else ""
+
+
+_EVAL_COLUMNS = {column.key: column for column in EVAL_COLUMNS}  # the same cells as in `deepcache eval`
+COLUMNS: tuple[Column, ...] = (
+    Column("kind", "kind"),
+    Column("interval", "budget N", align="right"),
+    Column("budget", "K", align="right"),
+    Column("branch", "B", align="right"),
+    Column("full_steps", "full steps", ".1f", align="right"),
+    _EVAL_COLUMNS["seconds"],
+    _EVAL_COLUMNS["speedup"],
+    Column("ideal_speedup", "FLOP-ideal", ".2f", align="right"),
+    Column("beats_bound", "noise", lambda v: "> bound" if v else ""),
+    _EVAL_COLUMNS["psnr"],
+    _EVAL_COLUMNS["ssim"],
+    Column("meets", "meets", _yes),
+    Column("pareto", "Pareto", _yes),
+    Column("setting", "setting"),
+)
+
+
+def format_table(rows: Sequence[dict[str, Any]], style: str = "markdown") -> str:
+    return render_table(COLUMNS, rows, style=style, drop_empty=True)
+
+
+def pareto_plot(result: TuneResult) -> Any:
+    """Measured speedup vs PSNR of every candidate, by kind; the Pareto front, the bound and the choice."""
+    rows = result.candidates
+    series = [Series(kind, [(r["speedup"], r["psnr"]) for r in rows if r["kind"] == kind], PALETTE[k])
+              for k, kind in enumerate(KINDS) if any(r["kind"] == kind for r in rows)]
+    m = result.meta
+    marked = None
+    if result.chosen is not None:
+        c = result.chosen
+        marked = ((c["speedup"], c["psnr"]), f"chosen: {chosen_label(c)}")
+    return scatter_plot(
+        series, x_label="measured speedup over the uncached pipeline", y_label="PSNR dB vs uncached",
+        title=f"deepcache tune: {model_name(m)}, {m['steps']} steps, "
+        f"{len(m['prompts'])} prompts",
+        line=[(r["speedup"], r["psnr"]) for r in rows if r["pareto"]],
+        hline=(m["min_psnr"], f"bound {m['min_psnr']:g} dB") if m["min_psnr"] is not None else None, marked=marked)
+
+
+def recommendation(row: dict[str, Any], save: Path | None) -> str:
+    """How to use the chosen setting: the ``set_params`` line, and how to load the saved JSON."""
+    setting = Setting(**row["params"])
+    ideal = f" (FLOP-ideal {row['ideal_speedup']:.2f}x)" if row["ideal_speedup"] is not None else ""
+    lines = [
+        f"fastest setting that meets it: {chosen_label(row)}: {row['speedup']:.2f}x measured{ideal}, "
+        f"PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}, {row['full_steps']:.1f} full steps",
+        f"    {setting.set_params_call()}",
+    ]
+    if save is not None:
+        lines += ["or load the saved parameters:", f"    helper.params = CacheParams.from_json(open({str(save)!r}).read())"]
+    return "\n".join(lines)
+
+
+# -- command line ----------------------------------------------------------------------------
+def _int_list(minimum: int) -> Callable[[str], tuple[int, ...]]:
+    """argparse type: integers >= ``minimum`` separated by commas."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 2,3,4, got {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum} separated by commas, got {text!r}")
+        return values
+
+    return parse
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {unknown}; choose from {','.join(KINDS)}")
+    return kinds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``deepcache tune``."""
+    add_model_option(parser, "local folder or hub id of an SD/SDXL pipeline (default: the embedded demo model, offline)")
+    parser.add_argument("--min-psnr", type=float, metavar="DB",
+                        help=f"quality bound: mean PSNR vs the uncached images, dB (default {DEFAULT_MIN_PSNR:g} when "
+                        "--min-ssim is not given either)")
+    parser.add_argument("--min-ssim", type=float, metavar="SSIM", help="quality bound: mean SSIM vs the uncached images")
+    parser.add_argument("--intervals", type=_int_list(2), default=DEFAULT_INTERVALS, metavar="N,N,...",
+                        help="intervals N >= 2; each sets the budget K = ceil(steps / N) (default 2,3,4,5,6)")
+    branches = parser.add_mutually_exclusive_group()
+    branches.add_argument("--branches", type=_int_list(0), default=DEFAULT_BRANCHES, metavar="B,B,...",
+                          help="cache_branch_id values (default 0,1,2)")
+    branches.add_argument("--all-branches", action="store_true", help="every valid branch of the U-Net")
+    parser.add_argument("--kinds", type=_kinds, default=KINDS, metavar="KIND,...",
+                        help=f"schedules to try (default {','.join(KINDS)})")
+    add_prompt_options(parser, default_count=EVAL_PROMPTS)
+    parser.add_argument("--calibration-prompt", action="append", metavar="PROMPT",
+                        help="a calibration prompt (repeatable; never one of the evaluation prompts); default: see "
+                        "--num-calibration-prompts")
+    parser.add_argument("--num-calibration-prompts", type=positive_int, default=CALIBRATION_PROMPTS,
+                        help="how many default calibration prompts, none of them evaluated (default "
+                        f"{CALIBRATION_PROMPTS})")
+    add_generation_arguments(parser, default_repeats=None, repeats_default_help=(
+        f"{CPU_REPEATS} on a CPU, where a shared machine's load changes from call to call and the median of "
+        f"{CPU_REPEATS} discards a disturbed one; {CUDA_REPEATS} on CUDA, whose synchronized timings repeat within a "
+        "few per cent"))
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="images per pipeline call (default: 16 on the embedded model, 1 otherwise); adaptive "
+                        "schedules decide per batch, so they are tuned and measured at this size")
+    add_device_options(parser, default_device="cpu")
+    add_threads_option(parser, default_help="1 on the embedded model, whose tiny layers gain nothing from threads; "
+                       "torch's own otherwise")
+    parser.add_argument("--save", type=Path, default=Path("deepcache-params.json"), metavar="PATH",
+                        help="where to write the chosen setting as CacheParams JSON (default ./deepcache-params.json)")
+    parser.add_argument("--plot", type=Path, default=Path("deepcache-tune.png"), metavar="PATH",
+                        help="where to save the speed-vs-PSNR Pareto plot, PNG (default ./deepcache-tune.png)")
+    add_json_option(parser)
+    add_table_options(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    min_psnr, min_ssim = args.min_psnr, args.min_ssim
+    if min_psnr is None and min_ssim is None:
+        min_psnr = DEFAULT_MIN_PSNR
+    apply_threads(args.threads or (1 if args.model is None else None))  # the tiny demo model: threads only cost
+    with quiet_third_party(not args.verbose):
+        pipe, prompts = pipeline_from_args(args)
+        embedded = is_demo_pipeline(pipe)
+        cal_prompts = calibration_prompts(embedded=embedded, count=args.num_calibration_prompts, seed=args.seed,
+                                          exclude=prompts, given=args.calibration_prompt)
+        branches = tuple(range(_num_branches(pipe))) if args.all_branches else args.branches
+        repeats = args.repeats or (CUDA_REPEATS if pipe.device.type == "cuda" else CPU_REPEATS)
+        config = TuneConfig(args.intervals, branches, args.kinds, args.steps, args.guidance, repeats,
+                            args.batch_size or (16 if embedded else 1))
+        _check_branches(pipe, branches)
+        items = [PromptItem(p, s) for p, s in zip(prompts, prompt_seeds(prompts, args.seed))]
+        calibration_items = [PromptItem(p, s) for p, s in zip(cal_prompts, prompt_seeds(cal_prompts, args.seed + 1000))]
+        result = tune(pipe, config, items, calibration_items, min_psnr=min_psnr, min_ssim=min_ssim,
+                      progress=not args.no_progress)
+    print(f"deepcache tune: {header(result)}")
+    print(format_table(result.rows, args.table))
+    warning = noise_warning(result)
+    if warning is not None:
+        print(warning, file=sys.stderr)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    pareto_plot(result).save(args.plot)
+    print(f"saved the speed-vs-PSNR plot of {len(result.candidates)} candidates to {args.plot}")
+    if args.json is not None:
+        print(f"wrote {write_json(args.json, result.to_json())}")
+    print(f"bound: {bound_text(min_psnr, min_ssim)}")
+    params = result.chosen_params
+    if result.chosen is None or params is None:
+        raise unmet_bound(result.candidates, min_psnr, min_ssim)
+    args.save.parent.mkdir(parents=True, exist_ok=True)
+    args.save.write_text(params.to_json() + "\n", encoding="utf-8")
+    print(recommendation(result.chosen, args.save))
+    print(f"wrote {args.save}")
+    return 0
+
+
+def _num_branches(pipe: Any) -> int:
+    from ...helper import DeepCacheSDHelper
+
+    return DeepCacheSDHelper(pipe=pipe).num_branches()
+
+
+def _check_branches(pipe: Any, branches: Sequence[int]) -> None:
+    valid = _num_branches(pipe)
+    bad = [b for b in branches if b >= valid]
+    if bad:
+        raise ValueError(f"--branches {','.join(map(str, bad))}: valid ids for this U-Net are 0..{valid - 1}.")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Register ``deepcache tune``."""
+    return register(subparsers, "tune", help="find the fastest DeepCache setting that keeps a PSNR/SSIM bound; "
+                    "print it, save it as JSON, plot speed vs PSNR", module_doc=__doc__, add_arguments=add_arguments,
+                    run=run, epilog=EPILOG)
+
+
+#: The end of ``deepcache tune --help``: how it decides.
+EPILOG = (
+    "Evidence: only the pipeline call is timed, the candidates' order rotates between the --repeats and the median "
+    f"counts. Every measured speedup is printed beside its FLOP-ideal one; a measured speedup more than "
+    f"{NOISE_MARGIN * 100:.0f} % above that bound is noise: it is marked, tune warns, and the candidate is ranked at "
+    "its bound. Images are scored as they are made and dropped: memory does not grow with the candidates or prompts."
+)
