@@ -1,5 +1,6 @@
 """The package shows its architecture: the library never imports the tools, no command imports another command, and
-no module imports, even lazily, a module that imports it back (checked on the source, every import statement)."""
+no module imports, even lazily, a module that imports it back (checked on the source, every import statement that
+runs: those under ``if TYPE_CHECKING:`` only name types for the type checker)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def _imports(path: Path) -> set[str]:
     """Every DeepCache module ``path`` imports, at the top or inside a function."""
     name, found = _name(path), set()
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _executed(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("DeepCache")}
         elif isinstance(node, ast.ImportFrom):
@@ -36,6 +37,22 @@ def _imports(path: Path) -> set[str]:
                 candidate = f"{module}.{alias.name}"
                 found.add(candidate if _module_path(candidate) else module)
     return {m for m in found if _module_path(m)} - {name}
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _executed(tree: ast.AST):
+    """Every node of ``tree`` except the bodies of ``if TYPE_CHECKING:`` (their ``else`` runs)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        children = node.orelse if _type_checking_only(node) else list(ast.iter_child_nodes(node))
+        stack.extend(children)
 
 
 def _module_path(name: str) -> Path | None:
