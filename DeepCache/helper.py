@@ -153,6 +153,9 @@ class DeepCacheSDHelper:
         start_step: int = 0,
         end_step: int | None = None,
         threshold: float | None = None,
+        forecast: str | None = None,
+        forecast_weight: float = 1.0,
+        forecast_weights: Sequence[float] | None = None,
     ) -> None:
         """Set the caching parameters; while enabled they take effect on the next generation.
 
@@ -168,6 +171,12 @@ class DeepCacheSDHelper:
             threshold: with ``skip_mode="adaptive"``, the relative L1 change of the branch's skip feature
                 since the last full step at which a step becomes full (0 = all full). The decision is made
                 once per U-Net evaluation for the whole batch (the mean over all prompts of the batch).
+            forecast: ``None`` (retrieval steps reuse the cached feature) or ``"linear"``: step ``k`` after full
+                steps ``a' < a`` hands out ``F_a + w*(k-a)*(F_a - F_a')/(a - a')`` (reuse until the generation
+                has two full steps); one more feature map per generation. See :mod:`DeepCache.forecast`.
+            forecast_weight: the weight ``w`` of ``"linear"`` (>= 0; 0 = reuse, 1 = the straight line).
+            forecast_weights: ``w`` per U-Net evaluation (e.g. from ``calibrate(K, forecast=True)``); evaluations
+                past its end use ``forecast_weight``.
 
         Raises:
             ValueError: a parameter is invalid (the message says the valid range), including a branch id
@@ -183,6 +192,9 @@ class DeepCacheSDHelper:
             start_step=start_step,
             end_step=end_step,
             threshold=threshold,
+            forecast=forecast,
+            forecast_weight=forecast_weight,
+            forecast_weights=forecast_weights,  # type: ignore[arg-type] # CacheParams makes it a tuple
         )
         self._apply(params)
 
