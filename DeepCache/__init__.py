@@ -11,7 +11,7 @@ Example (see :class:`DeepCacheSDHelper` for ``enable()``/``disable()``)::
 
 __version__ = "0.2.0"
 
-from ._patch import NAN_PLACEHOLDERS_ENV, DeepCacheWarning  # noqa: E402
+from .engine import NAN_PLACEHOLDERS_ENV, DeepCacheWarning  # noqa: E402
 from .helper import DeepCacheSDHelper  # noqa: E402
 from .layout import UNetLayout, branch_table, retrieval_plan  # noqa: E402
 from .schedule import CacheParams, non_uniform_full_steps, schedule_pattern  # noqa: E402

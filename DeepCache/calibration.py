@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import _patch
+from . import engine
 from .schedule import CacheParams
 
 
@@ -121,10 +121,10 @@ def reuse_errors(unet: nn.Module, rec: Recording, branch: int, max_gap: int | No
     weights = rec.sensitivity if len(rec.sensitivity) == n and all(map(math.isfinite, rec.sensitivity)) else [1.0] * n
     gap = n - 1 if max_gap is None else max(1, max_gap)
     errors = [[math.inf] * n for _ in range(n)]
-    lease = _patch.acquire(unet)
+    lease = engine.acquire(unet)
     try:
         gen = lease.unet_patch.new_generation(CacheParams(skip_mode="custom", full_steps=(0,), cache_branch_id=branch))
-        with _patch.running(gen), torch.no_grad():
+        with engine.running(gen), torch.no_grad():
             for a in range(n):
                 gen.reset()
                 errors[a][a] = 0.0
@@ -132,7 +132,7 @@ def reuse_errors(unet: nn.Module, rec: Recording, branch: int, max_gap: int | No
                     args, kwargs = rec.calls[k]
                     out = _sample(unet(*args, **kwargs))
                     if k > a:
-                        errors[a][k] = _patch.relative_l1(out, rec.outputs[k]) * weights[k]
+                        errors[a][k] = engine.relative_l1(out, rec.outputs[k]) * weights[k]
     finally:
         lease.release()
     return errors
@@ -147,7 +147,7 @@ def measure_reuse_errors(pipeline: Any, unet: nn.Module, branch: int, max_gap: i
     per branch and solves for every budget.
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", _patch.DeepCacheWarning)  # uncached on purpose
+        warnings.simplefilter("ignore", engine.DeepCacheWarning)  # uncached on purpose
         with recording(pipeline, unet) as rec:
             pipeline(**call_kwargs)
     if len(rec.calls) < 2:

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 from torch import nn
 
-from . import _patch
+from . import engine
 from .layout import UNetLayout, retrieval_plan
 from .schedule import CacheParams, optimal_full_steps
 
@@ -69,8 +69,8 @@ def _resolve(target: Any) -> tuple[Any | None, nn.Module]:
     if target is None:
         raise ValueError("no pipeline given: use DeepCacheSDHelper(pipe=pipe), or enable(pipe=pipe).")
     if isinstance(target, nn.Module):
-        unet = _patch.unwrap_unet(target)
-        _patch.check_supported_unet(unet)
+        unet = engine.unwrap_unet(target)
+        engine.check_supported_unet(unet)
         return None, unet
     unet = getattr(target, "unet", None)
     if unet is None:
@@ -78,10 +78,10 @@ def _resolve(target: Any) -> tuple[Any | None, nn.Module]:
         detail = f" (it has a `{has[0]}` instead)" if has else ""
         raise TypeError(
             f"{type(target).__name__} has no `unet`{detail}: DeepCache caches U-Net features and needs a diffusers "
-            f"pipeline with a U-Net, or the U-Net itself; supported U-Nets: {', '.join(_patch.SUPPORTED_UNETS)}."
+            f"pipeline with a U-Net, or the U-Net itself; supported U-Nets: {', '.join(engine.SUPPORTED_UNETS)}."
         )
-    unet = _patch.unwrap_unet(unet)
-    _patch.check_supported_unet(unet)
+    unet = engine.unwrap_unet(unet)
+    engine.check_supported_unet(unet)
     if not callable(target):
         raise TypeError(f"{type(target).__name__} is not callable; pass a diffusers pipeline or a U-Net.")
     return target, unet
@@ -130,7 +130,7 @@ class DeepCacheSDHelper:
         self.pipe = pipe
         self._params = CacheParams()
         self._lock = threading.RLock()
-        self._lease: _patch.Lease | None = None  # held while enabled
+        self._lease: engine.Lease | None = None  # held while enabled
         self._pipeline: Any | None = None  # the pipeline we patched (None for a bare U-Net)
         self._unet: nn.Module | None = None  # the U-Net we patched
         self._restore: tuple[bool, Any, type] | None = None  # the pipeline's link and class before enable()
@@ -202,7 +202,7 @@ class DeepCacheSDHelper:
         with self._lock:
             target = self._unet if self._unet is not None else self.pipe
             if target is not None:
-                retrieval_plan(_patch.unet_layout(_resolve(target)[1]), params.cache_branch_id)
+                retrieval_plan(engine.unet_layout(_resolve(target)[1]), params.cache_branch_id)
             self._params = params
             lease = self._lease
             if lease is not None and lease.bare is not None:  # a bare U-Net: the next evaluation starts afresh
@@ -266,7 +266,7 @@ class DeepCacheSDHelper:
     def layout(self) -> UNetLayout:
         """The skip-connection layout of the helper's U-Net."""
         _, unet = _resolve(self._unet if self._unet is not None else self.pipe)
-        return _patch.unet_layout(unet)
+        return engine.unet_layout(unet)
 
     # -- enable / disable ------------------------------------------------------------------
     @property
@@ -282,7 +282,7 @@ class DeepCacheSDHelper:
             if self._lease is not None:
                 return
             pipeline, unet = _resolve(self.pipe)
-            retrieval_plan(_patch.unet_layout(unet), self._params.cache_branch_id)
+            retrieval_plan(engine.unet_layout(unet), self._params.cache_branch_id)
             if pipeline is not None:
                 other = pipeline.__dict__.get(_HELPER_ATTR)
                 # a copy.copy view carries the helper of the pipeline it copies: its own helper may take over
@@ -291,10 +291,10 @@ class DeepCacheSDHelper:
                         "this pipeline already has an enabled DeepCacheSDHelper; call disable() on it first "
                         "(or use set_params on that helper)."
                     )
-            lease = _patch.acquire(unet)
+            lease = engine.acquire(unet)
             if pipeline is not None:
-                for controlnet in _patch.controlnets_of(pipeline):
-                    _patch.acquire_controlnet(lease, controlnet)
+                for controlnet in engine.controlnets_of(pipeline):
+                    engine.acquire_controlnet(lease, controlnet)
                 self._restore = (_HELPER_ATTR in pipeline.__dict__, pipeline.__dict__.get(_HELPER_ATTR), type(pipeline))
                 pipeline.__dict__[_HELPER_ATTR] = self
                 if not hasattr(type(pipeline), "_deepcache_original_class"):
@@ -350,7 +350,6 @@ class DeepCacheSDHelper:
                 return
             bare = lease.bare
             self._last_steps = tuple(bare.steps)
-            lease.unet_patch.evaluations.recover()  # a loop interrupted inside the U-Net (KeyboardInterrupt)
             if bare.params is self._params:
                 bare.num_steps = lambda: num_inference_steps
                 bare.reset()
@@ -373,42 +372,43 @@ class DeepCacheSDHelper:
         lease = self._lease
         return lease.bare.cache_bytes() if lease is not None and lease.bare is not None else 0
 
-    def _bare_generation(self, patch: _patch.UNetPatch) -> _patch.Generation:
+    def _bare_generation(self, patch: engine.UNetPatch) -> engine.Generation:
         num_steps = self._bare_num_steps
         return patch.new_generation(self._params, lambda: num_steps)
 
-    def _follow_swapped_unet(self, unet: nn.Module) -> _patch.Lease:
+    def _follow_swapped_unet(self, unet: nn.Module) -> engine.Lease:
         """The user set ``pipe.unet`` to another U-Net while enabled: move the patch to it."""
         with self._lock:
             lease = self._lease
             if lease is None or self._unet is unet:
                 return lease
-            _patch.check_supported_unet(unet)
-            retrieval_plan(_patch.unet_layout(unet), self._params.cache_branch_id)
-            new = _patch.acquire(unet)
-            for controlnet in _patch.controlnets_of(self._pipeline):
-                _patch.acquire_controlnet(new, controlnet)
+            engine.check_supported_unet(unet)
+            retrieval_plan(engine.unet_layout(unet), self._params.cache_branch_id)
+            new = engine.acquire(unet)
+            for controlnet in engine.controlnets_of(self._pipeline):
+                engine.acquire_controlnet(new, controlnet)
             lease.release()
             self._lease, self._unet = new, unet
             return new
 
     @contextlib.contextmanager
-    def _generation(self, pipeline: Any) -> Iterator[_patch.Generation | None]:
+    def _generation(self, pipeline: Any) -> Iterator[engine.Generation | None]:
         """One call of ``pipeline`` (ours, or a copy.copy view of it): a fresh generation, freed afterwards."""
-        lease = self._lease
-        unet = _patch.unwrap_unet(getattr(pipeline, "unet", None))
-        if lease is not None and unet is not self._unet:
-            if pipeline is self._pipeline:
+        unet = engine.unwrap_unet(getattr(pipeline, "unet", None))
+        with self._lock:  # one consistent snapshot: disable() in another thread changes these together
+            lease, ours, own_pipeline, params = self._lease, self._unet, self._pipeline, self._params
+        if lease is not None and unet is not ours:
+            if pipeline is own_pipeline:
                 lease = self._follow_swapped_unet(unet)
             else:  # a view whose U-Net is not ours: the patch cannot see its calls
-                _patch.warn_view_with_other_unet(pipeline)
+                engine.warn_view_with_other_unet(pipeline)
                 lease = None
         if lease is None:
             yield None
             return
-        gen = lease.unet_patch.new_generation(self._params, lambda: _pipeline_steps(pipeline))
+        gen = lease.unet_patch.new_generation(params, lambda: _pipeline_steps(pipeline))
         try:
-            with _patch.running(gen):
+            with engine.running(gen):
                 yield gen
         finally:
             self._last_steps = tuple(gen.steps)

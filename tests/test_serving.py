@@ -20,7 +20,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from DeepCache import DeepCacheSDHelper, DeepCacheWarning
-from DeepCache import _patch
+from DeepCache import engine
+from DeepCache.engine import discovery
 from DeepCache.schedule import CacheParams, format_pattern, schedule_pattern
 
 from . import tiny_pipelines as tp
@@ -183,6 +184,7 @@ def test_enable_and_disable_racing_from_threads_leave_nothing_behind() -> None:
         t.start()
     for t in threads:
         t.join(timeout=120)
+        assert not t.is_alive(), "a worker did not finish"
     assert errors == []
     assert untouched(shared.unet)
     assert torch.equal(tp_run(shared), baseline)
@@ -224,7 +226,7 @@ def test_a_thread_inside_the_unet_without_its_pre_hook_runs_plain_and_leaves_the
     helper.set_params(cache_interval=3, cache_branch_id=0)
     with helper:
         expected = tp_run(pipe)
-    boundary = _patch.boundary_module(pipe.unet, 0)
+    boundary = engine.boundary_module(pipe.unet, 0)
     plain = type(boundary).forward
     seen: list[bool] = []
     inputs: dict = {}
@@ -238,6 +240,7 @@ def test_a_thread_inside_the_unet_without_its_pre_hook_runs_plain_and_leaves_the
         thread = threading.Thread(target=lambda: result.update(out=module(*doubled, **kwargs)), name="intruder")
         thread.start()
         thread.join(timeout=60)
+        assert not thread.is_alive(), "the intruding thread did not finish"
         got, want = (torch.utils._pytree.tree_leaves(x) for x in (result["out"], plain(module, *doubled, **kwargs)))
         seen.append(len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)))
         return None
@@ -279,8 +282,19 @@ def test_the_patch_never_comes_off_in_the_middle_of_an_uncached_evaluation() -> 
     uncached = threading.Thread(target=uncached_request, name="uncached", daemon=True)
     uncached.start()
     assert inside.wait(timeout=60)
-    threading.Timer(0.3, go_on.set).start()
-    helper.disable()  # waits for the evaluation in progress, then removes everything
+    disabled = threading.Event()
+
+    def disable() -> None:
+        helper.disable()  # waits for the evaluation in progress, then removes everything
+        disabled.set()
+
+    disabler = threading.Thread(target=disable, daemon=True)
+    disabler.start()
+    assert not disabled.wait(timeout=0.5), "disable() removed the wrappers in the middle of an evaluation"
+    assert not untouched(unet)
+    go_on.set()
+    disabler.join(timeout=60)
+    assert not disabler.is_alive(), "disable() waits for an evaluation that has ended"
     assert evaluated.wait(timeout=60)
     handle.remove()
     assert untouched(unet)
@@ -372,7 +386,7 @@ def test_a_controlnet_that_cannot_run_shallow_runs_in_full_and_says_why(monkeypa
     def renamed(controlnet):
         raise AttributeError("'ControlNetModel' object has no attribute 'controlnet_down_blocks'")
 
-    monkeypatch.setattr(_patch, "controlnet_modules", renamed)  # as a diffusers rename would
+    monkeypatch.setattr(discovery, "controlnet_modules", renamed)  # as a diffusers rename would
     pipe = tp.sd_controlnet_pipe()
     with pytest.warns(DeepCacheWarning, match=r"runs this ControlNetModel in full.*AttributeError.*controlnet_down_blocks"):
         full = cached_call(pipe)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from DeepCache import CacheParams, DeepCacheSDHelper, _patch  # noqa: E402
+from DeepCache import CacheParams, DeepCacheSDHelper, engine  # noqa: E402
 from DeepCache.prompts import embedded_prompts  # noqa: E402
 from DeepCache.metrics import psnr, ssim  # noqa: E402
 
@@ -75,12 +75,12 @@ def adaptive_threshold(pipe, helper, prompts, seeds, cap: int, budget: int, bran
 def signal_study(pipe, prompts, seeds, branch: int) -> dict[str, float]:
     """Which cheap signal predicts the reuse error (relative L1 of the cached feature vs the true one)?"""
     unet = pipe.unet
-    layout_modules = _patch.unet_modules(unet)
+    layout_modules = engine.unet_modules(unet)
     from DeepCache.layout import Action, retrieval_action, retrieval_plan
 
-    plan = retrieval_plan(_patch.unet_layout(unet), branch)
+    plan = retrieval_plan(engine.unet_layout(unet), branch)
     first = next(m for k, m in layout_modules if retrieval_action(plan, k) is not Action.RUN)
-    boundary = _patch.boundary_module(unet, branch)
+    boundary = engine.boundary_module(unet, branch)
     rows = {"skip": [], "input": [], "error": []}
     for prompt, seed in zip(prompts, seeds):
         rec = {"skip": [], "input": [], "boundary": []}
@@ -98,9 +98,9 @@ def signal_study(pipe, prompts, seeds, branch: int) -> dict[str, float]:
                 h.remove()
         for a in range(STEPS):
             for k in range(a + 1, min(a + 6, STEPS)):
-                rows["skip"].append(_patch.relative_l1(rec["skip"][k], rec["skip"][a]))
-                rows["input"].append(_patch.relative_l1(rec["input"][k], rec["input"][a]))
-                rows["error"].append(_patch.relative_l1(rec["boundary"][k], rec["boundary"][a]))
+                rows["skip"].append(engine.relative_l1(rec["skip"][k], rec["skip"][a]))
+                rows["input"].append(engine.relative_l1(rec["input"][k], rec["input"][a]))
+                rows["error"].append(engine.relative_l1(rec["boundary"][k], rec["boundary"][a]))
 
     def spearman(x, y):
         rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
