@@ -290,7 +290,7 @@ def test_json_without_forecast_is_unchanged() -> None:
 
 def test_set_params_takes_the_forecast_and_validates_it() -> None:
     from DeepCache import DeepCacheSDHelper
-    from DeepCache.settings import Setting
+    from DeepCache.tools.settings import Setting
 
     from .tiny import tiny_sd_unet
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache.metrics import psnr
-from DeepCache.prompts import embedded_prompts
+from DeepCache.tools.metrics import psnr
+from DeepCache.tools.prompts import embedded_prompts
 
 MODEL = files("DeepCache") / "assets" / "demo-model"
 STEPS, GUIDANCE, INTERVAL, MARGIN_DB = 25, 4.0, 3, 3.0

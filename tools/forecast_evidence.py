@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DeepCache import CacheParams, DeepCacheSDHelper  # noqa: E402
 from DeepCache import forecast_calibration as fc  # noqa: E402
-from DeepCache.metrics import psnr, ssim  # noqa: E402
-from DeepCache.prompts import embedded_prompts  # noqa: E402
+from DeepCache.tools.metrics import psnr, ssim  # noqa: E402
+from DeepCache.tools.prompts import embedded_prompts  # noqa: E402
 from schedule_evidence import GUIDANCE, STEPS, images, load  # noqa: E402
 
 

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DeepCache import DeepCacheSDHelper  # noqa: E402
-from DeepCache.pipelines import load_pipeline  # noqa: E402
+from DeepCache.tools.pipelines import load_pipeline  # noqa: E402
 
 RETRIEVALS = 8  # retrieval evaluations per generation
 
