@@ -153,6 +153,9 @@ class DeepCacheSDHelper:
         start_step: int = 0,
         end_step: int | None = None,
         threshold: float | None = None,
+        forecast: str | None = None,
+        forecast_weight: float = 1.0,
+        forecast_weights: Sequence[float] | None = None,
     ) -> None:
         """Set the caching parameters; while enabled they take effect on the next generation.
 
@@ -168,6 +171,12 @@ class DeepCacheSDHelper:
             threshold: with ``skip_mode="adaptive"``, the relative L1 change of the branch's skip feature
                 since the last full step at which a step becomes full (0 = all full). The decision is made
                 once per U-Net evaluation for the whole batch (the mean over all prompts of the batch).
+            forecast: ``None`` (retrieval steps reuse the cached feature) or ``"linear"``: step ``k`` after full
+                steps ``a' < a`` hands out ``F_a + w*(k-a)*(F_a - F_a')/(a - a')`` (reuse until the generation
+                has two full steps); one more feature map per generation. See :mod:`DeepCache.forecast`.
+            forecast_weight: the weight ``w`` of ``"linear"`` (>= 0; 0 = reuse, 1 = the straight line).
+            forecast_weights: ``w`` per U-Net evaluation (e.g. from ``calibrate(K, forecast=True)``); evaluations
+                past its end use ``forecast_weight``.
 
         Raises:
             ValueError: a parameter is invalid (the message says the valid range), including a branch id
@@ -183,6 +192,9 @@ class DeepCacheSDHelper:
             start_step=start_step,
             end_step=end_step,
             threshold=threshold,
+            forecast=forecast,
+            forecast_weight=forecast_weight,
+            forecast_weights=forecast_weights,  # type: ignore[arg-type] # CacheParams makes it a tuple
         )
         self._apply(params)
 
@@ -207,7 +219,8 @@ class DeepCacheSDHelper:
             raise TypeError(f"params must be a CacheParams (e.g. CacheParams.from_json(text)), got {type(params).__name__}.")
         self._apply(params)
 
-    def calibrate(self, num_full_steps: int, *, max_gap: int | None = None, **call_kwargs: Any) -> CacheParams:
+    def calibrate(self, num_full_steps: int, *, max_gap: int | None = None, forecast: bool = False,
+                  **call_kwargs: Any) -> CacheParams:
         """Pick the ``num_full_steps`` full steps that suit this pipeline and these calls best, and use them.
 
         Runs the pipeline once, uncached, with ``call_kwargs`` (prompt(s), ``num_inference_steps``,
@@ -219,9 +232,19 @@ class DeepCacheSDHelper:
         (step 0 included) that minimise the total error are chosen by an exact dynamic programme
         (:func:`~DeepCache.schedule.optimal_full_steps`). The enabled state is left as it was.
 
+        With ``forecast=True`` retrieval steps may forecast the feature (``forecast="linear"``) instead: the replay
+        also measures, for each pair of full steps ``a' < a`` (at most 4 apart), each step ``k`` at most ``max_gap``
+        (default 8) after ``a`` and each candidate weight, the same error for ``F_a + w*(k-a)*(F_a - F_a')/(a-a')``;
+        the full steps come from a DP over the last two full steps, with the best weight per evaluation (reuse,
+        weight 0, wins ties). A few such choices (caps on ``w*(k-a)/(a-a')``) and the calibrated reuse schedule then
+        run once each through the pipeline with the same noise, and the one whose final latents are closest to the
+        uncached ones is kept (see :mod:`DeepCache.forecast_calibration`; about 10 pipeline calls' worth of U-Net
+        work for 25 steps at branch 0). When reuse wins, the result is the calibrated reuse schedule.
+
         Returns:
-            ``CacheParams(skip_mode="custom", full_steps=..., cache_branch_id=...)``, also set on the helper.
-            ``params.to_json()`` saves it; ``helper.params = CacheParams.from_json(text)`` loads it.
+            ``CacheParams(skip_mode="custom", full_steps=..., cache_branch_id=...)``, also set on the helper (with
+            ``forecast=True``: also ``forecast="linear"`` and ``forecast_weights``, one per evaluation, unless reuse
+            won). ``params.to_json()`` saves it; ``helper.params = CacheParams.from_json(text)`` loads it.
 
         Example::
 
@@ -232,18 +255,26 @@ class DeepCacheSDHelper:
         pipeline, unet = _resolve(self.pipe)
         if pipeline is None:
             raise TypeError("calibrate() runs the pipeline: create the helper with a pipeline, not a bare U-Net.")
+        if not isinstance(forecast, bool):
+            raise ValueError(f"forecast must be True or False (calibrate a linear forecast, or reuse), got {forecast!r}.")
         branch = self._params.cache_branch_id
         with self._lock:
             was_enabled = self.enabled
             self.disable()
             try:
-                errors = calibration.measure_reuse_errors(pipeline, unet, branch, max_gap, **call_kwargs)
+                if forecast:
+                    from .forecast_calibration import MAX_GAP, calibrate_forecast
+
+                    gap = MAX_GAP if max_gap is None else max_gap
+                    params, _ = calibrate_forecast(pipeline, unet, branch, num_full_steps, gap, **call_kwargs)
+                else:
+                    errors = calibration.measure_reuse_errors(pipeline, unet, branch, max_gap, **call_kwargs)
+                    params = CacheParams(
+                        skip_mode="custom", full_steps=optimal_full_steps(errors, num_full_steps), cache_branch_id=branch
+                    )
             finally:
                 if was_enabled:
                     self.enable()
-        params = CacheParams(
-            skip_mode="custom", full_steps=optimal_full_steps(errors, num_full_steps), cache_branch_id=branch
-        )
         self.params = params
         return params
 

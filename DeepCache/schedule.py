@@ -19,14 +19,21 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 SKIP_MODES = ("uniform", "non-uniform", "custom", "adaptive")
+FORECASTS = (None, "linear")
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_weight(value: object) -> bool:
+    """A finite real number >= 0 (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,13 @@ class CacheParams:
         end_step: no caching from this step on (``None`` = cache until the end).
         threshold: adaptive only; the relative L1 change of the skip feature that triggers a full step
             (0 = every step full; larger = fewer full steps).
+        forecast: ``None`` (a retrieval step reuses the cached feature verbatim) or ``"linear"`` (it
+            extrapolates from the generation's last two full steps ``a' < a``:
+            ``F_a + w*(k-a)*(F_a - F_a')/(a - a')`` at step ``k``; reuse until there are two full steps).
+            See :mod:`DeepCache.forecast`.
+        forecast_weight: linear only; the weight ``w`` (finite, >= 0; 0 = reuse, 1 = the straight line).
+        forecast_weights: linear only; ``w`` per U-Net evaluation (index = step), e.g. from
+            ``helper.calibrate(K, forecast=True)``; evaluations past its end use ``forecast_weight``.
     """
 
     cache_interval: int = 1
@@ -61,6 +75,9 @@ class CacheParams:
     start_step: int = 0
     end_step: int | None = None
     threshold: float | None = None
+    forecast: str | None = None
+    forecast_weight: float = 1.0
+    forecast_weights: tuple[float, ...] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not _is_int(self.cache_interval) or self.cache_interval < 1:
@@ -102,11 +119,52 @@ class CacheParams:
             object.__setattr__(self, "threshold", float(t))
         elif self.threshold is not None:
             raise ValueError(f'threshold is only used with skip_mode="adaptive" (got skip_mode={self.skip_mode!r}).')
+        self._check_forecast()
+
+    def _check_forecast(self) -> None:
+        if self.forecast not in FORECASTS:
+            raise ValueError(f"forecast must be None (reuse the cached feature) or \"linear\", got {self.forecast!r}.")
+        w = self.forecast_weight
+        if not _is_weight(w):
+            raise ValueError(f"forecast_weight must be a finite number >= 0 (0 = reuse, 1 = linear), got {w!r}.")
+        object.__setattr__(self, "forecast_weight", float(w))
+        if self.forecast_weights is not None:
+            weights = self.forecast_weights
+            if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+                raise ValueError(f"forecast_weights must be a sequence of numbers >= 0 (one per step), got {weights!r}.")
+            weights = tuple(weights)
+            bad = [x for x in weights if not _is_weight(x)]
+            if not weights or bad:
+                raise ValueError(
+                    f"forecast_weights must be a non-empty sequence of finite numbers >= 0 (one per U-Net evaluation), "
+                    f"got {list(weights)!r}."
+                )
+            object.__setattr__(self, "forecast_weights", tuple(float(x) for x in weights))
+        if self.forecast is None and (self.forecast_weight != 1.0 or self.forecast_weights is not None):
+            raise ValueError('forecast_weight and forecast_weights are only used with forecast="linear" (got forecast=None).')
 
     @property
     def needs_num_steps(self) -> bool:
         """Whether the pattern depends on the total number of steps (non-uniform schedules)."""
         return self.skip_mode == "non-uniform" and self.cache_interval > 1
+
+    @property
+    def forecasts(self) -> bool:
+        """Whether retrieval steps extrapolate the cached feature (``forecast="linear"``) instead of reusing it."""
+        return self.forecast is not None
+
+    def weight_at(self, step: int) -> float:
+        """The forecast weight of U-Net evaluation ``step``: ``forecast_weights[step]`` while it lasts, else
+        ``forecast_weight``; 0.0 without a forecast.
+
+        >>> CacheParams(forecast="linear", forecast_weights=(0, 0.5), forecast_weight=0.25).weight_at(1)
+        0.5
+        """
+        if self.forecast is None:
+            return 0.0
+        if self.forecast_weights is not None and 0 <= step < len(self.forecast_weights):
+            return self.forecast_weights[step]
+        return self.forecast_weight
 
     @property
     def adaptive(self) -> bool:
@@ -122,6 +180,11 @@ class CacheParams:
         values = asdict(self)
         if values["full_steps"] is not None:
             values["full_steps"] = list(values["full_steps"])
+        if self.forecast is None:  # files without a forecast stay what they were (older readers load them)
+            for name in ("forecast", "forecast_weight", "forecast_weights"):
+                del values[name]
+        elif values["forecast_weights"] is not None:
+            values["forecast_weights"] = list(values["forecast_weights"])
         return json.dumps({"format": "deepcache.CacheParams/1", **values}, indent=2)
 
     @classmethod
@@ -140,8 +203,9 @@ class CacheParams:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown} in the JSON; valid ones are {sorted(cls.__dataclass_fields__)}.")
-        if data.get("full_steps") is not None:
-            data["full_steps"] = tuple(data["full_steps"])
+        for name in ("full_steps", "forecast_weights"):
+            if isinstance(data.get(name), list):
+                data[name] = tuple(data[name])
         return cls(**data)
 
 
@@ -348,6 +412,7 @@ def as_params(params: CacheParams | None = None, **overrides: object) -> CachePa
     if unknown:
         raise TypeError(f"unknown parameter(s) {unknown}; valid ones are {sorted(values)}.")
     values.update(overrides)
-    if isinstance(values.get("full_steps"), Sequence) and not isinstance(values["full_steps"], tuple):
-        values["full_steps"] = tuple(values["full_steps"])  # type: ignore[arg-type]
+    for name in ("full_steps", "forecast_weights"):
+        if isinstance(values.get(name), Sequence) and not isinstance(values[name], (tuple, str)):
+            values[name] = tuple(values[name])  # type: ignore[arg-type]
     return CacheParams(**values)  # type: ignore[arg-type]

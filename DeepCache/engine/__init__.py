@@ -5,6 +5,8 @@ into live diffusers modules. One room per concern:
 * :mod:`.state` -- a generation's state and step decisions, a pure state machine driven by events
   (mode-specific state in small types: :class:`~.state.ReuseFeature`, where feature forecasting plugs in,
   and :class:`~.state.AdaptiveState`);
+* :mod:`.forecast_feature` -- :class:`~.forecast_feature.ForecastFeature`, the cached feature extrapolated from the
+  last two full steps (``forecast="linear"``);
 * :mod:`.lifecycle` -- leases, the install lock, the evaluation guard, running generations;
 * :mod:`.wrappers` -- the module wrappers and the root wrapper around one evaluation;
 * :mod:`.unet`, :mod:`.controlnet` -- the two patches;

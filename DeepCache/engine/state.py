@@ -15,7 +15,8 @@ boundary module stores on a full step and hands out on a retrieval step) and the
 methods that also keeps the previous full step's feature (in :meth:`~ReuseFeature.store`), sets the tensor
 ``w*(k-a)/(a-a')`` for step ``k`` in :meth:`~ReuseFeature.prepare` (outside graphs: a tensor, so compiled graphs do
 not recompile per step) and hands out ``F_a + coefficient*(F_a - F_a')`` from :meth:`~ReuseFeature.handout`;
-:meth:`Generation.__init__` takes it as ``feature``. Nothing else changes.
+:meth:`Generation.__init__` takes it as ``feature``. Nothing else changes: that type is
+:class:`~DeepCache.engine.forecast_feature.ForecastFeature`.
 
 Everything here is testable without a model (``tests/test_engine_state.py`` drives it with plain tensors).
 """

@@ -23,6 +23,7 @@ from ..layout import Action, ModuleKey, retrieval_action, retrieval_plan
 from ..schedule import CacheParams
 from .discovery import unet_layout, unet_modules, unwrap_unet
 from .lifecycle import DeepCacheWarning, EvaluationGuard, Lease, caller_self, current_lease_generation, generations, locked
+from .forecast_feature import ForecastFeature
 from .state import AdaptiveState, Generation, Mode, ReuseFeature
 from .tensors import hidden_states, input_key, nan_placeholders, placeholder, relative_l1, tensor_spec
 from .wrappers import Patched, Wrapping, plain
@@ -100,7 +101,7 @@ class UNetPatch(Patched):
             actions=actions,
             num_steps=num_steps,
             poison=nan_placeholders(),
-            feature=ReuseFeature(clone_handout=self.consumer_modifies_in_place(branch)),
+            feature=_feature(params, self.consumer_modifies_in_place(branch)),
             adaptive=AdaptiveState(first_divergent) if params.adaptive else None,
         )
 
@@ -226,6 +227,13 @@ def _unet_module_forward(patch: UNetPatch, index: int, original: Callable, *args
     if action is Action.SKIP:
         return placeholder(gen.specs[index], gen.poison)
     return gen.feature.handout()
+
+
+def _feature(params: CacheParams, clone_handout: bool) -> ReuseFeature:
+    """The generation's cached feature: reused (DeepCache's rule) or forecast (``forecast="linear"``)."""
+    if params.forecasts:
+        return ForecastFeature(clone_handout=clone_handout, weight_at=params.weight_at)
+    return ReuseFeature(clone_handout=clone_handout)
 
 
 # Registry: one patch per U-Net, keyed weakly by the module (the patch holds it weakly)
