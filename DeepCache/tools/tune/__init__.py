@@ -1,6 +1,6 @@
 """``deepcache tune``: the fastest DeepCache setting that keeps your quality bound, on your pipeline and prompts.
 
-For every interval N (``--intervals``, default 2-6) and branch (``--branches``, default 0, 1, 2) it builds four
+For every interval N (``--intervals``, default 2-6) and branch (``--branches``, default 0, 1, 2) it builds up to six
 candidates with the same budget of K = ceil(n / N) full steps in an n-evaluation generation:
 
 * ``uniform``: a full step every N evaluations;
@@ -8,7 +8,14 @@ candidates with the same budget of K = ceil(n / N) full steps in an n-evaluation
 * ``calibrated``: the K full steps :meth:`DeepCacheSDHelper.calibrate` picks on the calibration prompts (the reuse
   errors are measured once per branch, gaps up to twice the largest N, and the exact programme solved for each K);
 * ``adaptive``: cap 2N, with the smallest threshold (a short bisection) that keeps the mean full steps on the
-  calibration prompts at K or fewer.
+  calibration prompts at K or fewer;
+* ``forecast``: the calibrated forecast, what ``helper.calibrate(K, forecast=True)`` picks: K full steps and a
+  weight per step for ``forecast="linear"`` (retrieval steps extrapolate the cached feature from the last two full
+  steps instead of reusing it), fitted on the same calibration recording as ``calibrated`` (its forecast errors
+  measured once per branch, forecasts at most 8 evaluations past their full step; then for each K the coefficient
+  caps run once through the pipeline on the calibration prompts and the closest to the uncached result kept);
+* ``linear``: uniform with ``forecast="linear"`` at weight 1, at N <= 3 only (farther full steps make the straight
+  line overshoot: on the embedded model +9.5 dB over uniform at N = 3, worse from N = 4 on).
 
 The calibration prompts are never evaluated. Each candidate then generates the evaluation prompts (the same
 seeds and batches) and is scored against the uncached images (PSNR, SSIM) as the images are made; only the pipeline
@@ -26,7 +33,7 @@ Adaptive schedules decide per batch: they are tuned and measured at ``--batch-si
 
 Example::
 
-    $ deepcache tune --min-psnr 30          # embedded model: 25 steps, 6 + 4 prompts, 60 candidates, 3 repeats
+    $ deepcache tune --min-psnr 30          # embedded model: 25 steps, 6 + 4 prompts, 75 candidates, 3 repeats
     $ deepcache tune --model ./my-sd-pipeline --min-psnr 28 --min-ssim 0.9 --prompt "a cat" --prompt "a dog"
     $ deepcache tune --min-psnr 35 --intervals 2,3 --branches 0 --kinds uniform,calibrated --threads 1
 """
@@ -50,6 +57,7 @@ from ..report import Column, render_table, write_json
 from ..settings import Setting
 from .choice import NOISE_MARGIN, bound_text, choose, credible_speedup, full_step_budget, pareto_front, \
     search_threshold, unmet_bound
+from .calibrated import FORECAST_MAX_GAP, LINEAR_MAX_INTERVAL
 from .search import DEFAULT_BRANCHES, DEFAULT_INTERVALS, KINDS, Candidate, TuneConfig, TuneResult, tune
 
 __all__ = ["KINDS", "Candidate", "TuneConfig", "TuneResult", "choose", "credible_speedup", "full_step_budget",
@@ -122,11 +130,27 @@ def format_table(rows: Sequence[dict[str, Any]], style: str = "markdown") -> str
     return render_table(COLUMNS, rows, style=style, drop_empty=True)
 
 
+#: How the plot draws each kind: its colour and marker (reuse kinds round or square, forecasting kinds pointed).
+KIND_STYLE: dict[str, tuple[tuple[int, int, int], str]] = {
+    kind: (PALETTE[k], marker) for k, (kind, marker) in enumerate(zip(KINDS, (
+        "circle", "square", "circle", "square", "diamond", "triangle")))
+}
+
+
+def plot_series(rows: Sequence[dict[str, Any]]) -> list[Series]:
+    """One series per kind that has candidates, in :data:`KINDS` order, each in its :data:`KIND_STYLE`.
+
+    >>> [(s.label, s.marker) for s in plot_series([{"kind": "linear", "speedup": 2.0, "psnr": 40.0}])]
+    [('linear', 'triangle')]
+    """
+    return [Series(kind, [(r["speedup"], r["psnr"]) for r in rows if r["kind"] == kind], *KIND_STYLE[kind])
+            for kind in KINDS if any(r["kind"] == kind for r in rows)]
+
+
 def pareto_plot(result: TuneResult) -> Any:
     """Measured speedup vs PSNR of every candidate, by kind; the Pareto front, the bound and the choice."""
     rows = result.candidates
-    series = [Series(kind, [(r["speedup"], r["psnr"]) for r in rows if r["kind"] == kind], PALETTE[k])
-              for k, kind in enumerate(KINDS) if any(r["kind"] == kind for r in rows)]
+    series = plot_series(rows)
     m = result.meta
     marked = None
     if result.chosen is not None:
@@ -279,8 +303,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     run=run, epilog=EPILOG)
 
 
-#: The end of ``deepcache tune --help``: how it decides.
+#: The end of ``deepcache tune --help``: the kinds, then how it decides.
 EPILOG = (
+    "Kinds (--kinds), each with the budget K = ceil(steps / N) full steps of interval N: uniform (a full step every N); "
+    "non-uniform (the paper's schedule, densest at 30 % of the steps); calibrated (the K full steps calibrate() picks "
+    "on the calibration prompts); adaptive (cap 2N, the smallest threshold keeping K full steps on average); "
+    "forecast (the calibrated forecast of calibrate(K, forecast=True): K full steps and a weight per step for "
+    "forecast=\"linear\", retrieval steps extrapolating the cached feature from the last two full steps; fitted on "
+    "the same calibration run, forecasts at most "
+    f"{FORECAST_MAX_GAP} steps past a full step; its replay costs about six times calibrated's); linear (uniform with "
+    f"forecast=\"linear\" at weight 1, at N <= {LINEAR_MAX_INTERVAL} only: farther apart the straight line "
+    "overshoots). "
     "Evidence: only the pipeline call is timed, the candidates' order rotates between the --repeats and the median "
     f"counts. Every measured speedup is printed beside its FLOP-ideal one; a measured speedup more than "
     f"{NOISE_MARGIN * 100:.0f} % above that bound is noise: it is marked, tune warns, and the candidate is ranked at "
