@@ -57,8 +57,9 @@ class ForecastErrors:
     def num_steps(self) -> int:
         return len(self.reuse)
 
-    def params(self, num_full: int, cap: float | None = None) -> CacheParams:
-        """The calibrated forecast for ``num_full`` full steps, with coefficients at most ``cap`` (None: any)."""
+    def params(self, num_full: int, cap: float | None = None, full_steps: Sequence[int] | None = None) -> CacheParams:
+        """The calibrated forecast for ``num_full`` full steps, with coefficients at most ``cap`` (None: any); with
+        ``full_steps``, only the weights are fitted, for those steps."""
         n = self.num_steps
         errors = self.errors
         if cap is not None:
@@ -67,7 +68,7 @@ class ForecastErrors:
             allowed = np.asarray(self.candidates)[None, None, None, :] * span[..., None] <= cap + 1e-12
             errors = np.where(allowed, errors, math.inf)
         cost, weight = fit_weights(self.reuse, errors, self.candidates)
-        steps = optimal_forecast_full_steps(self.reuse, cost, num_full)
+        steps = tuple(full_steps) if full_steps is not None else optimal_forecast_full_steps(self.reuse, cost, num_full)
         return CacheParams(skip_mode="custom", full_steps=steps, cache_branch_id=self.branch, forecast="linear",
                            forecast_weights=step_weights(steps, weight, n), forecast_weight=0.0)
 
@@ -229,12 +230,15 @@ def closed_loop_errors(pipeline: Any, unet: nn.Module, candidates: Sequence[Cach
 
 def candidate_params(measured: ForecastErrors, num_full: int,
                      caps: Sequence[float | None] = COEFFICIENT_CAPS) -> list[CacheParams]:
-    """The calibrated reuse schedule, then the calibrated forecast under each cap (duplicates dropped)."""
-    candidates = [measured.reuse_params(num_full)]
+    """The calibrated reuse schedule, then for each cap the calibrated forecast and the reuse schedule's full steps
+    with forecast weights fitted for them (duplicates dropped)."""
+    reuse = measured.reuse_params(num_full)
+    candidates = [reuse]
     for cap in caps:
-        params = measured.params(num_full, cap)
-        if params not in candidates:
-            candidates.append(params)
+        for steps in (None, reuse.full_steps):
+            params = measured.params(num_full, cap, steps)
+            if params not in candidates and any(params.forecast_weights):
+                candidates.append(params)
     return candidates
 
 

@@ -102,10 +102,12 @@ class ForecastFeature(ReuseFeature):
 
     def handout(self) -> Any:
         """``F_a + c*(F_a - F_a')``: a new tensor (so a consumer that modifies it in place never touches the cache)."""
-        coeff = self.coeff
-        return pytree.tree_map(
-            lambda v, d: extrapolate(v, d, coeff) if _floating(v) else v, self.value, self.difference
-        )
+        value, difference, coeff = self.value, self.difference, self.coeff
+        if torch.is_tensor(value):  # the usual outputs (a tensor, a 1-tuple) without pytree's cost (~75 us per call)
+            return extrapolate(value, difference, coeff)
+        if type(value) is tuple:
+            return tuple(extrapolate(v, d, coeff) if _floating(v) else v for v, d in zip(value, difference))
+        return pytree.tree_map(lambda v, d: extrapolate(v, d, coeff) if _floating(v) else v, value, difference)
 
     def nbytes(self) -> int:
         return super().nbytes() + (0 if self.difference is None else nbytes(self.difference))
