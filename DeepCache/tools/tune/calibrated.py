@@ -9,8 +9,10 @@ every budget K:
   :data:`FORECAST_MAX_GAP` evaluations past their full step, from full steps at most :data:`FORECAST_MAX_SPAN` apart;
   farther steps reuse), then for each K the calibrated forecast under each coefficient cap, run once through the
   pipeline on the calibration prompts (the same noise) and the one closest to the uncached final latents kept:
-  the closed-loop choice of ``helper.calibrate(K, forecast=True)``, less its reuse option (calibrated reuse is
-  a candidate of its own, judged on the evaluation prompts). It costs 1 to 3 pipeline calls per K, little beside
+  the closed-loop choice of ``helper.calibrate(K, forecast=True)`` (:func:`DeepCache.forecast_calibration.choose`:
+  each cap's forecast steps and the calibrated reuse steps with weights fitted for them), less its reuse option
+  (calibrated reuse is a candidate of its own, judged on the evaluation prompts). No candidate for a K where no
+  forecast has a nonzero weight. It costs up to 6 pipeline calls on the calibration prompts per K, little beside
   the replay (about ten calls' worth of U-Net evaluations).
 
 Both kinds share one recording; ``calibrated`` alone measures exactly as before (the same recording and errors).
@@ -51,11 +53,12 @@ def reuse_within(errors: Sequence[Sequence[float]], max_gap: int) -> list[list[f
 
 
 def _forecast_choice(pipe: Any, measured: fc.ForecastErrors, budget: int, reference: torch.Tensor, rewind: Any,
-                     call: dict[str, Any]) -> CacheParams:
-    """The calibrated forecast with ``budget`` full steps whose closed-loop latents are closest (first on ties)."""
+                     call: dict[str, Any]) -> CacheParams | None:
+    """The calibrated forecast with ``budget`` full steps whose closed-loop latents are closest (first on ties);
+    ``None`` when no forecast has a nonzero weight (it would be reuse)."""
     options = [p for p in fc.candidate_params(measured, budget) if p.forecast is not None]
-    if len(options) == 1:
-        return options[0]
+    if len(options) <= 1:
+        return options[0] if options else None
     scores = fc.closed_loop_errors(pipe, pipe.unet, options, reference, rewind, call)
     return options[min(range(len(options)), key=lambda i: (scores[i], i))]
 
@@ -77,7 +80,9 @@ def calibrate_branch(pipe: Any, branch: int, budgets: Sequence[int], kinds: Sequ
         with fc.recorded(pipe, pipe.unet, call) as (rec, reference, rewind):
             measured = fc.forecast_errors(pipe.unet, rec, branch, max_gap=FORECAST_MAX_GAP, max_span=FORECAST_MAX_SPAN)
             for k in budgets:
-                out["forecast"][k] = Setting.of(_forecast_choice(pipe, measured, k, reference, rewind, call))
+                params = _forecast_choice(pipe, measured, k, reference, rewind, call)
+                if params is not None:
+                    out["forecast"][k] = Setting.of(params)
         errors = reuse_within(measured.reuse, reuse_gap)
     if "calibrated" in wanted:
         for k in budgets:

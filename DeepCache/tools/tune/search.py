@@ -165,8 +165,8 @@ def candidate_setting(kind: str, interval: int, branch: int, evaluations: int,
     if kind == "non-uniform":
         center = min(evaluations - 1, round(NON_UNIFORM_CENTER * evaluations))
         return Setting(interval, branch, "non-uniform", center=center)
-    if kind in CALIBRATED_KINDS:
-        return calibrated[kind][full_step_budget(evaluations, interval)]
+    if kind in CALIBRATED_KINDS:  # forecast: none where no forecast weight is nonzero (it would be reuse)
+        return calibrated[kind].get(full_step_budget(evaluations, interval))
     return None
 
 
