@@ -246,7 +246,7 @@ def test_forecast_candidates_are_the_calibrated_forecast_and_linear_at_small_int
         params = CacheParams(**_params(row))
         assert row["budget"] == budget == len(params.full_steps) == row["full_steps"]
         assert (params.skip_mode, params.forecast, len(params.forecast_weights)) == ("custom", "linear", STEPS)
-        assert Setting.parse(row["setting"]) == params  # the label parses back to the parameters run
+        assert Setting.parse(row["setting"]) == Setting.of(params)  # the label parses back to the parameters run
         # independently: helper.calibrate(K, forecast=True)'s measurement and closed loop on the calibration prompts;
         # tune keeps its best forecast (its reuse option is the calibrated candidate, judged on the evaluation prompts)
         best, info = calibrate_forecast(

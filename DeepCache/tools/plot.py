@@ -153,7 +153,8 @@ def scatter_plot(series: Sequence[Series], *, x_label: str, y_label: str, title:
         _, py = to_px(x_lo, hline[0])
         for x0 in range(left, width - right, 12):
             draw.line([(x0, py), (min(x0 + 6, width - right), py)], fill=(200, 0, 0), width=1)
-        draw.text((left + 6, py + 3), hline[1], fill=(200, 0, 0), font=font)  # left, below: usually empty
+        w, _ = text_size(hline[1])  # right, below: the legend is bottom left
+        draw.text((width - right - 6 - w, py + 3), hline[1], fill=(200, 0, 0), font=font)
     front = sorted(_finite(list(line)))
     if len(front) > 1:
         draw.line([to_px(x, y) for x, y in front], fill=(120, 120, 120), width=1)
@@ -161,9 +162,9 @@ def scatter_plot(series: Sequence[Series], *, x_label: str, y_label: str, title:
     if marked is not None and spot is not None:  # the label under the points, the ring over them
         px, py = spot
         w, h = text_size(marked[1])
-        tx = px + 10 if px + 10 + w < width - right else px - 10 - w
+        tx = max(left + 2, px + 10 if px + 10 + w < width - right else px - 10 - w)  # a long label: from the left
         draw.rectangle([tx - 2, py - h - 10, tx + w + 2, py - 4], fill="white")
-        draw.text((tx, py - h - 8), marked[1], fill=(0, 0, 0), font=font)
+        draw.multiline_text((tx, py - h - 8), marked[1], fill=(0, 0, 0), font=font)
     for s in series:
         for x, y in _finite(s.points):
             px, py = to_px(x, y)

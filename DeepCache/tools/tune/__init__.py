@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,8 @@ def pareto_plot(result: TuneResult) -> Any:
     marked = None
     if result.chosen is not None:
         c = result.chosen
-        marked = ((c["speedup"], c["psnr"]), f"chosen: {chosen_label(c)}")
+        label = textwrap.wrap(f"chosen: {chosen_label(c)}", 100, break_long_words=False, break_on_hyphens=False)
+        marked = ((c["speedup"], c["psnr"]), "\n".join(label))  # a forecast's weights make a long label
     return scatter_plot(
         series, x_label="measured speedup over the uncached pipeline", y_label="PSNR dB vs uncached",
         title=f"deepcache tune: {model_name(m)}, {m['steps']} steps, "
