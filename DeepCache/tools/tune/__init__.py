@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,6 @@ from ..cli_common import (add_device_options, add_generation_arguments, add_json
                           add_prompt_options, add_table_options, add_threads_option, apply_threads,
                           pipeline_from_args, positive_int, quiet_third_party, register)
 from ..pipelines import is_demo_pipeline, model_name
-from ..plot import PALETTE, Series, scatter_plot
 from ..prompts import PromptItem, calibration_prompts, prompt_seeds
 from ..quality import COLUMNS as EVAL_COLUMNS
 from ..report import Column, render_table, write_json
@@ -59,10 +57,11 @@ from ..settings import Setting
 from .choice import NOISE_MARGIN, bound_text, choose, credible_speedup, full_step_budget, pareto_front, \
     search_threshold, unmet_bound
 from .calibrated import FORECAST_MAX_GAP, LINEAR_MAX_INTERVAL
+from .pareto import KIND_STYLE, chosen_label, pareto_plot, plot_series
 from .search import DEFAULT_BRANCHES, DEFAULT_INTERVALS, KINDS, Candidate, TuneConfig, TuneResult, tune
 
-__all__ = ["KINDS", "Candidate", "TuneConfig", "TuneResult", "choose", "credible_speedup", "full_step_budget",
-           "pareto_front", "search_threshold", "tune", "unmet_bound"]
+__all__ = ["KIND_STYLE", "KINDS", "Candidate", "TuneConfig", "TuneResult", "choose", "credible_speedup", "full_step_budget",
+           "pareto_front", "pareto_plot", "plot_series", "search_threshold", "tune", "unmet_bound"]
 
 #: The bound when neither ``--min-psnr`` nor ``--min-ssim`` is given.
 DEFAULT_MIN_PSNR = 30.0
@@ -94,15 +93,6 @@ def noise_warning(result: TuneResult) -> str | None:
             f"{result.meta['repeats']}) or --threads 1.")
 
 
-def chosen_label(row: dict[str, Any]) -> str:
-    """The chosen row as the plot names it: its kind and the label of the parameters ``set_params`` gets.
-
-    >>> chosen_label({"kind": "adaptive", "params": Setting(8, 0, "adaptive", threshold=0.16).helper_kwargs()})
-    'adaptive I=8, B=0, adaptive, threshold=0.16'
-    """
-    return f"{row['kind']} {Setting(**row['params']).label}"
-
-
 # -- output ----------------------------------------------------------------------------------
 def _yes(value: Any) -> str:
     return "yes" if value else ""
@@ -129,41 +119,6 @@ COLUMNS: tuple[Column, ...] = (
 
 def format_table(rows: Sequence[dict[str, Any]], style: str = "markdown") -> str:
     return render_table(COLUMNS, rows, style=style, drop_empty=True)
-
-
-#: How the plot draws each kind: its colour and marker (reuse kinds round or square, forecasting kinds pointed).
-KIND_STYLE: dict[str, tuple[tuple[int, int, int], str]] = {
-    kind: (PALETTE[k], marker) for k, (kind, marker) in enumerate(zip(KINDS, (
-        "circle", "square", "circle", "square", "diamond", "triangle")))
-}
-
-
-def plot_series(rows: Sequence[dict[str, Any]]) -> list[Series]:
-    """One series per kind that has candidates, in :data:`KINDS` order, each in its :data:`KIND_STYLE`.
-
-    >>> [(s.label, s.marker) for s in plot_series([{"kind": "linear", "speedup": 2.0, "psnr": 40.0}])]
-    [('linear', 'triangle')]
-    """
-    return [Series(kind, [(r["speedup"], r["psnr"]) for r in rows if r["kind"] == kind], *KIND_STYLE[kind])
-            for kind in KINDS if any(r["kind"] == kind for r in rows)]
-
-
-def pareto_plot(result: TuneResult) -> Any:
-    """Measured speedup vs PSNR of every candidate, by kind; the Pareto front, the bound and the choice."""
-    rows = result.candidates
-    series = plot_series(rows)
-    m = result.meta
-    marked = None
-    if result.chosen is not None:
-        c = result.chosen
-        label = textwrap.wrap(f"chosen: {chosen_label(c)}", 100, break_long_words=False, break_on_hyphens=False)
-        marked = ((c["speedup"], c["psnr"]), "\n".join(label))  # a forecast's weights make a long label
-    return scatter_plot(
-        series, x_label="measured speedup over the uncached pipeline", y_label="PSNR dB vs uncached",
-        title=f"deepcache tune: {model_name(m)}, {m['steps']} steps, "
-        f"{len(m['prompts'])} prompts",
-        line=[(r["speedup"], r["psnr"]) for r in rows if r["pareto"]],
-        hline=(m["min_psnr"], f"bound {m['min_psnr']:g} dB") if m["min_psnr"] is not None else None, marked=marked)
 
 
 def recommendation(row: dict[str, Any], save: Path | None) -> str:
