@@ -12,8 +12,9 @@ candidates with the same budget of K = ceil(n / N) full steps in an n-evaluation
 * ``forecast``: the calibrated forecast, what ``helper.calibrate(K, forecast=True)`` picks: K full steps and a
   weight per step for ``forecast="linear"`` (retrieval steps extrapolate the cached feature from the last two full
   steps instead of reusing it), fitted on the same calibration recording as ``calibrated`` (its forecast errors
-  measured once per branch, forecasts at most 8 evaluations past their full step; then for each K the coefficient
-  caps run once through the pipeline on the calibration prompts and the closest to the uncached result kept);
+  measured once per branch, forecasts at most 8 evaluations past their full step; then for each K the forecast
+  options of ``calibrate`` (each coefficient cap's, and the calibrated reuse steps with fitted weights) run once
+  through the pipeline on the calibration prompts and the closest to the uncached result kept);
 * ``linear``: uniform with ``forecast="linear"`` at weight 1, at N <= 3 only (farther full steps make the straight
   line overshoot: on the embedded model +9.5 dB over uniform at N = 3, worse from N = 4 on).
 
