@@ -81,7 +81,8 @@ def test_the_library_never_imports_the_tools() -> None:
 def test_no_command_imports_another_command() -> None:
     assert {_command(m) for m in GRAPH} >= set(COMMANDS)
     assert {"DeepCache.tools.quality", "DeepCache.tools.runs"} <= GRAPH["DeepCache.tools.demo"]  # the graph is read
-    assert {"DeepCache.calibration", "DeepCache.tools.runs"} <= GRAPH["DeepCache.tools.tune.search"]
+    assert {"DeepCache.tools.tune.calibrated", "DeepCache.tools.runs"} <= GRAPH["DeepCache.tools.tune.search"]
+    assert {"DeepCache.calibration", "DeepCache.forecast_calibration"} <= GRAPH["DeepCache.tools.tune.calibrated"]
     crossings = sorted((m, d) for m, deps in GRAPH.items() for d in deps
                        if _command(m) and _command(d) and _command(m) != _command(d))
     assert crossings == []

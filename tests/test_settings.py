@@ -25,6 +25,20 @@ from .tiny import tiny_sd_unet, unet_inputs
         ("1,0,custom,full_steps=3", Setting(1, 0, "custom", full_steps=(3,)), "I=1, B=0, custom, full_steps=3"),
         ("3,0,start_step=2,end_step=9", Setting(3, 0, start_step=2, end_step=9), "I=3, B=0, start_step=2, end_step=9"),
         ("I=4, B=1", Setting(4, 1), "I=4, B=1"),
+        ("3,0,forecast=linear", Setting(3, 0, forecast="linear"), "I=3, B=0, forecast=linear"),
+        ("2,1,forecast=linear,forecast_weight=0.5", Setting(2, 1, forecast="linear", forecast_weight=0.5),
+         "I=2, B=1, forecast=linear, forecast_weight=0.5"),
+        ("1,0,custom,full_steps=0/2/4,forecast=linear,forecast_weight=0,forecast_weights=0/0/0/0.5/0.25",
+         Setting(1, 0, "custom", full_steps=(0, 2, 4), forecast="linear", forecast_weight=0.0,
+                 forecast_weights=(0.0, 0.0, 0.0, 0.5, 0.25)),
+         "I=1, B=0, custom, full_steps=0/2/4, forecast=linear, forecast_weight=0, forecast_weights=3x0/0.5/0.25"),
+        ("1,0,custom,full_steps=0/3,forecast=linear,forecast_weights=2x0/1/ 3x0.25 ",
+         Setting(1, 0, "custom", full_steps=(0, 3), forecast="linear", forecast_weights=(0, 0, 1, 0.25, 0.25, 0.25)),
+         "I=1, B=0, custom, full_steps=0/3, forecast=linear, forecast_weights=2x0/1/3x0.25"),
+        ("3,0,forecast=linear,forecast_weights=0.1/0.30000000000000004/1e-05",  # floats parse back exactly
+         Setting(3, 0, forecast="linear", forecast_weights=(0.1, 0.1 + 0.2, 1e-5)),
+         "I=3, B=0, forecast=linear, forecast_weights=0.1/0.30000000000000004/1e-05"),
+        ("I=3, B=0, forecast=none", Setting(3, 0), "I=3, B=0"),
         ("original", BASELINE, "original"),
         ("Baseline", BASELINE, "original"),
         ("uncached", BASELINE, "original"),
@@ -51,6 +65,12 @@ def test_parse_and_label(text: str, expected: Setting, label: str) -> None:
         ("0,0", "cache_interval must be an integer >= 1"),
         ("3,-1", "cache_branch_id must be an integer >= 0"),
         ("3,0,non-uniform,pow=1", "pow must be a finite number > 1"),
+        ("3,0,forecast=quadratic", 'forecast must be None \\(reuse the cached feature\\) or "linear"'),
+        ("3,0,forecast_weight=0.5", 'forecast_weight and forecast_weights are only used with forecast="linear"'),
+        ("3,0,forecast=linear,forecast_weight=-1", "forecast_weight must be a finite number >= 0"),
+        ("3,0,forecast=linear,forecast_weights=0/x", "forecast_weights must be a sequence of numbers >= 0"),
+        ("3,0,forecast=linear,forecast_weights=0x0.5", "forecast_weights must be a sequence of numbers >= 0"),
+        ("3,0,forecast=linear,forecast_weights=2x", "forecast_weights must be a sequence of numbers >= 0"),
     ],
 )
 def test_parse_errors_say_what_is_wrong(text: str, message: str) -> None:
@@ -111,6 +131,9 @@ def test_applied_enables_every_field_on_the_helper_and_always_disables() -> None
 @pytest.mark.parametrize("setting", [
     Setting(3, 0), Setting(5, 1, "non-uniform", center=8), Setting(1, 2, "custom", full_steps=(0, 3, 9)),
     Setting(12, 0, "adaptive", threshold=0.0562), Setting(3, 0, start_step=2, end_step=9),
+    Setting(3, 1, forecast="linear"), Setting(2, 0, forecast="linear", forecast_weight=0.75),
+    Setting(1, 0, "custom", full_steps=(0, 2, 4), forecast="linear", forecast_weight=0.0,
+            forecast_weights=(0.0, 0.0, 0.0, 0.5, 0.30000000000000004)),
 ])
 def test_set_params_call_is_python_that_sets_the_same_setting(setting: Setting) -> None:
     calls: list[dict] = []
@@ -123,3 +146,24 @@ def test_set_params_call_is_python_that_sets_the_same_setting(setting: Setting) 
     assert line.startswith("helper.set_params(cache_interval=")
     eval(line, {"helper": Recorder()})  # noqa: S307 - our own output
     assert Setting(**calls[0]) == setting
+
+
+def test_set_params_call_writes_a_forecast_readably() -> None:
+    setting = Setting(1, 0, "custom", full_steps=(0, 2, 4), forecast="linear", forecast_weight=0.0,
+                      forecast_weights=(0.0, 0.0, 0.0, 0.5, 0.25))
+    assert setting.set_params_call() == (
+        'helper.set_params(cache_interval=1, cache_branch_id=0, skip_mode="custom", full_steps=[0, 2, 4], '
+        'forecast="linear", forecast_weight=0, forecast_weights=[0, 0, 0, 0.5, 0.25])')
+    assert Setting(3, 0, forecast="linear").set_params_call() == (
+        'helper.set_params(cache_interval=3, cache_branch_id=0, forecast="linear")')
+
+
+def test_a_forecast_setting_reaches_the_helper_and_its_json() -> None:
+    setting = Setting.parse("1,1,custom,full_steps=0/2/4,forecast=linear,forecast_weight=0,forecast_weights=3x0/0.5/0")
+    unet = tiny_sd_unet()
+    helper = DeepCacheSDHelper(pipe=unet)
+    with applied(helper, setting, num_steps=5):
+        assert helper.params == CacheParams(**setting.helper_kwargs())
+        assert helper.params.forecast == "linear" and helper.params.forecast_weights == (0.0, 0.0, 0.0, 0.5, 0.0)
+    assert Setting.of(CacheParams.from_json(setting.to_json())) == setting
+    assert Setting.parse(Setting.of(CacheParams.from_json(setting.to_json())).label) == setting

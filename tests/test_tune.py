@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from DeepCache import CacheParams
 from DeepCache.tools.cli import main
@@ -18,8 +21,10 @@ from DeepCache.tools.pipelines import load_pipeline
 from DeepCache.tools.prompts import GENERIC_CALIBRATION_PROMPTS, PromptItem, calibration_prompts, embedded_prompts
 from DeepCache.tools.runs import RunSpec, generate_batch
 from DeepCache.tools.settings import BASELINE, Setting
-from DeepCache.tools.tune import (chosen_label, choose, credible_speedup, full_step_budget, pareto_front,
-                                  search_threshold, unmet_bound)
+from DeepCache.tools.tune import (KIND_STYLE, KINDS, chosen_label, choose, credible_speedup, full_step_budget,
+                                  pareto_front, plot_series, search_threshold, unmet_bound)
+from DeepCache.tools.tune.calibrated import LINEAR_MAX_INTERVAL, reuse_within
+from DeepCache.tools.tune.search import candidate_setting
 
 needs_model = pytest.mark.skipif(
     not (EMBEDDED_MODEL / "model_index.json").is_file(), reason="embedded demo model not built"
@@ -92,6 +97,40 @@ def test_calibration_prompts_are_never_evaluated() -> None:
     assert calibration_prompts(embedded=False, count=2, exclude=["a cat"]) == list(GENERIC_CALIBRATION_PROMPTS[:2])
 
 
+def test_candidate_settings_of_each_kind() -> None:
+    calibrated = {"calibrated": {9: Setting(1, 0, "custom", full_steps=(0, 5))},
+                  "forecast": {9: Setting(1, 0, "custom", full_steps=(0, 4), forecast="linear")}}
+    assert candidate_setting("uniform", 3, 1, 25, calibrated) == Setting(3, 1)
+    assert candidate_setting("non-uniform", 3, 1, 25, calibrated) == Setting(3, 1, "non-uniform", center=8)
+    assert candidate_setting("calibrated", 3, 0, 25, calibrated) is calibrated["calibrated"][9]
+    assert candidate_setting("forecast", 3, 0, 25, calibrated) is calibrated["forecast"][9]  # by the budget K = 9
+    assert candidate_setting("adaptive", 3, 0, 25, calibrated) is None  # searched on the calibration prompts
+    # linear: uniform with the straight-line forecast, weight 1, at N <= 3 only
+    assert LINEAR_MAX_INTERVAL == 3
+    assert [candidate_setting("linear", n, 2, 25, calibrated) for n in (2, 3, 4, 6)] == [
+        Setting(2, 2, forecast="linear"), Setting(3, 2, forecast="linear"), None, None]
+    assert Setting(3, 2, forecast="linear").forecast_weight == 1.0
+
+
+def test_a_bounded_replay_keeps_the_reuse_errors_within_the_gap() -> None:
+    errors = [[0.0, 1.0, 2.0, 3.0], [math.inf, 0.0, 1.5, 2.5], [math.inf] * 2 + [0.0, 0.5], [math.inf] * 3 + [0.0]]
+    assert reuse_within(errors, 2) == [[0.0, 1.0, 2.0, math.inf], [math.inf, 0.0, 1.5, 2.5],
+                                       [math.inf, math.inf, 0.0, 0.5], [math.inf] * 3 + [0.0]]
+    assert reuse_within(errors, 3) == errors
+
+
+def test_every_kind_has_its_own_colour_marker_and_legend_entry() -> None:
+    assert KINDS == ("uniform", "non-uniform", "calibrated", "adaptive", "forecast", "linear")
+    assert len({KIND_STYLE[k][0] for k in KINDS}) == len(KINDS)  # distinct colours
+    assert KIND_STYLE["forecast"][1] == "diamond" and KIND_STYLE["linear"][1] == "triangle"
+    rows = [{"kind": kind, "speedup": 1.0 + k, "psnr": 40.0 - k} for k, kind in enumerate(reversed(KINDS))]
+    series = plot_series(rows)
+    assert [s.label for s in series] == list(KINDS)  # one legend entry per kind, in KINDS order
+    assert [(s.colour, s.marker) for s in series] == [KIND_STYLE[k] for k in KINDS]
+    assert series[4].points == [(2.0, 39.0)]  # forecast's point
+    assert [s.label for s in plot_series(rows[:1])] == ["linear"]
+
+
 def test_the_chosen_label_is_the_set_params_line_not_the_budget_interval() -> None:
     """The plot once said "adaptive N=4" (the budget's interval) while set_params got cache_interval=8."""
     setting = Setting(8, 0, "adaptive", threshold=0.16)
@@ -109,6 +148,11 @@ def independent_psnr(pipe: Any, meta: dict[str, Any], setting: Setting) -> float
     reference = generate_batch(pipe, helper, BASELINE, items, spec)[0]
     images = generate_batch(pipe, helper, setting, items, spec)[0]
     return float(np.mean(metrics.psnr(images, reference)))
+
+
+def _params(row: dict[str, Any]) -> dict[str, Any]:
+    """A JSON row's ``params`` as ``CacheParams`` keywords (lists back to tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in row["params"].items()}
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -165,7 +209,8 @@ def test_tune_tries_every_kind_and_picks_the_fastest_that_meets_the_bound(tuned:
     assert rows[0]["kind"] == "original" and rows[0]["psnr"] is None
     candidates = rows[1:]
     assert {(r["kind"], r["interval"]) for r in candidates} == {
-        (kind, n) for kind in ("uniform", "non-uniform", "calibrated", "adaptive") for n in (2, 4)}
+        (kind, n) for kind in ("uniform", "non-uniform", "calibrated", "adaptive", "forecast") for n in (2, 4)} | {
+        ("linear", 2)}  # linear only at N <= 3
     assert not set(report["meta"]["prompts"]) & set(report["meta"]["calibration_prompts"])
     pipe, meta = load_pipeline(), report["meta"]
     assert meta["repeats"] == 3  # the CPU default
@@ -177,13 +222,83 @@ def test_tune_tries_every_kind_and_picks_the_fastest_that_meets_the_bound(tuned:
         assert len(r["seconds_all"]) == 3 and r["seconds"] == sorted(r["seconds_all"])[1]
         assert r["speedup"] == pytest.approx(rows[0]["seconds"] / r["seconds"])
         # the FLOP bound: above 1, below the interval for a uniform schedule (retrievals cost something)
-        assert 1.0 < r["ideal_speedup"] < (r["interval"] if r["kind"] == "uniform" else STEPS)
+        assert 1.0 < r["ideal_speedup"] < (r["interval"] if r["kind"] in ("uniform", "linear") else STEPS)
         assert r["beats_bound"] == (r["speedup"] > 1.1 * r["ideal_speedup"])
         # quality, recomputed here from fresh images: the row and the "meets" column are true
-        psnr = independent_psnr(pipe, meta, Setting(**{k: tuple(v) if isinstance(v, list) else v
-                                                       for k, v in r["params"].items()}))
+        psnr = independent_psnr(pipe, meta, Setting(**_params(r)))
         assert r["psnr"] == pytest.approx(psnr, abs=1e-6) and r["meets"] == (psnr >= BOUND_DB)
     assert any(r["pareto"] for r in candidates)
+
+
+@needs_model
+def test_forecast_candidates_are_the_calibrated_forecast_and_linear_at_small_intervals(tuned: dict[str, Any]) -> None:
+    from DeepCache.forecast_calibration import calibrate_forecast
+
+    report = json.loads(tuned["json"].read_text())
+    meta, rows = report["meta"], {(r["kind"], r["interval"]): r for r in report["rows"][1:]}
+    linear = rows[("linear", 2)]
+    assert Setting(**_params(linear)) == Setting(2, 0, forecast="linear")  # weight 1
+    assert linear["setting"] == "I=2, B=0, forecast=linear" and linear["budget"] == linear["full_steps"] == 5
+    assert ("linear", 4) not in rows
+    pipe = load_pipeline()
+    for n in (2, 4):
+        row, budget = rows[("forecast", n)], full_step_budget(STEPS, n)
+        params = CacheParams(**_params(row))
+        assert row["budget"] == budget == len(params.full_steps) == row["full_steps"]
+        assert (params.skip_mode, params.forecast, len(params.forecast_weights)) == ("custom", "linear", STEPS)
+        assert Setting.parse(row["setting"]) == Setting.of(params)  # the label parses back to the parameters run
+        # independently: helper.calibrate(K, forecast=True)'s measurement and closed loop on the calibration prompts;
+        # tune keeps its best forecast (its reuse option is the calibrated candidate, judged on the evaluation prompts)
+        best, info = calibrate_forecast(
+            pipe, pipe.unet, 0, budget, prompt=meta["calibration_prompts"], num_inference_steps=STEPS,
+            guidance_scale=meta["guidance"], output_type="latent",
+            generator=[torch.Generator().manual_seed(int(s)) for s in meta["calibration_seeds"]])
+        forecasts = [(score, i) for i, (c, score) in enumerate(zip(info["candidates"], info["scores"]))
+                     if c.forecast is not None]
+        assert params == info["candidates"][min(forecasts)[1]]
+        if best.forecast is not None:
+            assert params == best
+    assert any(w > 0 for n in (2, 4) for w in rows[("forecast", n)]["params"]["forecast_weights"])
+
+
+@needs_model
+def test_tune_with_only_forecast_candidates_saves_a_forecast_that_reproduces_its_images(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from DeepCache import DeepCacheSDHelper
+
+    save, report = tmp_path / "params.json", tmp_path / "report.json"
+    argv = ["tune", "--min-psnr", "0", "--kinds", "forecast", "--intervals", "2,3", "--branches", "0",
+            "--num-prompts", "2", "--num-calibration-prompts", "1", "--steps", "8", "--repeats", "1", "--no-progress",
+            "--save", str(save), "--plot", str(tmp_path / "plot.png"), "--json", str(report)]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert [(r["kind"], r["budget"]) for r in data["rows"]] == [("original", 8), ("forecast", 4), ("forecast", 3)]
+    chosen = data["chosen"]
+    assert chosen["kind"] == "forecast"
+    saved = CacheParams.from_json(save.read_text())
+    assert saved == CacheParams(**_params(chosen)) and saved.forecast == "linear" and len(saved.forecast_weights) == 8
+    assert any(w > 0 for w in saved.forecast_weights)
+    printed = re.search(r"^    (helper\.set_params\(.*\))$", out, re.M)
+    assert printed and 'forecast="linear"' in printed.group(1) and "forecast_weights=[" in printed.group(1)
+    calls: list[dict[str, Any]] = []
+
+    class Recorder:
+        def set_params(self, **kwargs: Any) -> None:
+            calls.append(kwargs)
+
+    eval(printed.group(1), {"helper": Recorder()})  # noqa: S307 - the line tune printed for users to paste
+    assert CacheParams(**calls[0]) == saved
+    assert f"fastest setting that meets it: forecast {Setting.of(saved).label}: " in out
+    # the saved JSON reproduces the images tune scored; the forecast changed them (the same full steps reusing differ)
+    pipe, meta = load_pipeline(), data["meta"]
+    helper, spec = DeepCacheSDHelper(pipe=pipe), RunSpec(8, meta["guidance"], 1, meta["batch_size"])
+    items = [PromptItem(p, s) for p, s in zip(meta["prompts"], meta["seeds"])]
+    reference = generate_batch(pipe, helper, BASELINE, items, spec)[0]
+    images = generate_batch(pipe, helper, Setting.of(saved), items, spec)[0]
+    assert float(np.mean(metrics.psnr(images, reference))) == pytest.approx(chosen["psnr"], abs=1e-6)
+    reuse = dataclasses.replace(Setting.of(saved), forecast=None, forecast_weight=1.0, forecast_weights=None)
+    assert not np.array_equal(generate_batch(pipe, helper, reuse, items, spec)[0], images)
 
 
 @needs_model
@@ -224,6 +339,14 @@ def test_tune_saves_a_pareto_plot(tuned: dict[str, Any]) -> None:
         assert image.format == "PNG" and image.size == (760, 500)
         pixels = np.asarray(image.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 4  # points in colours, not a blank page
+    # the legend, bottom left: one entry per kind in KINDS order (its marker in its colour), then the Pareto front
+    report = json.loads(tuned["json"].read_text())
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in report["rows"])]
+    assert kinds == list(KINDS)
+    top = 500 - 50 - 6 - 16 * (len(kinds) + 1)
+    for i, kind in enumerate(kinds):
+        entry = pixels[top + 16 * i + 3:top + 16 * i + 12, 70 + 8:70 + 8 + 11].reshape(-1, 3)
+        assert (entry == KIND_STYLE[kind][0]).all(axis=1).any(), kind
 
 
 @needs_model
@@ -263,6 +386,10 @@ def test_tune_help_documents_the_bound_and_the_outputs(capsys: pytest.CaptureFix
     text = " ".join(out.split())
     assert "(default 3 on a CPU, where a shared machine's load changes from call to call" in text  # how many, why
     assert "more than 10 % above that bound is noise" in text
+    assert ("forecast (the calibrated forecast of calibrate(K, forecast=True): K full steps and a weight per step "
+            'for forecast="linear"') in text
+    assert 'linear (uniform with forecast="linear" at weight 1, at N <= 3 only' in text
+    assert "calibrated,adaptive,forecast,linear)" in text  # --kinds' default (argparse may break "non-uniform")
 
 
 def test_tune_on_a_local_pipeline_with_an_ssim_bound(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

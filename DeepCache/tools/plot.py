@@ -1,6 +1,6 @@
 """A small scatter plot drawn with Pillow (a dependency already; matplotlib is not): ``deepcache tune``'s Pareto plot.
 
-Series of points in colours, an optional line through some points (the Pareto front), a dashed horizontal
+Series of points in colours and shapes, an optional line through some points (the Pareto front), a dashed horizontal
 line (the quality bound), one marked point (the choice), axes with round ticks and a legend. Points with a
 non-finite coordinate are left out.
 
@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-__all__ = ["PALETTE", "Series", "nice_ticks", "scatter_plot"]
+__all__ = ["MARKERS", "PALETTE", "Series", "nice_ticks", "scatter_plot"]
 
 Point = tuple[float, float]
 #: Colours for up to six series (matplotlib's first "tab" colours).
@@ -28,13 +28,36 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 
+#: The shapes a series can be drawn with.
+MARKERS: tuple[str, ...] = ("circle", "square", "diamond", "triangle")
+
+
 @dataclass(frozen=True)
 class Series:
-    """Points of one kind, drawn as filled circles of ``colour`` and named in the legend."""
+    """Points of one kind, drawn as filled ``marker`` shapes (:data:`MARKERS`) of ``colour`` and named in the legend."""
 
     label: str
     points: Sequence[Point]
     colour: tuple[int, int, int]
+    marker: str = "circle"
+
+    def __post_init__(self) -> None:
+        if self.marker not in MARKERS:
+            raise ValueError(f"marker must be one of {MARKERS}, got {self.marker!r}.")
+
+
+def _shape(draw: Any, marker: str, cx: float, cy: float, r: float, fill: Any, outline: Any) -> None:
+    """One marker of radius ``r`` centred at (cx, cy)."""
+    if marker == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline)
+    elif marker == "diamond":
+        r += 1
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill, outline=outline)
+    elif marker == "triangle":
+        r += 1
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill, outline=outline)
+    else:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline)
 
 
 def nice_ticks(lo: float, hi: float, count: int = 6) -> list[float]:
@@ -130,7 +153,8 @@ def scatter_plot(series: Sequence[Series], *, x_label: str, y_label: str, title:
         _, py = to_px(x_lo, hline[0])
         for x0 in range(left, width - right, 12):
             draw.line([(x0, py), (min(x0 + 6, width - right), py)], fill=(200, 0, 0), width=1)
-        draw.text((left + 6, py + 3), hline[1], fill=(200, 0, 0), font=font)  # left, below: usually empty
+        w, _ = text_size(hline[1])  # right, below: the legend is bottom left
+        draw.text((width - right - 6 - w, py + 3), hline[1], fill=(200, 0, 0), font=font)
     front = sorted(_finite(list(line)))
     if len(front) > 1:
         draw.line([to_px(x, y) for x, y in front], fill=(120, 120, 120), width=1)
@@ -138,25 +162,25 @@ def scatter_plot(series: Sequence[Series], *, x_label: str, y_label: str, title:
     if marked is not None and spot is not None:  # the label under the points, the ring over them
         px, py = spot
         w, h = text_size(marked[1])
-        tx = px + 10 if px + 10 + w < width - right else px - 10 - w
+        tx = max(left + 2, px + 10 if px + 10 + w < width - right else px - 10 - w)  # a long label: from the left
         draw.rectangle([tx - 2, py - h - 10, tx + w + 2, py - 4], fill="white")
-        draw.text((tx, py - h - 8), marked[1], fill=(0, 0, 0), font=font)
+        draw.multiline_text((tx, py - h - 8), marked[1], fill=(0, 0, 0), font=font)
     for s in series:
         for x, y in _finite(s.points):
             px, py = to_px(x, y)
-            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=s.colour, outline=dark)
+            _shape(draw, s.marker, px, py, 4, s.colour, dark)
     if spot is not None:
         px, py = spot
         draw.ellipse([px - 8, py - 8, px + 8, py + 8], outline=(0, 0, 0), width=2)
 
-    entries = [(s.label, s.colour) for s in series] + ([("Pareto front", None)] if len(front) > 1 else [])
+    entries = [(s.label, s.colour, s.marker) for s in series] + (
+        [("Pareto front", None, "")] if len(front) > 1 else [])
     lx, ly = left + 8, height - bottom - 6 - 16 * len(entries)  # bottom left: dominated, usually empty
-    for label, colour in entries:
-        w, h = text_size(label)
+    for label, colour, marker in entries:
         if colour is None:
             draw.line([(lx, ly + 7), (lx + 10, ly + 7)], fill=(120, 120, 120), width=1)
         else:
-            draw.ellipse([lx + 1, ly + 3, lx + 9, ly + 11], fill=colour, outline=dark)
+            _shape(draw, marker, lx + 5, ly + 7, 4, colour, dark)
         draw.text((lx + 16, ly + 1), label, fill=dark, font=font)
         ly += 16
     return image

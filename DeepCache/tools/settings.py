@@ -19,6 +19,15 @@ Example::
     True
     >>> Setting().label, Setting.parse("original").is_baseline
     ('original', True)
+
+A forecast (``set_params(forecast="linear", ...)``) is two more fields; per-step weights are written with ``/``,
+a run of equal weights as ``COUNTxWEIGHT`` (``3x0`` is three zeros), and parse back::
+
+    >>> Setting.parse("3,0,forecast=linear").label
+    'I=3, B=0, forecast=linear'
+    >>> s = Setting.parse("1,0,custom,full_steps=0/2/4,forecast=linear,forecast_weight=0,forecast_weights=0/0/0/0.5/0")
+    >>> s.forecast_weights, s.label
+    ((0.0, 0.0, 0.0, 0.5, 0.0), 'I=1, B=0, custom, full_steps=0/2/4, forecast=linear, forecast_weight=0, forecast_weights=3x0/0.5/0')
 """
 
 from __future__ import annotations
@@ -80,7 +89,8 @@ class Setting(CacheParams):
     def parse(cls, text: str) -> Setting:
         """Parse ``I,B[,SCHEDULE[,KEY=VALUE...]]`` (a :attr:`label` too), or ``original``/``baseline``.
 
-        ``KEY`` is any other ``CacheParams`` field; lists are written with ``/`` (``full_steps=0/4/8``).
+        ``KEY`` is any other ``CacheParams`` field; lists are written with ``/`` (``full_steps=0/4/8``), a run of
+        equal values as ``COUNTxVALUE`` (``forecast_weights=2x0/0.5``: 0, 0, 0.5).
         Raises ``ValueError`` that names the problem and the expected form.
 
         >>> Setting.parse("3,0,start_step=2").label
@@ -195,14 +205,20 @@ def _parse_extras(text: str, items: Sequence[str]) -> dict[str, Any]:
 
 
 def _parse_value(raw: str, is_sequence: bool = False) -> Any:
-    """``none`` -> None; a sequence field ``0/4/8`` -> (0, 4, 8); ``10`` -> 10; ``1.5`` -> 1.5; else the string."""
+    """``none`` -> None; a sequence field ``0/4/8`` -> (0, 4, 8) (``3x0.5`` is three times 0.5, see
+    :func:`_parse_sequence`); ``10`` -> 10; ``1.5`` -> 1.5; else the string."""
     if raw.lower() == "none":
         return None
     if is_sequence:
         try:
-            return tuple(int(x) for x in raw.split("/") if x.strip())
+            return _parse_sequence(raw)
         except ValueError:
             return raw
+    return _parse_number(raw)
+
+
+def _parse_number(raw: str) -> Any:
+    """``10`` -> 10, ``1.5`` -> 1.5, anything else unchanged."""
     for kind in (int, float):
         try:
             return kind(raw)
@@ -211,19 +227,61 @@ def _parse_value(raw: str, is_sequence: bool = False) -> Any:
     return raw
 
 
+def _parse_sequence(raw: str) -> tuple[Any, ...]:
+    """``0/4/8`` -> (0, 4, 8); ``COUNTxVALUE`` repeats a value: ``2x0/0.5/3x0.25`` -> (0, 0, 0.5, 0.25, 0.25, 0.25).
+
+    Raises ``ValueError`` when an item is not a number.
+    """
+    values: list[Any] = []
+    for item in (x.strip() for x in raw.split("/")):
+        if not item:
+            continue
+        count, sep, value = item.partition("x")
+        number = _parse_number(value if sep else item)
+        if isinstance(number, str) or (sep and (not count.isdigit() or int(count) < 1)):
+            raise ValueError(f"not a number: {item!r}")
+        values += [number] * (int(count) if sep else 1)
+    return tuple(values)
+
+
+def _number(value: Any) -> str:
+    """A number as short as it can be and still parse back exactly: ``0.0`` -> ``0``, ``0.25`` -> ``0.25``."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _format_sequence(values: Sequence[Any]) -> str:
+    """``/``-separated, runs of two or more equal numbers as ``COUNTxVALUE``: (0.0, 0.0, 0.5) -> ``2x0/0.5``
+    (integer sequences, such as full steps, are written out).
+
+    >>> _format_sequence((0.0, 0.0, 0.0, 0.5, 0.25, 0.25)), _format_sequence((0, 4, 8))
+    ('3x0/0.5/2x0.25', '0/4/8')
+    """
+    if not any(isinstance(v, float) for v in values):
+        return "/".join(str(v) for v in values)
+    runs: list[tuple[int, Any]] = []
+    for value in values:
+        if runs and runs[-1][1] == value:
+            runs[-1] = (runs[-1][0] + 1, value)
+        else:
+            runs.append((1, value))
+    return "/".join(_number(v) if n == 1 else f"{n}x{_number(v)}" for n, v in runs)
+
+
 def _format_value(value: Any) -> str:
     if isinstance(value, (tuple, list)):
-        return "/".join(str(v) for v in value)
-    return str(value)
+        return _format_sequence(value)
+    return _number(value)
 
 
 def _python_value(value: Any) -> str:
-    """A value as Python source: strings in double quotes, tuples as lists."""
+    """A value as Python source: strings in double quotes, tuples as lists, whole floats without ``.0``."""
     if isinstance(value, str):
         return '"' + value + '"'
-    if isinstance(value, tuple):
-        return repr(list(value))
-    return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_python_value(v) for v in value) + "]"
+    return _number(value) if isinstance(value, float) else repr(value)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """``deepcache tune``: the fastest DeepCache setting that keeps your quality bound, on your pipeline and prompts.
 
-For every interval N (``--intervals``, default 2-6) and branch (``--branches``, default 0, 1, 2) it builds four
+For every interval N (``--intervals``, default 2-6) and branch (``--branches``, default 0, 1, 2) it builds up to six
 candidates with the same budget of K = ceil(n / N) full steps in an n-evaluation generation:
 
 * ``uniform``: a full step every N evaluations;
@@ -8,7 +8,15 @@ candidates with the same budget of K = ceil(n / N) full steps in an n-evaluation
 * ``calibrated``: the K full steps :meth:`DeepCacheSDHelper.calibrate` picks on the calibration prompts (the reuse
   errors are measured once per branch, gaps up to twice the largest N, and the exact programme solved for each K);
 * ``adaptive``: cap 2N, with the smallest threshold (a short bisection) that keeps the mean full steps on the
-  calibration prompts at K or fewer.
+  calibration prompts at K or fewer;
+* ``forecast``: the calibrated forecast, what ``helper.calibrate(K, forecast=True)`` picks: K full steps and a
+  weight per step for ``forecast="linear"`` (retrieval steps extrapolate the cached feature from the last two full
+  steps instead of reusing it), fitted on the same calibration recording as ``calibrated`` (its forecast errors
+  measured once per branch, forecasts at most 8 evaluations past their full step; then for each K the forecast
+  options of ``calibrate`` (each coefficient cap's, and the calibrated reuse steps with fitted weights) run once
+  through the pipeline on the calibration prompts and the closest to the uncached result kept);
+* ``linear``: uniform with ``forecast="linear"`` at weight 1, at N <= 3 only (farther full steps make the straight
+  line overshoot: on the embedded model +9.5 dB over uniform at N = 3, worse from N = 4 on).
 
 The calibration prompts are never evaluated. Each candidate then generates the evaluation prompts (the same
 seeds and batches) and is scored against the uncached images (PSNR, SSIM) as the images are made; only the pipeline
@@ -26,7 +34,7 @@ Adaptive schedules decide per batch: they are tuned and measured at ``--batch-si
 
 Example::
 
-    $ deepcache tune --min-psnr 30          # embedded model: 25 steps, 6 + 4 prompts, 60 candidates, 3 repeats
+    $ deepcache tune --min-psnr 30          # embedded model: 25 steps, 6 + 4 prompts, 75 candidates, 3 repeats
     $ deepcache tune --model ./my-sd-pipeline --min-psnr 28 --min-ssim 0.9 --prompt "a cat" --prompt "a dog"
     $ deepcache tune --min-psnr 35 --intervals 2,3 --branches 0 --kinds uniform,calibrated --threads 1
 """
@@ -43,17 +51,18 @@ from ..cli_common import (add_device_options, add_generation_arguments, add_json
                           add_prompt_options, add_table_options, add_threads_option, apply_threads,
                           pipeline_from_args, positive_int, quiet_third_party, register)
 from ..pipelines import is_demo_pipeline, model_name
-from ..plot import PALETTE, Series, scatter_plot
 from ..prompts import PromptItem, calibration_prompts, prompt_seeds
 from ..quality import COLUMNS as EVAL_COLUMNS
 from ..report import Column, render_table, write_json
 from ..settings import Setting
 from .choice import NOISE_MARGIN, bound_text, choose, credible_speedup, full_step_budget, pareto_front, \
     search_threshold, unmet_bound
+from .calibrated import FORECAST_MAX_GAP, LINEAR_MAX_INTERVAL
+from .pareto import KIND_STYLE, chosen_label, pareto_plot, plot_series
 from .search import DEFAULT_BRANCHES, DEFAULT_INTERVALS, KINDS, Candidate, TuneConfig, TuneResult, tune
 
-__all__ = ["KINDS", "Candidate", "TuneConfig", "TuneResult", "choose", "credible_speedup", "full_step_budget",
-           "pareto_front", "search_threshold", "tune", "unmet_bound"]
+__all__ = ["KIND_STYLE", "KINDS", "Candidate", "TuneConfig", "TuneResult", "choose", "credible_speedup", "full_step_budget",
+           "pareto_front", "pareto_plot", "plot_series", "search_threshold", "tune", "unmet_bound"]
 
 #: The bound when neither ``--min-psnr`` nor ``--min-ssim`` is given.
 DEFAULT_MIN_PSNR = 30.0
@@ -85,15 +94,6 @@ def noise_warning(result: TuneResult) -> str | None:
             f"{result.meta['repeats']}) or --threads 1.")
 
 
-def chosen_label(row: dict[str, Any]) -> str:
-    """The chosen row as the plot names it: its kind and the label of the parameters ``set_params`` gets.
-
-    >>> chosen_label({"kind": "adaptive", "params": Setting(8, 0, "adaptive", threshold=0.16).helper_kwargs()})
-    'adaptive I=8, B=0, adaptive, threshold=0.16'
-    """
-    return f"{row['kind']} {Setting(**row['params']).label}"
-
-
 # -- output ----------------------------------------------------------------------------------
 def _yes(value: Any) -> str:
     return "yes" if value else ""
@@ -120,24 +120,6 @@ COLUMNS: tuple[Column, ...] = (
 
 def format_table(rows: Sequence[dict[str, Any]], style: str = "markdown") -> str:
     return render_table(COLUMNS, rows, style=style, drop_empty=True)
-
-
-def pareto_plot(result: TuneResult) -> Any:
-    """Measured speedup vs PSNR of every candidate, by kind; the Pareto front, the bound and the choice."""
-    rows = result.candidates
-    series = [Series(kind, [(r["speedup"], r["psnr"]) for r in rows if r["kind"] == kind], PALETTE[k])
-              for k, kind in enumerate(KINDS) if any(r["kind"] == kind for r in rows)]
-    m = result.meta
-    marked = None
-    if result.chosen is not None:
-        c = result.chosen
-        marked = ((c["speedup"], c["psnr"]), f"chosen: {chosen_label(c)}")
-    return scatter_plot(
-        series, x_label="measured speedup over the uncached pipeline", y_label="PSNR dB vs uncached",
-        title=f"deepcache tune: {model_name(m)}, {m['steps']} steps, "
-        f"{len(m['prompts'])} prompts",
-        line=[(r["speedup"], r["psnr"]) for r in rows if r["pareto"]],
-        hline=(m["min_psnr"], f"bound {m['min_psnr']:g} dB") if m["min_psnr"] is not None else None, marked=marked)
 
 
 def recommendation(row: dict[str, Any], save: Path | None) -> str:
@@ -279,8 +261,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     run=run, epilog=EPILOG)
 
 
-#: The end of ``deepcache tune --help``: how it decides.
+#: The end of ``deepcache tune --help``: the kinds, then how it decides.
 EPILOG = (
+    "Kinds (--kinds), each with the budget K = ceil(steps / N) full steps of interval N: uniform (a full step every N); "
+    "non-uniform (the paper's schedule, densest at 30 % of the steps); calibrated (the K full steps calibrate() picks "
+    "on the calibration prompts); adaptive (cap 2N, the smallest threshold keeping K full steps on average); "
+    "forecast (the calibrated forecast of calibrate(K, forecast=True): K full steps and a weight per step for "
+    "forecast=\"linear\", retrieval steps extrapolating the cached feature from the last two full steps; fitted on "
+    "the same calibration run, forecasts at most "
+    f"{FORECAST_MAX_GAP} steps past a full step; its replay costs about six times calibrated's); linear (uniform with "
+    f"forecast=\"linear\" at weight 1, at N <= {LINEAR_MAX_INTERVAL} only: farther apart the straight line "
+    "overshoots). "
     "Evidence: only the pipeline call is timed, the candidates' order rotates between the --repeats and the median "
     f"counts. Every measured speedup is printed beside its FLOP-ideal one; a measured speedup more than "
     f"{NOISE_MARGIN * 100:.0f} % above that bound is noise: it is marked, tune warns, and the candidate is ranked at "

@@ -1,8 +1,8 @@
 """``deepcache tune``'s search: the candidates, their runs and their rows.
 
-For every interval N and branch B it builds four candidates with the same budget of K = ceil(n / N) full steps in
-an n-evaluation generation (``uniform``, ``non-uniform``, ``calibrated``, ``adaptive``; see the command's help), on
-the calibration prompts only. Then every candidate generates the evaluation prompts, timed and scored against the
+For every interval N and branch B it builds up to six candidates with the same budget of K = ceil(n / N) full steps
+in an n-evaluation generation (``uniform``, ``non-uniform``, ``calibrated``, ``adaptive``, ``forecast``, ``linear``;
+see the command's help; the calibrated ones in :mod:`.calibrated`), on the calibration prompts only. Then every candidate generates the evaluation prompts, timed and scored against the
 uncached images by the tools' one layer (:func:`DeepCache.tools.runs.run_and_score`: only the pipeline call timed,
 the order rotated between repeats, medians; each image scored as it is made and dropped, so memory does not grow with
 the number of candidates or prompts). Each row carries the measured speedup and the FLOP-ideal one beside it.
@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from ... import calibration
-from ...schedule import CacheParams, optimal_full_steps
+from ...schedule import CacheParams
 from ..cli_common import Progress
 from ..flops import FlopCache, ideal_speedup_pattern, unet_batch
 from ..pipelines import pipeline_device, run_meta
@@ -32,11 +31,12 @@ from ..report import environment, json_document
 from ..runs import DEFAULT_GUIDANCE, DEFAULT_STEPS, RunSpec, SettingRun, generate_batch, run_and_score
 from ..scoring import Scorer
 from ..settings import BASELINE, Setting
+from .calibrated import CALIBRATED_KINDS, LINEAR_MAX_INTERVAL, calibrate_branch
 from .choice import beats_bound, choose, full_step_budget, meets, pareto_front, search_threshold
 
 __all__ = ["DEFAULT_BRANCHES", "DEFAULT_INTERVALS", "KINDS", "Candidate", "TuneConfig", "TuneResult", "tune"]
 
-KINDS: tuple[str, ...] = ("uniform", "non-uniform", "calibrated", "adaptive")
+KINDS: tuple[str, ...] = ("uniform", "non-uniform", "calibrated", "adaptive", "forecast", "linear")
 DEFAULT_INTERVALS: tuple[int, ...] = (2, 3, 4, 5, 6)
 DEFAULT_BRANCHES: tuple[int, ...] = (0, 1, 2)
 #: Where the non-uniform schedule is densest, as a share of the generation (the paper: step 15 of 50).
@@ -127,32 +127,47 @@ def count_evaluations(pipe: Any, prompt: str, seed: int, steps: int, guidance: f
 def build_candidates(pipe: Any, config: TuneConfig, evaluations: int, calibration_items: Sequence[PromptItem],
                      bar: Progress) -> list[Candidate]:
     """Every candidate: calibration (once per branch) and the adaptive thresholds run on the calibration prompts."""
-    center = min(evaluations - 1, round(NON_UNIFORM_CENTER * evaluations))
     found: dict[Setting, Candidate] = {}  # one candidate per setting (N=5 and N=6 both give K=5 of 25)
-    call = {"prompt": [i.prompt for i in calibration_items], "num_inference_steps": config.steps,
-            "guidance_scale": config.guidance, "output_type": "latent"}
+    budgets = {n: full_step_budget(evaluations, n) for n in config.intervals}
     for branch in config.branches:
-        full_steps: dict[int, tuple[int, ...]] = {}
-        if "calibrated" in config.kinds:
-            errors = calibration.measure_reuse_errors(
-                pipe, pipe.unet, branch, 2 * max(config.intervals),
-                generator=[torch.Generator().manual_seed(int(i.seed)) for i in calibration_items], **call)  # type: ignore[arg-type]
-            full_steps = {n: optimal_full_steps(errors, full_step_budget(len(errors), n)) for n in config.intervals}
+        call = {"prompt": [i.prompt for i in calibration_items], "num_inference_steps": config.steps,
+                "guidance_scale": config.guidance, "output_type": "latent",
+                "generator": [torch.Generator().manual_seed(int(i.seed)) for i in calibration_items]}  # type: ignore[arg-type]
+        calibrated = calibrate_branch(pipe, branch, list(budgets.values()), config.kinds, call,
+                                      2 * max(config.intervals))
+        if calibrated:
             bar.update(f"calibrated B={branch}")
         for n in config.intervals:
-            k = full_step_budget(evaluations, n)
             for kind in config.kinds:
-                if kind == "uniform":
-                    setting = Setting(n, branch)
-                elif kind == "non-uniform":
-                    setting = Setting(n, branch, "non-uniform", center=center)
-                elif kind == "calibrated":
-                    setting = Setting(1, branch, "custom", full_steps=full_steps[n])
-                else:
-                    setting = _adaptive(pipe, config, calibration_items, 2 * n, branch, k)
+                setting = candidate_setting(kind, n, branch, evaluations, calibrated)
+                if setting is None and kind == "adaptive":
+                    setting = _adaptive(pipe, config, calibration_items, 2 * n, branch, budgets[n])
                     bar.update(f"adaptive {setting.label}")
-                found.setdefault(setting, Candidate(kind, n, k, setting))
+                if setting is not None:
+                    found.setdefault(setting, Candidate(kind, n, budgets[n], setting))
     return list(found.values())
+
+
+def candidate_setting(kind: str, interval: int, branch: int, evaluations: int,
+                      calibrated: dict[str, dict[int, Setting]]) -> Setting | None:
+    """The setting of a kind that needs no run of its own at interval N (budget K = ceil(n / N)); ``None`` for
+    ``adaptive`` (searched on the calibration prompts) and for ``linear`` beyond :data:`LINEAR_MAX_INTERVAL`.
+
+    >>> candidate_setting("linear", 3, 0, 25, {}).label, candidate_setting("linear", 4, 0, 25, {})
+    ('I=3, B=0, forecast=linear', None)
+    >>> candidate_setting("non-uniform", 5, 1, 25, {}).label
+    'I=5, B=1, non-uniform, center=8'
+    """
+    if kind == "uniform":
+        return Setting(interval, branch)
+    if kind == "linear":
+        return Setting(interval, branch, forecast="linear") if interval <= LINEAR_MAX_INTERVAL else None
+    if kind == "non-uniform":
+        center = min(evaluations - 1, round(NON_UNIFORM_CENTER * evaluations))
+        return Setting(interval, branch, "non-uniform", center=center)
+    if kind in CALIBRATED_KINDS:  # forecast: none where no forecast weight is nonzero (it would be reuse)
+        return calibrated[kind].get(full_step_budget(evaluations, interval))
+    return None
 
 
 def _adaptive(pipe: Any, config: TuneConfig, items: Sequence[PromptItem], cap: int, branch: int,
@@ -181,7 +196,7 @@ def tune(pipe: Any, config: TuneConfig, items: Sequence[PromptItem], calibration
         raise ValueError("calibration and evaluation prompts must differ.")
     first = calibration_items[0]
     evaluations = count_evaluations(pipe, first.prompt, int(first.seed), config.steps, config.guidance)  # type: ignore[arg-type]
-    per_branch = len(config.intervals) * ("adaptive" in config.kinds) + ("calibrated" in config.kinds)
+    per_branch = len(config.intervals) * ("adaptive" in config.kinds) + any(k in CALIBRATED_KINDS for k in config.kinds)
     batches = -(-len(items) // config.batch_size)
     bar = Progress(len(config.branches) * (per_branch + len(config.kinds) * len(config.intervals)) + 1, progress,
                    desc="deepcache tune", unit="run")
