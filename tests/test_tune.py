@@ -357,8 +357,11 @@ def test_a_bound_nothing_meets_is_a_clear_error(tmp_path: Path, capsys: pytest.C
             "--save", str(save), "--plot", str(tmp_path / "plot.png")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("deepcache tune: error: no candidate meets PSNR >= 200 dB")
-    assert re.search(r"the best PSNR reached is \d+\.\d\d dB \(uniform I=2, B=0\)", err)
+    # on a loaded machine the noise warning (a speedup above its FLOP bound) may come first; nothing else may
+    before, sep, error = err.partition("deepcache tune: error: ")
+    assert sep and all(line.startswith("deepcache tune: warning: ") for line in before.splitlines())
+    assert error.startswith("no candidate meets PSNR >= 200 dB")
+    assert re.search(r"the best PSNR reached is \d+\.\d\d dB \(uniform I=2, B=0\)", error)
     assert not save.exists() and (tmp_path / "plot.png").is_file()
 
 
