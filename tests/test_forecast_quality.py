@@ -7,8 +7,6 @@ calibration (both calibrated on the same 8 prompts). About 30-60 s on 2 shared C
 
 from __future__ import annotations
 
-from importlib.resources import files
-
 import numpy as np
 import pytest
 import torch
@@ -17,36 +15,20 @@ from DeepCache import DeepCacheSDHelper
 from DeepCache.tools.metrics import psnr
 from DeepCache.tools.prompts import embedded_prompts
 
-MODEL = files("DeepCache") / "assets" / "demo-model"
-STEPS, GUIDANCE, INTERVAL, MARGIN_DB = 25, 4.0, 3, 3.0
+from .embedded import GUIDANCE, STEPS, demo_pipeline, images, needs_model
 
-pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason="embedded demo model not built")
+INTERVAL, MARGIN_DB = 3, 3.0
 
+pytestmark = needs_model
 
-def _images(pipe, prompts, helper=None, params=None) -> np.ndarray:
-    if helper is not None:
-        helper.params = params
-        helper.enable()
-    try:
-        with torch.no_grad():
-            out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
-                       generator=[torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))])
-    finally:
-        if helper is not None:
-            helper.disable()
-    return np.asarray(out.images, dtype=np.float64)
 
 
 @pytest.mark.slow
 def test_calibrated_forecast_beats_calibrated_reuse_at_interval_3() -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL, local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = demo_pipeline()
     prompts = embedded_prompts(16, seed=0)
     calibration, held_out = prompts[:8], prompts[8:]
-    reference = _images(pipe, held_out)
+    reference = images(pipe, held_out)
     helper = DeepCacheSDHelper(pipe=pipe)
     budget = -(-STEPS // INTERVAL)
     results = {}
@@ -56,7 +38,7 @@ def test_calibrated_forecast_beats_calibrated_reuse_at_interval_3() -> None:
             output_type="latent", generator=[torch.Generator().manual_seed(i) for i in range(len(calibration))],
         )
         assert helper.params == params and len(params.full_steps) == budget and params.full_steps[0] == 0
-        results[forecast] = (params, float(np.mean(psnr(_images(pipe, held_out, helper, params), reference))))
+        results[forecast] = (params, float(np.mean(psnr(images(pipe, held_out, helper, params), reference))))
     (reuse, reuse_db), (forecast, forecast_db) = results[False], results[True]
     assert forecast.forecast == "linear" and len(forecast.forecast_weights) == STEPS
     assert all(forecast.forecast_weights[k] == 0.0 for k in forecast.full_steps)

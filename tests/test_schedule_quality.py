@@ -7,52 +7,33 @@ never used for calibration.
 
 from __future__ import annotations
 
-from importlib.resources import files
-
 import numpy as np
 import pytest
 import torch
 
 from DeepCache import CacheParams, DeepCacheSDHelper
-from DeepCache.tools.prompts import embedded_prompts
 from DeepCache.tools.metrics import psnr
+from DeepCache.tools.prompts import embedded_prompts
 
-MODEL = files("DeepCache") / "assets" / "demo-model"
-STEPS, GUIDANCE, MARGIN_DB = 25, 4.0, 0.5
+from .embedded import GUIDANCE, STEPS, demo_pipeline, images, needs_model
 
-pytestmark = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason="embedded demo model not built")
+MARGIN_DB = 0.5
+
+pytestmark = needs_model
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL, local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = demo_pipeline()
     prompts = embedded_prompts(10, seed=0)
     return pipe, prompts[:4], prompts[4:]
-
-
-def _images(pipe, prompts, helper=None, params=None) -> np.ndarray:
-    if helper is not None:
-        helper.params = params
-        helper.enable()
-    try:
-        with torch.no_grad():
-            out = pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
-                       generator=[torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))])
-    finally:
-        if helper is not None:
-            helper.disable()
-    return np.asarray(out.images, dtype=np.float64)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("interval", [3, 5])
 def test_calibrated_beats_uniform_at_the_same_number_of_full_steps(setup, interval: int) -> None:
     pipe, calibration, held_out = setup
-    reference = _images(pipe, held_out)
+    reference = images(pipe, held_out)
     helper = DeepCacheSDHelper(pipe=pipe)
     budget = -(-STEPS // interval)
     calibrated = helper.calibrate(
@@ -60,6 +41,6 @@ def test_calibrated_beats_uniform_at_the_same_number_of_full_steps(setup, interv
         generator=[torch.Generator().manual_seed(i) for i in range(len(calibration))],
     )
     assert len(calibrated.full_steps) == budget and calibrated.full_steps[0] == 0
-    uniform = float(np.mean(psnr(_images(pipe, held_out, helper, CacheParams(cache_interval=interval)), reference)))
-    tuned = float(np.mean(psnr(_images(pipe, held_out, helper, calibrated), reference)))
+    uniform = float(np.mean(psnr(images(pipe, held_out, helper, CacheParams(cache_interval=interval)), reference)))
+    tuned = float(np.mean(psnr(images(pipe, held_out, helper, calibrated), reference)))
     assert tuned >= uniform + MARGIN_DB, (interval, tuned, uniform, calibrated.full_steps)
