@@ -22,7 +22,6 @@ INTERVAL, MARGIN_DB = 3, 3.0
 pytestmark = needs_model
 
 
-
 @pytest.mark.slow
 def test_calibrated_forecast_beats_calibrated_reuse_at_interval_3() -> None:
     pipe = demo_pipeline()
