@@ -14,7 +14,8 @@ __version__ = "0.2.0"
 from .engine import NAN_PLACEHOLDERS_ENV, DeepCacheWarning  # noqa: E402
 from .helper import DeepCacheSDHelper  # noqa: E402
 from .layout import UNetLayout, branch_table, retrieval_plan  # noqa: E402
-from .schedule import CacheParams, non_uniform_full_steps, schedule_pattern  # noqa: E402
+from .params import CacheParams  # noqa: E402
+from .schedule import non_uniform_full_steps, schedule_pattern  # noqa: E402
 
 __all__ = [
     "DeepCacheSDHelper",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import engine
-from .schedule import CacheParams
+from .params import CacheParams
 
 
 @dataclass

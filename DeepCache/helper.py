@@ -1,4 +1,5 @@
-"""The drop-in helper: ``DeepCacheSDHelper(pipe=pipe)``, ``set_params(...)``, ``enable()``, ``disable()``.
+"""The drop-in helper: ``DeepCacheSDHelper(pipe=pipe)``, ``set_params(...)``, ``enable()``, ``disable()``
+(linking it to a pipeline: :mod:`DeepCache.attach`; its ``calibrate()``: :mod:`DeepCache.helper_calibrate`).
 
 Example (tiny random U-Net, runs offline)::
 
@@ -28,75 +29,15 @@ from typing import Any, Iterator, Sequence
 
 from torch import nn
 
-from . import engine
+from . import attach, engine
+from .helper_calibrate import CalibrateMixin
 from .layout import UNetLayout, retrieval_plan
-from .schedule import CacheParams, optimal_full_steps
+from .params import CacheParams
 
 __all__ = ["DeepCacheSDHelper"]
 
-# The helper enabled on a pipeline lives in the pipeline's own __dict__ under this name: a copy.copy view of
-# an enabled pipeline caches with the same helper, and dropping the pipeline drops the link.
-_HELPER_ATTR = "_deepcache_helper"
-# original pipeline class -> its subclass (same name) whose __call__ opens a generation
-_CALL_SUBCLASSES: dict[type, type] = {}
-_SUBCLASS_LOCK = threading.Lock()
 
-
-def _generation_subclass(cls: type) -> type:
-    """A subclass of ``cls`` (same name) whose ``__call__`` runs inside the enabled helper's generation."""
-    with _SUBCLASS_LOCK:
-        sub = _CALL_SUBCLASSES.get(cls)
-        if sub is not None:
-            return sub
-
-        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            helper = self.__dict__.get(_HELPER_ATTR)
-            if helper is None or not helper.enabled:
-                return super(sub, self).__call__(*args, **kwargs)
-            with helper._generation(self):
-                return super(sub, self).__call__(*args, **kwargs)
-
-        __call__.__doc__ = getattr(cls.__call__, "__doc__", None)
-        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__doc__": cls.__doc__})
-        sub.__qualname__ = cls.__qualname__
-        sub._deepcache_original_class = cls  # type: ignore[attr-defined]
-        _CALL_SUBCLASSES[cls] = sub
-        return sub
-
-
-def _resolve(target: Any) -> tuple[Any | None, nn.Module]:
-    """Split what the user passed into (pipeline or None, U-Net). Raises a clear error otherwise."""
-    if target is None:
-        raise ValueError("no pipeline given: use DeepCacheSDHelper(pipe=pipe), or enable(pipe=pipe).")
-    if isinstance(target, nn.Module):
-        unet = engine.unwrap_unet(target)
-        engine.check_supported_unet(unet)
-        return None, unet
-    unet = getattr(target, "unet", None)
-    if unet is None:
-        has = [name for name in ("transformer", "prior", "decoder") if getattr(target, name, None) is not None]
-        detail = f" (it has a `{has[0]}` instead)" if has else ""
-        raise TypeError(
-            f"{type(target).__name__} has no `unet`{detail}: DeepCache caches U-Net features and needs a diffusers "
-            f"pipeline with a U-Net, or the U-Net itself; supported U-Nets: {', '.join(engine.SUPPORTED_UNETS)}."
-        )
-    unet = engine.unwrap_unet(unet)
-    engine.check_supported_unet(unet)
-    if not callable(target):
-        raise TypeError(f"{type(target).__name__} is not callable; pass a diffusers pipeline or a U-Net.")
-    return target, unet
-
-
-def _pipeline_steps(pipeline: Any) -> int | None:
-    """U-Net evaluations of the running call, as far as the pipeline tells (for non-uniform schedules)."""
-    value = getattr(pipeline, "_num_timesteps", None)
-    if isinstance(value, int) and value > 0:
-        return value
-    timesteps = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
-    return len(timesteps) if timesteps is not None else None
-
-
-class DeepCacheSDHelper:
+class DeepCacheSDHelper(CalibrateMixin):
     """Cache a diffusers U-Net's deep features between denoising steps.
 
     Works on a diffusers pipeline whose ``unet`` is supported (``UNet2DConditionModel``: SD 1.x/2.x, SDXL
@@ -133,12 +74,12 @@ class DeepCacheSDHelper:
         self._lease: engine.Lease | None = None  # held while enabled
         self._pipeline: Any | None = None  # the pipeline we patched (None for a bare U-Net)
         self._unet: nn.Module | None = None  # the U-Net we patched
-        self._restore: tuple[bool, Any, type] | None = None  # the pipeline's link and class before enable()
+        self._restore: attach.Restore | None = None  # the pipeline's link and class before enable()
         self._bare_num_steps: int | None = None
         self._last_steps: tuple[bool, ...] = ()
         self._enabled_by_context: list[bool] = []
         if pipe is not None:
-            _resolve(pipe)  # fail early with a clear message
+            attach.resolve(pipe)  # fail early with a clear message
 
     # -- parameters ------------------------------------------------------------------------
     def set_params(
@@ -202,7 +143,7 @@ class DeepCacheSDHelper:
         with self._lock:
             target = self._unet if self._unet is not None else self.pipe
             if target is not None:
-                retrieval_plan(engine.unet_layout(_resolve(target)[1]), params.cache_branch_id)
+                retrieval_plan(engine.unet_layout(attach.resolve(target)[1]), params.cache_branch_id)
             self._params = params
             lease = self._lease
             if lease is not None and lease.bare is not None:  # a bare U-Net: the next evaluation starts afresh
@@ -219,72 +160,13 @@ class DeepCacheSDHelper:
             raise TypeError(f"params must be a CacheParams (e.g. CacheParams.from_json(text)), got {type(params).__name__}.")
         self._apply(params)
 
-    def calibrate(self, num_full_steps: int, *, max_gap: int | None = None, forecast: bool = False,
-                  **call_kwargs: Any) -> CacheParams:
-        """Pick the ``num_full_steps`` full steps that suit this pipeline and these calls best, and use them.
-
-        Runs the pipeline once, uncached, with ``call_kwargs`` (prompt(s), ``num_inference_steps``,
-        ``guidance_scale``, ``generator``...: the calls you will make; a list of prompts is a calibration set),
-        then measures, for every full step ``a`` and later step ``k`` (at most ``max_gap`` apart), how far the
-        latent of step ``k`` moves when it reuses the cached feature of step ``a`` of the current
-        ``cache_branch_id`` (replaying the recorded U-Net inputs: one full and the retrieval evaluations per
-        ``a``; about 2-4 pipeline calls' worth of U-Net work for branch 0 with every gap allowed). The full steps
-        (step 0 included) that minimise the total error are chosen by an exact dynamic programme
-        (:func:`~DeepCache.schedule.optimal_full_steps`). The enabled state is left as it was.
-
-        With ``forecast=True`` retrieval steps may forecast the feature (``forecast="linear"``) instead: the replay
-        also measures, for each pair of full steps ``a' < a`` (at most 4 apart), each step ``k`` at most ``max_gap``
-        (default 8) after ``a`` and each candidate weight, the same error for ``F_a + w*(k-a)*(F_a - F_a')/(a-a')``;
-        the full steps come from a DP over the last two full steps, with the best weight per evaluation (reuse,
-        weight 0, wins ties). A few such choices (caps on ``w*(k-a)/(a-a')``) and the calibrated reuse schedule then
-        run once each through the pipeline with the same noise, and the one whose final latents are closest to the
-        uncached ones is kept (see :mod:`DeepCache.forecast_calibration`; about 10 pipeline calls' worth of U-Net
-        work for 25 steps at branch 0). When reuse wins, the result is the calibrated reuse schedule.
-
-        Returns:
-            ``CacheParams(skip_mode="custom", full_steps=..., cache_branch_id=...)``, also set on the helper (with
-            ``forecast=True``: also ``forecast="linear"`` and ``forecast_weights``, one per evaluation, unless reuse
-            won). ``params.to_json()`` saves it; ``helper.params = CacheParams.from_json(text)`` loads it.
-
-        Example::
-
-            params = helper.calibrate(num_full_steps=9, prompt=calibration_prompts, num_inference_steps=25)
-        """
-        from . import calibration
-
-        pipeline, unet = _resolve(self.pipe)
-        if pipeline is None:
-            raise TypeError("calibrate() runs the pipeline: create the helper with a pipeline, not a bare U-Net.")
-        if not isinstance(forecast, bool):
-            raise ValueError(f"forecast must be True or False (calibrate a linear forecast, or reuse), got {forecast!r}.")
-        branch = self._params.cache_branch_id
-        with self._lock:
-            was_enabled = self.enabled
-            self.disable()
-            try:
-                if forecast:
-                    from .forecast_calibration import MAX_GAP, calibrate_forecast
-
-                    gap = MAX_GAP if max_gap is None else max_gap
-                    params, _ = calibrate_forecast(pipeline, unet, branch, num_full_steps, gap, **call_kwargs)
-                else:
-                    errors = calibration.measure_reuse_errors(pipeline, unet, branch, max_gap, **call_kwargs)
-                    params = CacheParams(
-                        skip_mode="custom", full_steps=optimal_full_steps(errors, num_full_steps), cache_branch_id=branch
-                    )
-            finally:
-                if was_enabled:
-                    self.enable()
-        self.params = params
-        return params
-
     def num_branches(self) -> int:
         """How many ``cache_branch_id`` values the helper's U-Net accepts."""
         return self.layout().num_branches
 
     def layout(self) -> UNetLayout:
         """The skip-connection layout of the helper's U-Net."""
-        _, unet = _resolve(self._unet if self._unet is not None else self.pipe)
+        _, unet = attach.resolve(self._unet if self._unet is not None else self.pipe)
         return engine.unet_layout(unet)
 
     # -- enable / disable ------------------------------------------------------------------
@@ -300,10 +182,10 @@ class DeepCacheSDHelper:
                 self.pipe = pipe
             if self._lease is not None:
                 return
-            pipeline, unet = _resolve(self.pipe)
+            pipeline, unet = attach.resolve(self.pipe)
             retrieval_plan(engine.unet_layout(unet), self._params.cache_branch_id)
             if pipeline is not None:
-                other = pipeline.__dict__.get(_HELPER_ATTR)
+                other = attach.linked_helper(pipeline)
                 # a copy.copy view carries the helper of the pipeline it copies: its own helper may take over
                 if other is not None and other is not self and other.enabled and other._pipeline is pipeline:
                     raise RuntimeError(
@@ -314,10 +196,7 @@ class DeepCacheSDHelper:
             if pipeline is not None:
                 for controlnet in engine.controlnets_of(pipeline):
                     engine.acquire_controlnet(lease, controlnet)
-                self._restore = (_HELPER_ATTR in pipeline.__dict__, pipeline.__dict__.get(_HELPER_ATTR), type(pipeline))
-                pipeline.__dict__[_HELPER_ATTR] = self
-                if not hasattr(type(pipeline), "_deepcache_original_class"):
-                    pipeline.__class__ = _generation_subclass(type(pipeline))
+                self._restore = attach.link(pipeline, self)
             else:
                 lease.bare = self._bare_generation(lease.unet_patch)
             self._lease, self._pipeline, self._unet = lease, pipeline, unet
@@ -331,14 +210,7 @@ class DeepCacheSDHelper:
             if lease.bare is not None:
                 self._last_steps = tuple(lease.bare.steps)
             if pipeline is not None and self._restore is not None:
-                had_link, link, cls = self._restore
-                if pipeline.__dict__.get(_HELPER_ATTR) is self:
-                    if had_link:
-                        pipeline.__dict__[_HELPER_ATTR] = link
-                    else:
-                        del pipeline.__dict__[_HELPER_ATTR]
-                if type(pipeline) is not cls and type(pipeline) is _CALL_SUBCLASSES.get(cls):
-                    pipeline.__class__ = cls
+                attach.unlink(pipeline, self, self._restore)
             lease.release()
             self._lease = self._pipeline = self._unet = self._restore = None
 
@@ -425,7 +297,7 @@ class DeepCacheSDHelper:
         if lease is None:
             yield None
             return
-        gen = lease.unet_patch.new_generation(params, lambda: _pipeline_steps(pipeline))
+        gen = lease.unet_patch.new_generation(params, lambda: attach.pipeline_steps(pipeline))
         try:
             with engine.running(gen):
                 yield gen

@@ -30,7 +30,8 @@ from typing import Any, Callable
 import torch
 
 from ..layout import Action
-from ..schedule import CacheParams, adaptive_is_full_step, is_full_step
+from ..params import CacheParams
+from ..schedule import adaptive_is_full_step, is_full_step
 from .tensors import Spec, clone, nbytes, versions
 
 

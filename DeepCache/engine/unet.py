@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..layout import Action, ModuleKey, retrieval_action, retrieval_plan
-from ..schedule import CacheParams
+from ..params import CacheParams
 from .discovery import unet_layout, unet_modules, unwrap_unet
 from .lifecycle import DeepCacheWarning, EvaluationGuard, Lease, caller_self, current_lease_generation, generations, locked
 from .forecast_feature import ForecastFeature

@@ -44,7 +44,7 @@ from .image_store import ImageStore, read_records
 from .pipelines import call_batch, default_batch_size, resolve_dtype
 from .prompts import PROMPT_FILE_FORMATS, PromptItem, read_prompt_file, seeded_items
 from .runs import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from ..schedule import CacheParams
+from ..params import CacheParams
 from .settings import Setting, applied
 
 __all__ = ["DEFAULT_SETTING", "STOP_AFTER_VARIABLE", "check_finished", "generate_items", "pending_batches",

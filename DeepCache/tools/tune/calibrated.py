@@ -28,7 +28,8 @@ import torch
 
 from ... import calibration
 from ... import forecast_calibration as fc
-from ...schedule import CacheParams, optimal_full_steps
+from ...params import CacheParams
+from ...schedule import optimal_full_steps
 from ..settings import Setting
 
 __all__ = ["CALIBRATED_KINDS", "FORECAST_MAX_GAP", "FORECAST_MAX_SPAN", "LINEAR_MAX_INTERVAL", "calibrate_branch",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ...schedule import CacheParams
+from ...params import CacheParams
 from ..cli_common import Progress
 from ..flops import FlopCache, ideal_speedup_pattern, unet_batch
 from ..pipelines import pipeline_device, run_meta

@@ -1,0 +1,87 @@
+"""``helper.calibrate``: choose the full steps (with ``forecast=True``, also a forecast weight per step) on the
+user's own pipeline and calls, and set them on the helper.
+
+:class:`CalibrateMixin` gives :class:`~DeepCache.helper.DeepCacheSDHelper` its :meth:`~CalibrateMixin.calibrate`.
+The measuring lives elsewhere: the reuse errors in :mod:`DeepCache.calibration` (then the exact dynamic programme
+:func:`~DeepCache.schedule.optimal_full_steps`), the forecast replay and its closed-loop choice in
+:mod:`DeepCache.forecast_calibration`. This module runs one or the other with the helper disabled (and enabled
+again if it was), and sets the result.
+
+Example::
+
+    params = helper.calibrate(num_full_steps=9, prompt=calibration_prompts, num_inference_steps=25)
+    open("schedule.json", "w").write(params.to_json())   # later: helper.params = CacheParams.from_json(text)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .attach import resolve
+from .params import CacheParams
+from .schedule import optimal_full_steps
+
+
+class CalibrateMixin:
+    """The calibration of :class:`~DeepCache.helper.DeepCacheSDHelper`, which provides what it uses: ``pipe``,
+    ``params``, ``_params``, ``_lock``, ``enabled``, ``enable()`` and ``disable()``."""
+
+    def calibrate(self, num_full_steps: int, *, max_gap: int | None = None, forecast: bool = False,
+                  **call_kwargs: Any) -> CacheParams:
+        """Pick the ``num_full_steps`` full steps that suit this pipeline and these calls best, and use them.
+
+        Runs the pipeline once, uncached, with ``call_kwargs`` (prompt(s), ``num_inference_steps``,
+        ``guidance_scale``, ``generator``...: the calls you will make; a list of prompts is a calibration set),
+        then measures, for every full step ``a`` and later step ``k`` (at most ``max_gap`` apart), how far the
+        latent of step ``k`` moves when it reuses the cached feature of step ``a`` of the current
+        ``cache_branch_id`` (replaying the recorded U-Net inputs: one full and the retrieval evaluations per
+        ``a``; about 2-4 pipeline calls' worth of U-Net work for branch 0 with every gap allowed). The full steps
+        (step 0 included) that minimise the total error are chosen by an exact dynamic programme
+        (:func:`~DeepCache.schedule.optimal_full_steps`). The enabled state is left as it was.
+
+        With ``forecast=True`` retrieval steps may forecast the feature (``forecast="linear"``) instead: the replay
+        also measures, for each pair of full steps ``a' < a`` (at most 4 apart), each step ``k`` at most ``max_gap``
+        (default 8) after ``a`` and each candidate weight, the same error for ``F_a + w*(k-a)*(F_a - F_a')/(a-a')``;
+        the full steps come from a DP over the last two full steps, with the best weight per evaluation (reuse,
+        weight 0, wins ties). A few such choices (caps on ``w*(k-a)/(a-a')``) and the calibrated reuse schedule then
+        run once each through the pipeline with the same noise, and the one whose final latents are closest to the
+        uncached ones is kept (see :mod:`DeepCache.forecast_calibration`; about 10 pipeline calls' worth of U-Net
+        work for 25 steps at branch 0). When reuse wins, the result is the calibrated reuse schedule.
+
+        Returns:
+            ``CacheParams(skip_mode="custom", full_steps=..., cache_branch_id=...)``, also set on the helper (with
+            ``forecast=True``: also ``forecast="linear"`` and ``forecast_weights``, one per evaluation, unless reuse
+            won). ``params.to_json()`` saves it; ``helper.params = CacheParams.from_json(text)`` loads it.
+
+        Example::
+
+            params = helper.calibrate(num_full_steps=9, prompt=calibration_prompts, num_inference_steps=25)
+        """
+        from . import calibration
+
+        pipeline, unet = resolve(self.pipe)
+        if pipeline is None:
+            raise TypeError("calibrate() runs the pipeline: create the helper with a pipeline, not a bare U-Net.")
+        if not isinstance(forecast, bool):
+            raise ValueError(f"forecast must be True or False (calibrate a linear forecast, or reuse), got {forecast!r}.")
+        branch = self._params.cache_branch_id
+        with self._lock:
+            was_enabled = self.enabled
+            self.disable()
+            try:
+                if forecast:
+                    from .forecast_calibration import MAX_GAP, calibrate_forecast
+
+                    gap = MAX_GAP if max_gap is None else max_gap
+                    params, _ = calibrate_forecast(pipeline, unet, branch, num_full_steps, max_gap=gap,
+                                                   **call_kwargs)
+                else:
+                    errors = calibration.measure_reuse_errors(pipeline, unet, branch, max_gap, **call_kwargs)
+                    params = CacheParams(
+                        skip_mode="custom", full_steps=optimal_full_steps(errors, num_full_steps), cache_branch_id=branch
+                    )
+            finally:
+                if was_enabled:
+                    self.enable()
+        self.params = params
+        return params
