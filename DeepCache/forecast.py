@@ -82,8 +82,8 @@ def fit_weights(reuse: Sequence[Sequence[float]], errors: np.ndarray,
     w = np.asarray(candidates, dtype=np.float64)
     if e.shape != (n, n, n, len(w)) or len(w) == 0:
         raise ValueError(f"errors must have shape (n, n, n, candidates) = {(n, n, n, len(w))}, got {e.shape}.")
-    if np.isnan(e).any() or (e < 0).any() or not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError("forecast errors must be >= 0 (inf where not measured) and candidate weights finite and >= 0.")
+    if np.isnan(e).any() or (e < 0).any() or not np.isfinite(w).all():
+        raise ValueError("forecast errors must be >= 0 (inf where not measured) and candidate weights finite.")
     j = e.argmin(axis=3)
     best = np.take_along_axis(e, j[..., None], axis=3)[..., 0]
     reuse_cost = np.broadcast_to(r[None, :, :], best.shape)

@@ -36,8 +36,8 @@ def _is_int(value: object) -> bool:
 
 
 def _is_weight(value: object) -> bool:
-    """A finite real number >= 0 (not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    """A finite real number (not a bool); a negative weight forecasts back along the line."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,8 @@ class CacheParams:
             extrapolates from the generation's last two full steps ``a' < a``:
             ``F_a + w*(k-a)*(F_a - F_a')/(a - a')`` at step ``k``; reuse until there are two full steps).
             See :mod:`DeepCache.forecast`.
-        forecast_weight: linear only; the weight ``w`` (finite, >= 0; 0 = reuse, 1 = the straight line).
+        forecast_weight: linear only; the weight ``w`` (finite; 0 = reuse, 1 = the straight line, < 0 = back along
+            it, for features that turn back over long gaps).
         forecast_weights: linear only; ``w`` per U-Net evaluation (index = step), e.g. from
             ``helper.calibrate(K, forecast=True)``; evaluations past its end use ``forecast_weight``.
     """
@@ -130,17 +131,17 @@ class CacheParams:
             raise ValueError(f"forecast must be None (reuse the cached feature) or \"linear\", got {self.forecast!r}.")
         w = self.forecast_weight
         if not _is_weight(w):
-            raise ValueError(f"forecast_weight must be a finite number >= 0 (0 = reuse, 1 = linear), got {w!r}.")
+            raise ValueError(f"forecast_weight must be a finite number (0 = reuse, 1 = linear), got {w!r}.")
         object.__setattr__(self, "forecast_weight", float(w))
         if self.forecast_weights is not None:
             weights = self.forecast_weights
             if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
-                raise ValueError(f"forecast_weights must be a sequence of numbers >= 0 (one per step), got {weights!r}.")
+                raise ValueError(f"forecast_weights must be a sequence of finite numbers (one per step), got {weights!r}.")
             weights = tuple(weights)
             bad = [x for x in weights if not _is_weight(x)]
             if not weights or bad:
                 raise ValueError(
-                    f"forecast_weights must be a non-empty sequence of finite numbers >= 0 (one per U-Net evaluation), "
+                    f"forecast_weights must be a non-empty sequence of finite numbers (one per U-Net evaluation), "
                     f"got {list(weights)!r}."
                 )
             object.__setattr__(self, "forecast_weights", tuple(float(x) for x in weights))

@@ -107,3 +107,72 @@ def test_calibrate_rejects_bad_values() -> None:
         helper.calibrate(8, forecast=True, **_call())
     with pytest.raises(ValueError, match=r"integer in \[1, 7\]"):
         helper.calibrate(0, forecast=True, **_call())
+
+
+# -- the closed-loop refinement (pure: a score function stands in for the pipeline) ----------------------------
+
+
+def _schedule(full_steps: tuple[int, ...], n: int) -> CacheParams:
+    return fc.as_forecast(CacheParams(skip_mode="custom", full_steps=full_steps), n)
+
+
+def test_as_forecast_is_the_same_run_with_a_weight_per_evaluation() -> None:
+    reuse = CacheParams(skip_mode="custom", full_steps=(0, 3), cache_branch_id=2)
+    got = fc.as_forecast(reuse, 6)
+    assert (got.forecast, got.forecast_weights, got.full_steps, got.cache_branch_id) == ("linear", (0.0,) * 6, (0, 3), 2)
+    short = CacheParams(skip_mode="custom", full_steps=(0, 1), forecast="linear", forecast_weights=(0, 0, 0.5),
+                        forecast_weight=-0.25)
+    assert fc.as_forecast(short, 5).forecast_weights == (0.0, 0.0, 0.5, -0.25, -0.25)
+
+
+@pytest.mark.parametrize("min_length", range(0, 8))
+def test_segments_are_the_long_runs_after_the_second_full_step_on(min_length: int) -> None:
+    # retrieval runs: 1-2 (one full step: no line yet), 4-8, none between 9 and 10, 11-14
+    runs = [range(4, 9), range(11, 15)]
+    assert fc.segments(_schedule((0, 3, 9, 10), 15), min_length) == [r for r in runs if len(r) >= max(1, min_length)]
+    assert fc.segments(_schedule((0,), 15), min_length) == []
+
+
+@pytest.mark.parametrize("sweeps", range(0, 4))
+def test_refine_is_coordinate_descent_over_the_segment_weights(sweeps: int) -> None:
+    targets = {4: -0.3, 11: 0.2}  # a separable score: each segment has one best weight
+    calls = []
+
+    def score(p: CacheParams) -> float:
+        calls.append(p)
+        return sum((p.forecast_weights[lo] - w) ** 2 for lo, w in targets.items())
+
+    start = _schedule((0, 3, 9, 10), 15)
+    got, got_score, trials = fc.refine(score, start, score(start), sweeps=sweeps)
+    calls.pop(0)
+    grid = fc.SEGMENT_WEIGHTS
+    assert trials == len(calls) == sweeps * 2 * (len(grid) - 1)  # the current weight is never rerun
+    expected = list(start.forecast_weights)
+    if sweeps:
+        expected[4:9], expected[11:15] = [-0.3] * 5, [0.2] * 4
+    assert got.forecast_weights == tuple(expected) and got_score == pytest.approx(score(got))
+    assert (got.full_steps, got.forecast, got.cache_branch_id) == (start.full_steps, "linear", start.cache_branch_id)
+
+
+@pytest.mark.parametrize("gain", [0.0, fc.REFINE_MARGIN / 2, fc.REFINE_MARGIN * 2])
+def test_refine_keeps_a_change_only_if_it_gains_the_margin(gain: float) -> None:
+    start = _schedule((0, 2, 8), 9)  # one segment long enough: 3-7
+
+    def score(p: CacheParams) -> float:  # -0.1 is better by `gain`, everything else equal
+        return 1.0 - gain * (p.forecast_weights[3] == -0.1)
+
+    got, got_score, _ = fc.refine(score, start, 1.0)
+    moved = gain > fc.REFINE_MARGIN
+    assert got.forecast_weights[3:8] == ((-0.1,) * 5 if moved else (0.0,) * 5)
+    assert got_score == (1.0 - gain if moved else 1.0)
+
+
+def test_choose_is_never_worse_in_closed_loop_than_its_best_candidate() -> None:
+    pipe = tiny_sd_pipe()
+    call = _call()
+    with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
+        measured = fc.forecast_errors(pipe.unet, rec, 0, max_gap=3, max_span=2)
+        chosen, candidates, scores = fc.choose(pipe, pipe.unet, measured, 2, final, rewind, call)
+        again = fc.closed_loop_errors(pipe, pipe.unet, [chosen], final, rewind, call)[0]
+    assert again <= min(scores) + 1e-6
+    assert chosen == candidates[0] or (chosen.forecast == "linear" and any(chosen.forecast_weights))

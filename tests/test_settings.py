@@ -67,10 +67,10 @@ def test_parse_and_label(text: str, expected: Setting, label: str) -> None:
         ("3,0,non-uniform,pow=1", "pow must be a finite number > 1"),
         ("3,0,forecast=quadratic", 'forecast must be None \\(reuse the cached feature\\) or "linear"'),
         ("3,0,forecast_weight=0.5", 'forecast_weight and forecast_weights are only used with forecast="linear"'),
-        ("3,0,forecast=linear,forecast_weight=-1", "forecast_weight must be a finite number >= 0"),
-        ("3,0,forecast=linear,forecast_weights=0/x", "forecast_weights must be a sequence of numbers >= 0"),
-        ("3,0,forecast=linear,forecast_weights=0x0.5", "forecast_weights must be a sequence of numbers >= 0"),
-        ("3,0,forecast=linear,forecast_weights=2x", "forecast_weights must be a sequence of numbers >= 0"),
+        ("3,0,forecast=linear,forecast_weight=nan", "forecast_weight must be a finite number"),
+        ("3,0,forecast=linear,forecast_weights=0/x", "forecast_weights must be a sequence of finite numbers"),
+        ("3,0,forecast=linear,forecast_weights=0x0.5", "forecast_weights must be a sequence of finite numbers"),
+        ("3,0,forecast=linear,forecast_weights=2x", "forecast_weights must be a sequence of finite numbers"),
     ],
 )
 def test_parse_errors_say_what_is_wrong(text: str, message: str) -> None:

@@ -6,6 +6,9 @@ uniform reuse (interval N), calibrated reuse (``helper.calibrate(K)``) and calib
 once, solved for every K, as ``deepcache tune`` does). Also the cost of each calibration stage. Offline, CPU:
 
     python tools/forecast_evidence.py --branch 0 --out docs/forecast-b0.json --markdown /tmp/forecast-b0.md
+
+With ``--replay-cache FILE`` the replay's measurements are kept in (or loaded from) FILE, so a rerun after a change
+to the choice costs only the closed-loop runs and the held-out images.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -41,6 +45,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--replay-cache", type=Path,
+                        help="pickle of the replay's measurements: loaded if it exists (same prompts, branch and bounds), "
+                             "else written")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -57,28 +64,41 @@ def main(argv=None) -> int:
     with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
         costs["record_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        measured = fc.forecast_errors(pipe.unet, rec, args.branch, max_gap=args.max_gap, max_span=args.max_span)
+        if args.replay_cache and args.replay_cache.exists():
+            measured = pickle.loads(args.replay_cache.read_bytes())
+        else:
+            measured = fc.forecast_errors(pipe.unet, rec, args.branch, max_gap=args.max_gap, max_span=args.max_span)
+            if args.replay_cache:
+                args.replay_cache.write_bytes(pickle.dumps(measured))
         costs["replay_s"], costs["replay_evaluations"] = time.perf_counter() - t, measured.evaluations
         print(json.dumps(costs), flush=True)
+        scored: dict = {}  # (K, schedule) -> the row's measurements: budgets shared by two N are run once
         for n in (int(x) for x in args.intervals.split(",")):
             k = math.ceil(STEPS / n)
-            t = time.perf_counter()
-            chosen, candidates, scores = fc.choose(pipe, pipe.unet, measured, k, final, rewind, call)
-            choose_s = time.perf_counter() - t
+            if (k, "calibrated forecast") not in scored:
+                t = time.perf_counter()
+                chosen, candidates, scores = fc.choose(pipe, pipe.unet, measured, k, final, rewind, call)
+                scored[k, "choice"] = dict(closed_loop_scores=scores, chosen=candidates.index(chosen)
+                                           if chosen in candidates else "refined", choose_s=time.perf_counter() - t)
             schedules = {
                 "uniform": CacheParams(cache_interval=n, cache_branch_id=args.branch),
-                "calibrated reuse": candidates[0],
-                "calibrated forecast": chosen,
+                "calibrated reuse": None,
+                "calibrated forecast": None,
             }
-            for name, params in schedules.items():
-                got, fulls = images(pipe, held, held_seeds, helper, params)
-                row = {
-                    "N": n, "K": k, "schedule": name, "full_steps_mean": float(np.mean(fulls)),
-                    "psnr": float(np.mean(psnr(got, reference))), "ssim": float(np.mean(ssim(got, reference))),
-                    "params": json.loads(params.to_json()),
-                }
+            for name in schedules:
+                if (k, name) not in scored:
+                    params = schedules[name] or {"calibrated reuse": candidates[0], "calibrated forecast": chosen}[name]
+                    got, fulls = images(pipe, held, held_seeds, helper, params)
+                    result = {"full_steps_mean": float(np.mean(fulls)), "psnr": float(np.mean(psnr(got, reference))),
+                              "ssim": float(np.mean(ssim(got, reference))), "params": json.loads(params.to_json())}
+                    if name == "uniform":
+                        rows.append({"N": n, "K": k, "schedule": name, **result})
+                        print(json.dumps({key: v for key, v in rows[-1].items() if key != "params"}), flush=True)
+                        continue
+                    scored[k, name] = result
+                row = {"N": n, "K": k, "schedule": name, **scored[k, name]}
                 if name == "calibrated forecast":
-                    row.update(closed_loop_scores=scores, chosen=candidates.index(chosen), choose_s=choose_s)
+                    row.update(scored[k, "choice"])
                 rows.append(row)
                 print(json.dumps({key: v for key, v in row.items() if key != "params"}), flush=True)
     result = {"steps": STEPS, "guidance": GUIDANCE, "branch": args.branch, "max_gap": args.max_gap,

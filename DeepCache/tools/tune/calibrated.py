@@ -11,9 +11,11 @@ every budget K:
   pipeline on the calibration prompts (the same noise) and the one closest to the uncached final latents kept:
   the closed-loop choice of ``helper.calibrate(K, forecast=True)`` (:func:`DeepCache.forecast_calibration.choose`:
   each cap's forecast steps and the calibrated reuse steps with weights fitted for them), less its reuse option
-  (calibrated reuse is a candidate of its own, judged on the evaluation prompts). No candidate for a K where no
-  forecast has a nonzero weight. It costs up to 6 pipeline calls on the calibration prompts per K, little beside
-  the replay (about ten calls' worth of U-Net evaluations).
+  (calibrated reuse is a candidate of its own, judged on the evaluation prompts), then refined in closed loop like
+  the calibration's (:func:`DeepCache.forecast_calibration.refine`: one weight per segment of at least
+  ``REFINE_MIN_LENGTH`` retrieval steps). No candidate for a K where no forecast weight is left nonzero. It costs
+  up to 6 pipeline calls on the calibration prompts per K, plus up to 14 per long segment (budgets with gaps of
+  4 or more steps: at 25 steps, K <= 6).
 
 Both kinds share one recording; ``calibrated`` alone measures exactly as before (the same recording and errors).
 """
@@ -58,10 +60,16 @@ def _forecast_choice(pipe: Any, measured: fc.ForecastErrors, budget: int, refere
     """The calibrated forecast with ``budget`` full steps whose closed-loop latents are closest (first on ties);
     ``None`` when no forecast has a nonzero weight (it would be reuse)."""
     options = [p for p in fc.candidate_params(measured, budget) if p.forecast is not None]
-    if len(options) <= 1:
-        return options[0] if options else None
+    if not options:
+        return None
     scores = fc.closed_loop_errors(pipe, pipe.unet, options, reference, rewind, call)
-    return options[min(range(len(options)), key=lambda i: (scores[i], i))]
+    best = min(range(len(options)), key=lambda i: (scores[i], i))
+
+    def score(params: CacheParams) -> float:
+        return fc.closed_loop_errors(pipe, pipe.unet, [params], reference, rewind, call)[0]
+
+    refined, _, _ = fc.refine(score, fc.as_forecast(options[best], measured.num_steps), scores[best])
+    return refined if any(refined.forecast_weights) else None
 
 
 def calibrate_branch(pipe: Any, branch: int, budgets: Sequence[int], kinds: Sequence[str], call: dict[str, Any],
