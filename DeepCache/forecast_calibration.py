@@ -17,18 +17,18 @@ steps and a weight per U-Net evaluation, and check the choice in closed loop.
    the pipeline (closed loop, the same noise), keeping the one whose final latents are closest to the uncached
    ones. Reuse wins ties; when it wins, the result is the calibrated reuse schedule (``forecast=None``).
 4. Over long gaps the replay cannot see what a weight does to the *next* full steps (measured on the demo model at
-   4 full steps in 25: no forecast candidate beat reuse in closed loop, yet stepping *back* along the line after
-   a long gap, a negative weight, damps the error that the next full steps inherit). So :func:`refine` goes on
-   from the winner in closed loop: one weight per segment of at least ``REFINE_MIN_LENGTH`` retrieval steps,
+   5 full steps in 25: no forecast candidate beat reuse in closed loop, yet stepping *back* along the line after
+   a long gap, a negative weight, damps the error that the next full steps inherit). So :func:`~DeepCache.forecast_refine.refine`
+   goes on from the winner in closed loop: one weight per segment of at least ``REFINE_MIN_LENGTH`` retrieval steps,
    coordinate descent over ``SEGMENT_WEIGHTS``, ``REFINE_SWEEPS`` passes, a change kept only if it lowers the latent
    error by ``REFINE_MARGIN``. Cost: at most ``sweeps * segments * (len(grid) - 1)`` more pipeline runs (5 full
-   steps of 25: 56; segments of 2-3 steps, as at 7 or more full steps of 25, are not refined).
+   steps of 25: 42; segments of 2-4 steps, as at 7 or more full steps of 25, are not refined: refining the one
+   4-step segment at 7 full steps fitted the 8 calibration prompts and lost 0.9 dB on held-out ones).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -42,6 +42,7 @@ from torch.utils import _pytree as pytree
 from . import engine
 from .calibration import Recording, _generators, _prev_sample, _sample, recording
 from .forecast import CANDIDATE_WEIGHTS, fit_weights, optimal_forecast_full_steps, step_weights
+from .forecast_refine import as_forecast, refine
 from .params import CacheParams
 from .schedule import optimal_full_steps
 
@@ -50,11 +51,6 @@ from .schedule import optimal_full_steps
 MAX_GAP, MAX_SPAN = 8, 4
 #: Caps on the forecast coefficient w*(k-a)/(a-a') tried in closed loop (None: no cap).
 COEFFICIENT_CAPS: tuple[float | None, ...] = (0.25, 0.5, None)
-#: The closed-loop refinement (step 4): the weights tried per segment (negative: back along the line), the sweeps
-#: over the segments, the shortest segment refined (in retrieval steps; shorter ones the replay judges well) and
-#: the least improvement of the latent error (log10 MSE) that counts.
-SEGMENT_WEIGHTS = (-0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3)
-REFINE_SWEEPS, REFINE_MIN_LENGTH, REFINE_MARGIN = 2, 4, 1e-3
 
 
 @dataclass
@@ -271,58 +267,6 @@ def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: i
     if not any(refined.forecast_weights):
         return candidates[0], candidates, scores
     return refined, candidates, scores
-
-
-def as_forecast(params: CacheParams, num_steps: int) -> CacheParams:
-    """``params`` as a linear forecast with a weight for each of ``num_steps`` evaluations (all 0 for a reuse
-    schedule: the same run)."""
-    weights = tuple(params.weight_at(k) for k in range(num_steps))
-    return dataclasses.replace(params, forecast="linear", forecast_weight=0.0, forecast_weights=weights)
-
-
-def segments(params: CacheParams, min_length: int = REFINE_MIN_LENGTH) -> list[range]:
-    """The runs of retrieval steps after each full step but the first (which has no line yet) with at least
-    ``min_length`` steps, within ``params.forecast_weights``.
-
-    >>> segments(CacheParams(skip_mode="custom", full_steps=(0, 3, 9), forecast="linear", forecast_weights=(0,) * 14))
-    [range(4, 9), range(10, 14)]
-    """
-    n = len(params.forecast_weights or ())
-    steps = sorted(params.full_steps or ())
-    bounds = [(a + 1, steps[i + 1] if i + 1 < len(steps) else n) for i, a in enumerate(steps) if i > 0]
-    return [range(lo, hi) for lo, hi in bounds if hi - lo >= max(1, min_length)]
-
-
-def refine(score: Callable[[CacheParams], float], params: CacheParams, start: float,
-           grid: Sequence[float] = SEGMENT_WEIGHTS, sweeps: int = REFINE_SWEEPS,
-           min_length: int = REFINE_MIN_LENGTH) -> tuple[CacheParams, float, int]:
-    """Coordinate descent over one weight per long segment (:func:`segments`), judged by ``score`` (closed loop:
-    lower is better; ``start`` is the score of ``params``): each sweep tries every weight of ``grid`` on each
-    segment in turn (the others as they stand), keeping the best that lowers the score by ``REFINE_MARGIN``.
-    Returns the result, its score and the number of trials (``score`` calls).
-
-    >>> target = {4: -0.2, 10: 0.3}  # the best weight of each segment, by its first step
-    >>> loss = lambda p: sum((p.forecast_weights[lo] - w) ** 2 for lo, w in target.items())
-    >>> p = as_forecast(CacheParams(skip_mode="custom", full_steps=(0, 3, 9)), 14)
-    >>> got, _, _ = refine(loss, p, loss(p))
-    >>> got.forecast_weights[4:9], got.forecast_weights[10:]
-    ((-0.2, -0.2, -0.2, -0.2, -0.2), (0.3, 0.3, 0.3, 0.3))
-    """
-    best, best_score, trials = params, start, 0
-    for _ in range(max(0, sweeps)):
-        for seg in segments(best, min_length):
-            before = best
-            for w in grid:
-                weights = list(before.forecast_weights)
-                weights[seg.start : seg.stop] = [float(w)] * len(seg)
-                trial = dataclasses.replace(before, forecast_weights=tuple(weights))
-                if trial == before:  # the segment's weight on entering its turn: its score is known
-                    continue
-                got = score(trial)
-                trials += 1
-                if got < best_score - REFINE_MARGIN:
-                    best, best_score = trial, got
-    return best, best_score, trials
 
 
 @contextlib.contextmanager

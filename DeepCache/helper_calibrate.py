@@ -45,7 +45,7 @@ class CalibrateMixin:
         the full steps come from a DP over the last two full steps, with the best weight per evaluation (reuse,
         weight 0, wins ties). A few such choices (caps on ``w*(k-a)/(a-a')``) and the calibrated reuse schedule then
         run once each through the pipeline with the same noise, and the one whose final latents are closest to the
-        uncached ones is kept, then refined in closed loop: one weight per segment of at least 4 retrieval steps,
+        uncached ones is kept, then refined in closed loop: one weight per segment of at least 5 retrieval steps,
         possibly negative (see :mod:`DeepCache.forecast_calibration`; about 10 pipeline calls' worth of U-Net work
         for 25 steps at branch 0, plus up to 14 cached pipeline runs per long segment). When reuse wins, the
         result is the calibrated reuse schedule.

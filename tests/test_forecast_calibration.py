@@ -11,6 +11,7 @@ import torch
 
 from DeepCache import DeepCacheSDHelper
 from DeepCache import forecast_calibration as fc
+from DeepCache import forecast_refine as fr
 from DeepCache.calibration import _sample, recording, reuse_errors
 from DeepCache.engine import boundary_module, relative_l1
 from DeepCache.schedule import CacheParams
@@ -113,24 +114,24 @@ def test_calibrate_rejects_bad_values() -> None:
 
 
 def _schedule(full_steps: tuple[int, ...], n: int) -> CacheParams:
-    return fc.as_forecast(CacheParams(skip_mode="custom", full_steps=full_steps), n)
+    return fr.as_forecast(CacheParams(skip_mode="custom", full_steps=full_steps), n)
 
 
 def test_as_forecast_is_the_same_run_with_a_weight_per_evaluation() -> None:
     reuse = CacheParams(skip_mode="custom", full_steps=(0, 3), cache_branch_id=2)
-    got = fc.as_forecast(reuse, 6)
+    got = fr.as_forecast(reuse, 6)
     assert (got.forecast, got.forecast_weights, got.full_steps, got.cache_branch_id) == ("linear", (0.0,) * 6, (0, 3), 2)
     short = CacheParams(skip_mode="custom", full_steps=(0, 1), forecast="linear", forecast_weights=(0, 0, 0.5),
                         forecast_weight=-0.25)
-    assert fc.as_forecast(short, 5).forecast_weights == (0.0, 0.0, 0.5, -0.25, -0.25)
+    assert fr.as_forecast(short, 5).forecast_weights == (0.0, 0.0, 0.5, -0.25, -0.25)
 
 
 @pytest.mark.parametrize("min_length", range(0, 8))
 def test_segments_are_the_long_runs_after_the_second_full_step_on(min_length: int) -> None:
     # retrieval runs: 1-2 (one full step: no line yet), 4-8, none between 9 and 10, 11-14
     runs = [range(4, 9), range(11, 15)]
-    assert fc.segments(_schedule((0, 3, 9, 10), 15), min_length) == [r for r in runs if len(r) >= max(1, min_length)]
-    assert fc.segments(_schedule((0,), 15), min_length) == []
+    assert fr.segments(_schedule((0, 3, 9, 10), 15), min_length) == [r for r in runs if len(r) >= max(1, min_length)]
+    assert fr.segments(_schedule((0,), 15), min_length) == []
 
 
 @pytest.mark.parametrize("sweeps", range(0, 4))
@@ -143,9 +144,9 @@ def test_refine_is_coordinate_descent_over_the_segment_weights(sweeps: int) -> N
         return sum((p.forecast_weights[lo] - w) ** 2 for lo, w in targets.items())
 
     start = _schedule((0, 3, 9, 10), 15)
-    got, got_score, trials = fc.refine(score, start, score(start), sweeps=sweeps)
+    got, got_score, trials = fr.refine(score, start, score(start), sweeps=sweeps, min_length=4)
     calls.pop(0)
-    grid = fc.SEGMENT_WEIGHTS
+    grid = fr.SEGMENT_WEIGHTS
     assert trials == len(calls) == sweeps * 2 * (len(grid) - 1)  # the current weight is never rerun
     expected = list(start.forecast_weights)
     if sweeps:
@@ -154,15 +155,15 @@ def test_refine_is_coordinate_descent_over_the_segment_weights(sweeps: int) -> N
     assert (got.full_steps, got.forecast, got.cache_branch_id) == (start.full_steps, "linear", start.cache_branch_id)
 
 
-@pytest.mark.parametrize("gain", [0.0, fc.REFINE_MARGIN / 2, fc.REFINE_MARGIN * 2])
+@pytest.mark.parametrize("gain", [0.0, fr.REFINE_MARGIN / 2, fr.REFINE_MARGIN * 2])
 def test_refine_keeps_a_change_only_if_it_gains_the_margin(gain: float) -> None:
     start = _schedule((0, 2, 8), 9)  # one segment long enough: 3-7
 
     def score(p: CacheParams) -> float:  # -0.1 is better by `gain`, everything else equal
         return 1.0 - gain * (p.forecast_weights[3] == -0.1)
 
-    got, got_score, _ = fc.refine(score, start, 1.0)
-    moved = gain > fc.REFINE_MARGIN
+    got, got_score, _ = fr.refine(score, start, 1.0)
+    moved = gain > fr.REFINE_MARGIN
     assert got.forecast_weights[3:8] == ((-0.1,) * 5 if moved else (0.0,) * 5)
     assert got_score == (1.0 - gain if moved else 1.0)
 

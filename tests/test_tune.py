@@ -232,7 +232,7 @@ def test_tune_tries_every_kind_and_picks_the_fastest_that_meets_the_bound(tuned:
 
 @needs_model
 def test_forecast_candidates_are_the_calibrated_forecast_and_linear_at_small_intervals(tuned: dict[str, Any]) -> None:
-    from DeepCache import forecast_calibration as fc
+    from DeepCache import forecast_refine as fr
     from DeepCache.forecast_calibration import calibrate_forecast
 
     report = json.loads(tuned["json"].read_text())
@@ -257,13 +257,13 @@ def test_forecast_candidates_are_the_calibrated_forecast_and_linear_at_small_int
         forecasts = [(score, i) for i, (c, score) in enumerate(zip(info["candidates"], info["scores"]))
                      if c.forecast is not None]
         start = info["candidates"][min(forecasts)[1]]  # then refined in closed loop on its long segments
-        refined = {k for seg in fc.segments(params) for k in seg}
+        refined = {k for seg in fr.segments(params) for k in seg}
         assert params.full_steps == start.full_steps
         assert [params.weight_at(k) for k in range(STEPS) if k not in refined] == [
             start.weight_at(k) for k in range(STEPS) if k not in refined]
-        for seg in fc.segments(params):
+        for seg in fr.segments(params):
             got = [params.weight_at(k) for k in seg]
-            assert got == [start.weight_at(k) for k in seg] or (len(set(got)) == 1 and got[0] in fc.SEGMENT_WEIGHTS)
+            assert got == [start.weight_at(k) for k in seg] or (len(set(got)) == 1 and got[0] in fr.SEGMENT_WEIGHTS)
         if min(forecasts)[0] < info["scores"][0]:  # the calibration's winner is this forecast too: refined alike
             assert params == best
     assert any(w > 0 for n in (2, 4) for w in rows[("forecast", n)]["params"]["forecast_weights"])

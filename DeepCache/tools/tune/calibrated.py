@@ -12,10 +12,10 @@ every budget K:
   the closed-loop choice of ``helper.calibrate(K, forecast=True)`` (:func:`DeepCache.forecast_calibration.choose`:
   each cap's forecast steps and the calibrated reuse steps with weights fitted for them), less its reuse option
   (calibrated reuse is a candidate of its own, judged on the evaluation prompts), then refined in closed loop like
-  the calibration's (:func:`DeepCache.forecast_calibration.refine`: one weight per segment of at least
+  the calibration's (:func:`DeepCache.forecast_refine.refine`: one weight per segment of at least
   ``REFINE_MIN_LENGTH`` retrieval steps). No candidate for a K where no forecast weight is left nonzero. It costs
-  up to 6 pipeline calls on the calibration prompts per K, plus up to 14 per long segment (budgets with gaps of
-  4 or more steps: at 25 steps, K <= 6).
+  up to 6 pipeline calls on the calibration prompts per K, plus up to 14 per long segment (5 or more retrieval
+  steps in a row: at 25 steps, about K <= 5).
 
 Both kinds share one recording; ``calibrated`` alone measures exactly as before (the same recording and errors).
 """
@@ -30,6 +30,7 @@ import torch
 
 from ... import calibration
 from ... import forecast_calibration as fc
+from ... import forecast_refine
 from ...params import CacheParams
 from ...schedule import optimal_full_steps
 from ..settings import Setting
@@ -68,7 +69,7 @@ def _forecast_choice(pipe: Any, measured: fc.ForecastErrors, budget: int, refere
     def score(params: CacheParams) -> float:
         return fc.closed_loop_errors(pipe, pipe.unet, [params], reference, rewind, call)[0]
 
-    refined, _, _ = fc.refine(score, fc.as_forecast(options[best], measured.num_steps), scores[best])
+    refined, _, _ = forecast_refine.refine(score, forecast_refine.as_forecast(options[best], measured.num_steps), scores[best])
     return refined if any(refined.forecast_weights) else None
 
 
