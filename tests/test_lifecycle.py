@@ -193,9 +193,9 @@ def test_enable_again_under_a_foreign_root_wrapper_does_not_nest_a_second_evalua
     opened = []
     enter = wrappers.Patched._enter
 
-    def counting_enter(self, sample):
+    def counting_enter(self, *call):
         opened.append(1)
-        return enter(self, sample)
+        return enter(self, *call)
 
     wrappers.Patched._enter = counting_enter
     try:

@@ -62,7 +62,8 @@ class ControlNetPatch(Patched):
     def _clear(self) -> None:
         self.mode, self.state = Mode.OFF, None
 
-    def _begin(self, sample: Any) -> None:
+    def _begin(self, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample")
         gen = self.unet_patch.current_generation()
         if gen is None:
             return

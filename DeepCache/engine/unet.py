@@ -22,11 +22,11 @@ from torch import nn
 from ..layout import Action, ModuleKey, retrieval_action, retrieval_plan
 from ..params import CacheParams
 from .discovery import unet_layout, unet_modules, unwrap_unet
-from .lifecycle import DeepCacheWarning, EvaluationGuard, Lease, caller_self, current_lease_generation, generations, locked
-from .forecast_feature import ForecastFeature
-from .state import AdaptiveState, Generation, Mode, ReuseFeature
-from .tensors import hidden_states, input_key, nan_placeholders, placeholder, relative_l1, tensor_spec
-from .wrappers import Patched, Wrapping, plain
+from .lifecycle import DeepCacheWarning, Lease, caller_self, locked
+from .model_patch import ModelPatch, decide_adaptive, feature_for
+from .state import AdaptiveState, Generation, Mode
+from .tensors import hidden_states, input_key, nan_placeholders, placeholder, tensor_spec
+from .wrappers import plain
 
 if TYPE_CHECKING:
     from .controlnet import ControlNetPatch
@@ -44,35 +44,24 @@ except ImportError:  # pragma: no cover - accelerate is optional
     pass
 
 
-class UNetPatch(Patched):
-    """Wrappers on one U-Net, shared by every helper that caches it; removed when the last owner leaves.
+class UNetPatch(ModelPatch):
+    """Wrappers on one U-Net (:class:`~.model_patch.ModelPatch`): the layout's module table, the ControlNets that
+    follow it, and the warning for a pipeline that runs it uncached."""
 
-    It holds the U-Net weakly and no generation state of its own: a generation lives with the pipeline call that
-    runs it (:func:`~DeepCache.engine.lifecycle.running`) or with the bare-U-Net helper that drives it.
-    """
+    kind = "U-Net"
 
     def __init__(self, unet: nn.Module) -> None:
-        self._unet_ref = weakref.ref(unet)
+        super().__init__(unet, _unet_module_forward)
         self.layout = unet_layout(unet)
-        self.mode = Mode.OFF  # the evaluation in progress (read by the wrappers)
-        self.gen: Generation | None = None
-        self.guard = EvaluationGuard()
-        self.owners: dict[weakref.ref, None] = {}  # live leases, oldest first
         self.clone_handout = False  # set once a consumer was seen modifying the cached feature in place
-        self._wrapping = Wrapping(_unet_module_forward)
         self._keys: tuple[ModuleKey, ...] = ()
         self._actions: dict[int, tuple[Action, ...]] = {}
         self._controlnets: "weakref.WeakSet[ControlNetPatch]" = weakref.WeakSet()
-        self._running = 0  # generations in progress (pipeline calls), across threads
-        self._idle: list[Callable[[], None]] = []  # removals waiting for them to finish
         self._warned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # pipelines told that they run uncached
 
     @property
     def unet(self) -> nn.Module:
-        unet = self._unet_ref()
-        if unet is None:
-            raise RuntimeError("the U-Net of this DeepCache patch was garbage-collected")
-        return unet
+        return self.model
 
     # -- plan -------------------------------------------------------------------------------
     def actions_for(self, branch: int) -> tuple[Action, ...]:
@@ -101,77 +90,40 @@ class UNetPatch(Patched):
             actions=actions,
             num_steps=num_steps,
             poison=nan_placeholders(),
-            feature=_feature(params, self.consumer_modifies_in_place(branch)),
+            feature=feature_for(params, self.consumer_modifies_in_place(branch)),
             adaptive=AdaptiveState(first_divergent) if params.adaptive else None,
         )
 
-    # -- install / remove (install lock held) ----------------------------------------------------
-    def install(self) -> None:
-        if self.installed:
-            return
-        unet = self.unet
+    # -- install (install lock held) ---------------------------------------------------------------
+    def wrapped_modules(self, unet: nn.Module) -> list[tuple[ModuleKey, nn.Module]]:
         modules = unet_modules(unet)
         keys = tuple(key for key, _ in modules)
         if keys != self._keys:  # same keys: keep the tables (compiled graphs guard on them)
             self._keys, self._actions = keys, {}
-        self._wrapping.install(self, unet, modules)
-
-    def when_idle(self, action: Callable[[], None]) -> None:
-        """Run ``action`` now if no generation is running on this U-Net, else when the last one ends."""
-        if self._running:
-            self._idle.append(action)
-        else:
-            action()
-
-    def generation_started(self) -> None:
-        with locked():
-            self._running += 1
-
-    def generation_ended(self) -> None:
-        with locked():
-            self._running -= 1
-            if not self._running:
-                idle, self._idle = self._idle, []
-                for action in idle:
-                    action()
+        return modules
 
     def controlnet_patches(self) -> list["ControlNetPatch"]:
         return list(self._controlnets)
 
     # -- per evaluation -------------------------------------------------------------------------
-    def current_generation(self) -> Generation | None:
-        """The generation an evaluation of this U-Net in the current context belongs to, if any."""
-        for gen in reversed(generations()):
-            if gen.owner is self:
-                return gen
-        return current_lease_generation(self.owners)
-
-    def _clear(self) -> None:
-        self.mode, self.gen = Mode.OFF, None
-
     def _outside(self) -> None:
         if self.owners and self.current_generation() is None:
             self._warn_if_a_pipeline_runs_uncached()
 
-    def _begin(self, sample: Any) -> None:
+    def _begin(self, args: tuple, kwargs: dict) -> None:
         gen = self.current_generation()
         if gen is not None:
-            full = gen.begin(input_key(sample))
+            full = gen.begin(input_key(args[0] if args else kwargs.get("sample")))
             self.mode, self.gen = (Mode.FULL if full else Mode.RETRIEVE), gen
 
-    def _end(self) -> None:
-        if self.gen is not None and self.gen.end(self.mode is Mode.FULL):
-            self.clone_handout = True  # later generations hand out copies from the start
-
-    def _abort(self) -> None:
-        if self.gen is not None:
-            self.gen.abort()
+    def on_modified_handout(self) -> None:
+        self.clone_handout = True  # later generations hand out copies from the start
 
     def _warn_if_a_pipeline_runs_uncached(self) -> None:
         pipeline = caller_self(_MACHINERY)
         if not callable(pipeline) or isinstance(pipeline, nn.Module) or pipeline in self._warned:
             return
-        if unwrap_unet(getattr(pipeline, "unet", None)) is not self._unet_ref():
+        if unwrap_unet(getattr(pipeline, "unet", None)) is not self._model_ref():
             return
         self._warned.add(pipeline)
         name = type(pipeline).__name__
@@ -185,23 +137,6 @@ class UNetPatch(Patched):
         )
 
 
-def _decide_adaptive(patch: UNetPatch, gen: Generation, args: tuple, kwargs: dict) -> bool:
-    """An adaptive tentative retrieval step reached its first divergent module: full step or not."""
-    if torch.compiler.is_compiling():
-        raise RuntimeError(
-            'skip_mode="adaptive" decides each step from a value read on the host, which torch.compile cannot '
-            'trace: run the U-Net eagerly, or compile with the decisions fixed in advance: '
-            'set_params(skip_mode="custom", full_steps=[i for i, f in enumerate(helper.last_steps) if f]) from an '
-            "eager adaptive run, or a schedule from helper.calibrate(...)."
-        )
-    x, ref = hidden_states(args, kwargs), gen.adaptive.reference
-    signal = relative_l1(x, ref) if x is not None and ref is not None and x.shape == ref.shape else None
-    full = gen.decide_adaptive(signal)
-    if full:
-        patch.mode = Mode.FULL
-    return full
-
-
 def _unet_module_forward(patch: UNetPatch, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
     if plain(patch):
         return original(*args, **kwargs)
@@ -210,7 +145,7 @@ def _unet_module_forward(patch: UNetPatch, index: int, original: Callable, *args
     action = gen.actions[index]
     adaptive = gen.adaptive
     if mode is Mode.RETRIEVE and action is not Action.RUN and adaptive is not None and adaptive.deciding:
-        if _decide_adaptive(patch, gen, args, kwargs):
+        if decide_adaptive(patch, gen, args, kwargs):
             mode = Mode.FULL
     if mode is Mode.FULL:
         if adaptive is not None and index == adaptive.first_divergent:
@@ -227,13 +162,6 @@ def _unet_module_forward(patch: UNetPatch, index: int, original: Callable, *args
     if action is Action.SKIP:
         return placeholder(gen.specs[index], gen.poison)
     return gen.feature.handout()
-
-
-def _feature(params: CacheParams, clone_handout: bool) -> ReuseFeature:
-    """The generation's cached feature: reused (DeepCache's rule) or forecast (``forecast="linear"``)."""
-    if params.forecasts:
-        return ForecastFeature(clone_handout=clone_handout, weight_at=params.weight_at)
-    return ReuseFeature(clone_handout=clone_handout)
 
 
 # Registry: one patch per U-Net, keyed weakly by the module (the patch holds it weakly)

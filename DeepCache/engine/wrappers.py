@@ -42,8 +42,9 @@ class Patched:
             with self.guard.held():
                 self._wrapping.remove()
 
-    def _begin(self, sample: Any) -> None:
-        """(Guard held, mode OFF.) Decide the evaluation: set the mode and its state."""
+    def _begin(self, args: tuple, kwargs: dict) -> None:
+        """(Guard held, mode OFF.) Decide the evaluation of the root module called with ``args, kwargs``: set the
+        mode and its state."""
         raise NotImplementedError
 
     def _end(self) -> None:
@@ -60,7 +61,7 @@ class Patched:
         """Before the guard is taken: bookkeeping that must not run under it (a warning, say)."""
 
     @torch.compiler.disable
-    def _enter(self, sample: Any) -> bool:
+    def _enter(self, args: tuple, kwargs: dict) -> bool:
         """Open an evaluation. False if this thread's evaluation is already open (a second wrapper of ours left
         inside a foreign one, or a hook that calls the model again): it runs within the open one, untouched."""
         self._outside()
@@ -68,7 +69,7 @@ class Patched:
             return False
         try:
             self._clear()
-            self._begin(sample)
+            self._begin(args, kwargs)
         except BaseException:
             self._clear()
             self.guard.leave()
@@ -94,7 +95,7 @@ def evaluate(patch: Patched, original: Callable, *args: Any, **kwargs: Any) -> A
     if the model is compiled: this frame itself stays eager)."""
     if not patch.installed:  # left inside a foreign wrapper after removal: pass through
         return original(*args, **kwargs)
-    if not patch._enter(args[0] if args else kwargs.get("sample")):
+    if not patch._enter(args, kwargs):
         return original(*args, **kwargs)
     ok = False
     try:
