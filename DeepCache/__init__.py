@@ -13,11 +13,15 @@ __version__ = "0.2.0"
 
 from .engine import NAN_PLACEHOLDERS_ENV, DeepCacheWarning  # noqa: E402
 from .helper import DeepCacheSDHelper  # noqa: E402
+
+#: The same helper under a family-neutral name (U-Nets and transformers alike).
+DeepCacheHelper = DeepCacheSDHelper
 from .layout import UNetLayout, branch_table, retrieval_plan  # noqa: E402
 from .params import CacheParams  # noqa: E402
 from .schedule import non_uniform_full_steps, schedule_pattern  # noqa: E402
 
 __all__ = [
+    "DeepCacheHelper",
     "DeepCacheSDHelper",
     "DeepCacheWarning",
     "NAN_PLACEHOLDERS_ENV",

@@ -64,26 +64,27 @@ def _generation_subclass(cls: type) -> type:
 
 
 def resolve(target: Any) -> tuple[Any | None, nn.Module]:
-    """Split what the user passed into (pipeline or None, U-Net). Raises a clear error otherwise."""
+    """Split what the user passed into (pipeline or None, denoiser: a U-Net or a transformer). Raises a clear error
+    otherwise."""
     if target is None:
         raise ValueError("no pipeline given: use DeepCacheSDHelper(pipe=pipe), or enable(pipe=pipe).")
     if isinstance(target, nn.Module):
-        unet = engine.unwrap_unet(target)
-        engine.check_supported_unet(unet)
-        return None, unet
-    unet = getattr(target, "unet", None)
-    if unet is None:
-        has = [name for name in ("transformer", "prior", "decoder") if getattr(target, name, None) is not None]
+        model = engine.unwrap_unet(target)
+        engine.check_supported(model)
+        return None, model
+    model = engine.denoiser_of(target)
+    if model is None:
+        has = [name for name in ("prior", "decoder") if getattr(target, name, None) is not None]
         detail = f" (it has a `{has[0]}` instead)" if has else ""
         raise TypeError(
-            f"{type(target).__name__} has no `unet`{detail}: DeepCache caches U-Net features and needs a diffusers "
-            f"pipeline with a U-Net, or the U-Net itself; supported U-Nets: {', '.join(engine.SUPPORTED_UNETS)}."
+            f"{type(target).__name__} has no `unet` or `transformer`{detail}: DeepCache caches a denoiser's features and "
+            "needs a diffusers pipeline with a U-Net or a transformer, or the model itself; supported U-Nets: "
+            f"{', '.join(engine.SUPPORTED_UNETS)}."
         )
-    unet = engine.unwrap_unet(unet)
-    engine.check_supported_unet(unet)
+    engine.check_supported(model)
     if not callable(target):
         raise TypeError(f"{type(target).__name__} is not callable; pass a diffusers pipeline or a U-Net.")
-    return target, unet
+    return target, model
 
 
 def pipeline_steps(pipeline: Any) -> int | None:

@@ -31,7 +31,8 @@ from torch import nn
 
 from . import attach, engine
 from .helper_calibrate import CalibrateMixin
-from .layout import UNetLayout, retrieval_plan
+from .engine.dit_layout import DiTLayout
+from .layout import UNetLayout
 from .params import CacheParams
 
 __all__ = ["DeepCacheSDHelper"]
@@ -97,6 +98,8 @@ class DeepCacheSDHelper(CalibrateMixin):
         forecast: str | None = None,
         forecast_weight: float = 1.0,
         forecast_weights: Sequence[float] | None = None,
+        front_blocks: int | None = None,
+        back_blocks: int | None = None,
     ) -> None:
         """Set the caching parameters; while enabled they take effect on the next generation.
 
@@ -118,6 +121,8 @@ class DeepCacheSDHelper(CalibrateMixin):
             forecast_weight: the weight ``w`` of ``"linear"`` (>= 0; 0 = reuse, 1 = the straight line).
             forecast_weights: ``w`` per U-Net evaluation (e.g. from ``calibrate(K, forecast=True)``); evaluations
                 past its end use ``forecast_weight``.
+            front_blocks, back_blocks: transformers only (keyword, both or neither): a retrieval step runs the first
+                ``front_blocks`` and the last ``back_blocks`` blocks (``cache_branch_id=b`` is ``b`` and ``b``).
 
         Raises:
             ValueError: a parameter is invalid (the message says the valid range), including a branch id
@@ -136,6 +141,8 @@ class DeepCacheSDHelper(CalibrateMixin):
             forecast=forecast,
             forecast_weight=forecast_weight,
             forecast_weights=forecast_weights,  # type: ignore[arg-type] # CacheParams makes it a tuple
+            front_blocks=front_blocks,
+            back_blocks=back_blocks,
         )
         self._apply(params)
 
@@ -143,7 +150,7 @@ class DeepCacheSDHelper(CalibrateMixin):
         with self._lock:
             target = self._unet if self._unet is not None else self.pipe
             if target is not None:
-                retrieval_plan(engine.unet_layout(attach.resolve(target)[1]), params.cache_branch_id)
+                engine.check_params(attach.resolve(target)[1], params)
             self._params = params
             lease = self._lease
             if lease is not None and lease.bare is not None:  # a bare U-Net: the next evaluation starts afresh
@@ -164,10 +171,10 @@ class DeepCacheSDHelper(CalibrateMixin):
         """How many ``cache_branch_id`` values the helper's U-Net accepts."""
         return self.layout().num_branches
 
-    def layout(self) -> UNetLayout:
-        """The skip-connection layout of the helper's U-Net."""
-        _, unet = attach.resolve(self._unet if self._unet is not None else self.pipe)
-        return engine.unet_layout(unet)
+    def layout(self) -> UNetLayout | DiTLayout:
+        """The skip-connection layout of the helper's U-Net, or the block stack of its transformer."""
+        _, model = attach.resolve(self._unet if self._unet is not None else self.pipe)
+        return engine.layout_of(model)
 
     # -- enable / disable ------------------------------------------------------------------
     @property
@@ -183,7 +190,7 @@ class DeepCacheSDHelper(CalibrateMixin):
             if self._lease is not None:
                 return
             pipeline, unet = attach.resolve(self.pipe)
-            retrieval_plan(engine.unet_layout(unet), self._params.cache_branch_id)
+            engine.check_params(unet, self._params)
             if pipeline is not None:
                 other = attach.linked_helper(pipeline)
                 # a copy.copy view carries the helper of the pipeline it copies: its own helper may take over
@@ -194,8 +201,7 @@ class DeepCacheSDHelper(CalibrateMixin):
                     )
             lease = engine.acquire(unet)
             if pipeline is not None:
-                for controlnet in engine.controlnets_of(pipeline):
-                    engine.acquire_controlnet(lease, controlnet)
+                _acquire_controlnets(lease, pipeline)
                 self._restore = attach.link(pipeline, self)
             else:
                 lease.bare = self._bare_generation(lease.unet_patch)
@@ -273,11 +279,10 @@ class DeepCacheSDHelper(CalibrateMixin):
             lease = self._lease
             if lease is None or self._unet is unet:
                 return lease
-            engine.check_supported_unet(unet)
-            retrieval_plan(engine.unet_layout(unet), self._params.cache_branch_id)
+            engine.check_supported(unet)
+            engine.check_params(unet, self._params)
             new = engine.acquire(unet)
-            for controlnet in engine.controlnets_of(self._pipeline):
-                engine.acquire_controlnet(new, controlnet)
+            _acquire_controlnets(new, self._pipeline)
             lease.release()
             self._lease, self._unet = new, unet
             return new
@@ -285,7 +290,7 @@ class DeepCacheSDHelper(CalibrateMixin):
     @contextlib.contextmanager
     def _generation(self, pipeline: Any) -> Iterator[engine.Generation | None]:
         """One call of ``pipeline`` (ours, or a copy.copy view of it): a fresh generation, freed afterwards."""
-        unet = engine.unwrap_unet(getattr(pipeline, "unet", None))
+        unet = engine.denoiser_of(pipeline)
         with self._lock:  # one consistent snapshot: disable() in another thread changes these together
             lease, ours, own_pipeline, params = self._lease, self._unet, self._pipeline, self._params
         if lease is not None and unet is not ours:
@@ -303,3 +308,11 @@ class DeepCacheSDHelper(CalibrateMixin):
                 yield gen
         finally:
             self._last_steps = tuple(gen.steps)
+
+
+def _acquire_controlnets(lease: engine.Lease, pipeline: Any) -> None:
+    """A U-Net's ControlNets follow its steps; a transformer's ControlNet runs in full (its residuals for the middle
+    blocks are replaced by the cached middle residual, which holds them from the last full step)."""
+    if isinstance(lease.unet_patch, engine.UNetPatch):
+        for controlnet in engine.controlnets_of(pipeline):
+            engine.acquire_controlnet(lease, controlnet)

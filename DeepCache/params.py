@@ -69,6 +69,9 @@ class CacheParams:
             it, for features that turn back over long gaps).
         forecast_weights: linear only; ``w`` per U-Net evaluation (index = step), e.g. from
             ``helper.calibrate(K, forecast=True)``; evaluations past its end use ``forecast_weight``.
+        front_blocks, back_blocks: transformers only, both or neither; a retrieval step runs the first
+            ``front_blocks`` and the last ``back_blocks`` blocks (an asymmetric split; ``cache_branch_id=b`` is
+            ``b`` and ``b``), their sum at most the transformer's blocks.
     """
 
     cache_interval: int = 1
@@ -83,6 +86,8 @@ class CacheParams:
     forecast: str | None = None
     forecast_weight: float = 1.0
     forecast_weights: tuple[float, ...] | None = field(default=None)
+    front_blocks: int | None = None
+    back_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.cache_interval) or self.cache_interval < 1:
@@ -125,6 +130,12 @@ class CacheParams:
         elif self.threshold is not None:
             raise ValueError(f'threshold is only used with skip_mode="adaptive" (got skip_mode={self.skip_mode!r}).')
         self._check_forecast()
+        front, back = self.front_blocks, self.back_blocks
+        if (front is None) != (back is None):
+            raise ValueError("front_blocks and back_blocks go together: pass both (e.g. front_blocks=1, back_blocks=0), "
+                             "or neither (cache_branch_id=b is front_blocks=back_blocks=b).")
+        if front is not None and not (_is_int(front) and _is_int(back) and front >= 0 and back >= 0):
+            raise ValueError(f"front_blocks and back_blocks must be integers >= 0, got {front!r} and {back!r}.")
 
     def _check_forecast(self) -> None:
         if self.forecast not in FORECASTS:
@@ -185,6 +196,8 @@ class CacheParams:
         values = asdict(self)
         if values["full_steps"] is not None:
             values["full_steps"] = list(values["full_steps"])
+        if self.front_blocks is None:  # files without a split stay what they were (older readers load them)
+            del values["front_blocks"], values["back_blocks"]
         if self.forecast is None:  # files without a forecast stay what they were (older readers load them)
             for name in ("forecast", "forecast_weight", "forecast_weights"):
                 del values[name]

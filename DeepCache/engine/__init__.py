@@ -9,7 +9,10 @@ into live diffusers modules. One room per concern:
   last two full steps (``forecast="linear"``);
 * :mod:`.lifecycle` -- leases, the install lock, the evaluation guard, running generations;
 * :mod:`.wrappers` -- the module wrappers and the root wrapper around one evaluation;
-* :mod:`.unet`, :mod:`.controlnet` -- the two patches;
+* :mod:`.model_patch` -- what a patch on a denoiser shares across families;
+* :mod:`.unet`, :mod:`.controlnet` -- the U-Net family's patches; :mod:`.transformer` (plan: :mod:`.dit_layout`) --
+  the transformer family's;
+* :mod:`.families` -- the one place that tells the families apart (supported classes, layouts, parameters, leases);
 * :mod:`.tensors` -- placeholders, version stamps, copies.
 
 **Which generation an evaluation belongs to**: the innermost generation of this U-Net opened in the caller's
@@ -31,6 +34,7 @@ The locks and shared variables, what each protects and who may wait for whom: ``
 """
 
 from .controlnet import ControlNetPatch, acquire_controlnet
+from .families import acquire, check_params, check_supported, denoiser_of, layout_of
 from .discovery import (
     SUPPORTED_UNETS,
     boundary_module,
@@ -45,7 +49,8 @@ from .discovery import (
 from .lifecycle import DeepCacheWarning, Lease, running
 from .state import Generation, Mode
 from .tensors import NAN_PLACEHOLDERS_ENV, relative_l1
-from .unet import UNetPatch, acquire, warn_view_with_other_unet
+from .transformer import TransformerPatch, is_transformer
+from .unet import UNetPatch, warn_view_with_other_unet
 
 __all__ = [
     "NAN_PLACEHOLDERS_ENV",
@@ -56,8 +61,14 @@ __all__ = [
     "Lease",
     "Mode",
     "UNetPatch",
+    "TransformerPatch",
     "acquire",
     "acquire_controlnet",
+    "check_params",
+    "check_supported",
+    "denoiser_of",
+    "is_transformer",
+    "layout_of",
     "boundary_module",
     "check_supported_unet",
     "controlnet_modules",

@@ -168,6 +168,9 @@ class Generation:
     specs: dict[int, Spec] = field(default_factory=dict)
     pending: int | None = None  # a step a ControlNet already ran as a retrieval step (the U-Net must follow)
     controlnets: dict[Any, ControlNetState] = field(default_factory=dict)
+    # what a family's wrappers pass between modules within one evaluation (a transformer: each middle segment's
+    # inputs and residual); emptied when the evaluation ends
+    scratch: dict = field(default_factory=dict)
     _total: tuple[int | None] | None = None
 
     def total_steps(self) -> int | None:

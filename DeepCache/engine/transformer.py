@@ -1,0 +1,296 @@
+"""The patch on one diffusion transformer: per evaluation, ask the caller's generation for the step kind, and make
+each block do what its :class:`~.dit_layout.Role` says (the plan: :mod:`.dit_layout`).
+
+**Steps and CFG branches.** A pipeline calls the transformer once per step with a batched CFG (SD3, PixArt, Sana), or
+once per guidance branch with the same latents (Flux true CFG, Wan, CogView4, Qwen-Image, Lumina2, which drops the
+uncond call late in the run). A call's **branch** is the identity of its conditioning tensor (the first
+``encoder_hidden_states*`` argument, which pipelines compute once per call, before the loop): each branch is a
+:class:`~.state.Generation` of its own, with its own step counter and cache, so steps are never counted by call
+parity, and a branch that stops (or starts) mid-run changes nothing for the others. A pipeline that made a new
+conditioning tensor for every call would only ever run full steps (safe, never wrong); DeepCache says so once.
+
+**A block's work.** On a full step the first block of each middle segment keeps a copy of its input streams and the
+last adds ``output - input`` to the generation's residuals; the last middle block stores them all as the cached
+feature (reused or forecast: :class:`~.state.ReuseFeature`, :class:`~.forecast_feature.ForecastFeature`). On a
+retrieval step the middle blocks pass their inputs through and each segment's last block returns the segment's
+inputs plus its residual.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..params import CacheParams
+from .dit_layout import BLOCK_RETURNS, SYMMETRIC_ONLY, TRANSFORMER_STACKS, BlockList, DiTLayout, Kind, Role, roles
+from .lifecycle import DeepCacheWarning, Lease, locked
+from .model_patch import ModelPatch, decide_adaptive, feature_for
+from .state import AdaptiveState, Generation, Mode
+from .tensors import hidden_states, input_key, nan_placeholders
+from .wrappers import plain
+
+#: More CFG branches than this in one generation means the conditioning is a new tensor at every call.
+_MAX_BRANCHES = 8
+
+
+def _block_class(block: nn.Module) -> str:
+    inner = getattr(block, "block", None)  # HiDreamBlock wraps the real block
+    return type(inner).__name__ if type(block).__name__ == "HiDreamBlock" and inner is not None else type(block).__name__
+
+
+def is_transformer(model: Any) -> bool:
+    """Whether ``model`` is a transformer class DeepCache knows (by class name, subclasses included)."""
+    return isinstance(model, nn.Module) and any(c.__name__ in TRANSFORMER_STACKS for c in type(model).__mro__)
+
+
+def _stack_name(model: nn.Module) -> str:
+    return next(c.__name__ for c in type(model).__mro__ if c.__name__ in TRANSFORMER_STACKS)
+
+
+def check_supported_transformer(model: Any) -> None:
+    """Raise ``TypeError`` naming the supported classes if ``model`` cannot be cached."""
+    if not is_transformer(model):
+        raise TypeError(
+            f"DeepCache cannot cache a {type(model).__name__}: supported transformers are "
+            f"{', '.join(TRANSFORMER_STACKS)} (pass a diffusers pipeline whose `transformer` is one of them, or the "
+            "transformer itself)."
+        )
+    for name in TRANSFORMER_STACKS[_stack_name(model)]:
+        for block in getattr(model, name, None) or ():
+            if _block_class(block) not in BLOCK_RETURNS:
+                raise TypeError(f"DeepCache cannot cache this {type(model).__name__}: its {name} hold a "
+                                f"{_block_class(block)}, whose outputs DeepCache does not know.")
+
+
+def dit_layout(model: nn.Module) -> DiTLayout:
+    """The cached block stack of a (supported) transformer."""
+    check_supported_transformer(model)
+    lists = []
+    for name in TRANSFORMER_STACKS[_stack_name(model)]:
+        blocks = getattr(model, name, None) or ()
+        if len(blocks):
+            lists.append(BlockList(name, len(blocks), BLOCK_RETURNS[_block_class(blocks[0])]))
+    layout = DiTLayout(tuple(lists), symmetric_only=_stack_name(model) in SYMMETRIC_ONLY)
+    if layout.num_blocks == 0:
+        raise TypeError(f"DeepCache cannot cache this {type(model).__name__}: it has no transformer blocks.")
+    return layout
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[tuple[str, int], nn.Module]]:
+    """((list name, index), block) for every block of the cached stack, in forward order."""
+    return [((name, i), block) for name in TRANSFORMER_STACKS[_stack_name(model)]
+            for i, block in enumerate(getattr(model, name, None) or ())]
+
+
+def _position(fn: Callable, prefix: str) -> int | None:
+    """The positional index (without ``self``) of the first parameter of ``fn`` whose name starts with ``prefix``."""
+    try:
+        names = [p.name for p in inspect.signature(fn).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+    return next((i for i, n in enumerate(names) if n.startswith(prefix)), None)
+
+
+@dataclass(eq=False)
+class BranchedGeneration:
+    """One pipeline call (or bare loop) on a transformer: a :class:`~.state.Generation` per CFG branch, keyed by the
+    identity of the branch's conditioning tensor (held weakly). Dropping it frees every branch's cache."""
+
+    owner: "TransformerPatch"
+    params: CacheParams
+    num_steps: Callable[[], int | None] = lambda: None
+    branches: list[tuple[Any, Generation]] = field(default_factory=list)  # (weakref or None, generation)
+    _warned: bool = False
+
+    def branch(self, cond: Any) -> Generation:
+        for ref, gen in self.branches:
+            if (ref is None and cond is None) or (ref is not None and ref() is cond):
+                return gen
+        gen = self.owner.branch_generation(self.params, lambda: self.num_steps())
+        self.branches.append((weakref.ref(cond) if torch.is_tensor(cond) else None, gen))
+        if len(self.branches) > _MAX_BRANCHES and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"every call of this {self.owner.kind} brings a new conditioning tensor (encoder_hidden_states), so "
+                "DeepCache cannot tell the steps of one generation apart and runs them all in full. Pass the same "
+                "prompt embeddings to every step (pipelines compute them once per call).",
+                DeepCacheWarning, stacklevel=2)
+        return gen
+
+    @property
+    def steps(self) -> list[bool]:
+        """Full (True) / retrieval (False) per step of the first branch (the conditional one)."""
+        return self.branches[0][1].steps if self.branches else []
+
+    def release(self) -> None:
+        for _, gen in self.branches:
+            gen.release()
+
+    def reset(self) -> None:
+        self.branches = []
+
+    def cache_bytes(self) -> int:
+        return sum(gen.cache_bytes() for _, gen in self.branches)
+
+
+class TransformerPatch(ModelPatch):
+    """Wrappers on the blocks of one transformer (:class:`~.model_patch.ModelPatch`)."""
+
+    kind = "transformer"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, _block_forward)
+        self.layout = dit_layout(model)
+        self._roles: dict[tuple[int, int], tuple[Role, ...]] = {}
+        self.text_positions: tuple[int | None, ...] = ()  # per block: the positional index of its text stream
+        self._cond_position = _position(model.forward, "encoder_hidden_states")
+
+    def roles_for(self, params: CacheParams) -> tuple[Role, ...]:
+        split = self.layout.split(params.cache_branch_id, params.front_blocks, params.back_blocks)
+        table = self._roles.get(split)
+        if table is None:
+            table = self._roles[split] = roles(self.layout, *split)
+        return table
+
+    def branch_generation(self, params: CacheParams, num_steps: Callable[[], int | None]) -> Generation:
+        table = self.roles_for(params)
+        first_middle = next((i for i, r in enumerate(table) if r.decides), len(table))
+        return Generation(owner=self, params=params, actions=table, num_steps=num_steps, poison=nan_placeholders(),
+                          feature=feature_for(params, False),
+                          adaptive=AdaptiveState(first_middle) if params.adaptive else None)
+
+    def new_generation(self, params: CacheParams, num_steps: Callable[[], int | None] = lambda: None) -> BranchedGeneration:
+        self.roles_for(params)  # a bad split fails here, not in the middle of a call
+        return BranchedGeneration(owner=self, params=params, num_steps=num_steps)
+
+    def wrapped_modules(self, model: nn.Module) -> list[tuple[Any, nn.Module]]:
+        blocks = transformer_blocks(model)
+        self.text_positions = tuple(_position(b.forward, "encoder_hidden_states") for _, b in blocks)
+        return blocks
+
+    def _begin(self, args: tuple, kwargs: dict) -> None:
+        gen = self.current_generation()
+        if gen is None:
+            return
+        position = self._cond_position
+        cond = next((v for k, v in kwargs.items() if k.startswith("encoder_hidden_states")), None)
+        if cond is None and position is not None and len(args) > position:
+            cond = args[position]
+        branch = gen.branch(cond)
+        full = branch.begin(input_key(args[0] if args else kwargs.get("hidden_states")))
+        branch.scratch = {}
+        self.mode, self.gen = (Mode.FULL if full else Mode.RETRIEVE), branch
+
+    def _clear(self) -> None:
+        if self.gen is not None:
+            self.gen.scratch = {}  # the segments' inputs and residuals of the evaluation that ends
+        super()._clear()
+
+
+def _streams(args: tuple, kwargs: dict, text_position: int | None) -> tuple[Any, Any]:
+    """(image stream, text stream or None) of a block call."""
+    image = args[0] if args else kwargs.get("hidden_states")
+    if "encoder_hidden_states" in kwargs:
+        return image, kwargs["encoder_hidden_states"]
+    if text_position is not None and len(args) > text_position:
+        return image, args[text_position]
+    return image, None
+
+
+def _parse(out: Any, returns: str) -> tuple[Any, Any]:
+    """(image, text) of a block's output."""
+    if torch.is_tensor(out):
+        return out, None
+    if returns == "eh":
+        return out[1], out[0]
+    if returns == "he":
+        return out[0], out[1]
+    return out[0], None
+
+
+def _pack(returns: str, image: Any, text: Any) -> Any:
+    """A block's output from its streams, in the block's return order."""
+    return (text, image) if returns == "eh" else (image, text) if returns == "he" else image
+
+
+def _minus(out: Any, inp: Any) -> Any:
+    if out is None or inp is None:
+        return None
+    if out.shape != inp.shape:
+        raise RuntimeError(
+            f"DeepCache: a stream of this transformer changes shape inside the cached middle ({tuple(inp.shape)} -> "
+            f"{tuple(out.shape)}), so its residual cannot be cached: choose another cache_branch_id / front_blocks.")
+    return out - inp
+
+
+def _plus(inp: Any, residual: Any) -> Any:
+    return None if inp is None or residual is None else inp + residual
+
+
+def _block_forward(patch: TransformerPatch, index: int, original: Callable, *args: Any, **kwargs: Any) -> Any:
+    if plain(patch):
+        return original(*args, **kwargs)
+    gen = patch.gen
+    role = gen.actions[index]
+    if role.kind is Kind.RUN:
+        return original(*args, **kwargs)
+    mode = patch.mode
+    adaptive = gen.adaptive
+    if role.decides and adaptive is not None:
+        if mode is Mode.RETRIEVE and adaptive.deciding and decide_adaptive(patch, gen, args, kwargs):
+            mode = Mode.FULL
+        if mode is Mode.FULL:
+            x = hidden_states(args, kwargs)
+            adaptive.reference = x.detach().clone() if x is not None else None
+    s, kind, work = role.segment, role.kind, gen.scratch
+    image, text = _streams(args, kwargs, patch.text_positions[index])
+    if mode is Mode.FULL:
+        if kind is Kind.FIRST or kind is Kind.ONLY:  # a copy: a block may modify its inputs in place
+            work[s] = (image.clone(), None if text is None else text.clone())
+        out = original(*args, **kwargs)
+        if kind is Kind.LAST or kind is Kind.ONLY:
+            inp = work.get(s)
+            if inp is None:  # the model skipped the segment's first block (SD3 skip_layers): no residual
+                work["incomplete"] = True
+            else:
+                o_image, o_text = _parse(out, role.returns)
+                work["residual", s] = (_minus(o_image, inp[0]), _minus(o_text, inp[1]))
+            if role.final and "incomplete" not in work:
+                gen.feature.store(tuple(x for i in range(s + 1) for x in work["residual", i]))
+        return out
+    if kind is Kind.FIRST:
+        work[s] = (image, text)
+    if kind is Kind.FIRST or kind is Kind.INNER:
+        return _pack(role.returns, image, text)
+    if kind is Kind.LAST:
+        image, text = work.get(s, (image, text))
+    value = work.get("handout")
+    if value is None:
+        value = work["handout"] = gen.feature.handout()
+    return _pack(role.returns, _plus(image, value[2 * s]), _plus(text, value[2 * s + 1]))
+
+
+# Registry: one patch per transformer, keyed weakly by the module (the patch holds it weakly)
+_PATCHES: "weakref.WeakKeyDictionary[nn.Module, TransformerPatch]" = weakref.WeakKeyDictionary()
+
+
+def acquire_transformer(model: nn.Module) -> Lease:
+    """Install (or join) the patch on ``model``; the returned lease keeps it until released or dropped."""
+    layout = dit_layout(model)
+    with locked():
+        patch = _PATCHES.get(model)
+        if patch is None or (patch.layout != layout and not patch.owners):
+            if patch is not None:
+                patch._wrapping.remove()
+            patch = _PATCHES[model] = TransformerPatch(model)
+        patch.install()
+        lease = Lease(patch)
+        patch.owners[lease.ref] = None
+        return lease
