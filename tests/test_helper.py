@@ -159,8 +159,16 @@ def test_unsupported_objects_are_rejected_clearly() -> None:
         def __call__(self):
             pass
 
-    with pytest.raises(TypeError, match="has no `unet`.*transformer"):
+    class PriorPipe:
+        prior = torch.nn.Linear(1, 1)
+
+        def __call__(self):
+            pass
+
+    with pytest.raises(TypeError, match="cannot cache a Linear.*supported transformers are SD3Transformer2DModel"):
         DeepCacheSDHelper(pipe=TransformerPipe())
+    with pytest.raises(TypeError, match="has no `unet` or `transformer` \\(it has a `prior` instead\\)"):
+        DeepCacheSDHelper(pipe=PriorPipe())
     with pytest.raises(TypeError, match="supported U-Nets are UNet2DConditionModel"):
         DeepCacheSDHelper(pipe=torch.nn.Linear(2, 2))
 

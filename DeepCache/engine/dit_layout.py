@@ -22,7 +22,7 @@ Example (Flux-like: 2 dual blocks, then 4 single blocks)::
     >>> flux.num_blocks, flux.num_branches
     (6, 4)
     >>> [r.kind.value for r in roles(flux, 1, 1)]
-    ['run', 'first', 'last', 'first', 'inner', 'run']
+    ['run', 'only', 'first', 'inner', 'last', 'run']
 """
 
 from __future__ import annotations
