@@ -48,7 +48,8 @@ BLOCK_RETURNS: dict[str, str] = {
     "HunyuanVideoTransformerBlock": "he",
     "HunyuanVideoSingleTransformerBlock": "he",
     "MochiTransformerBlock": "he",
-    "HiDreamBlock": "he",  # a wrapper around HiDreamImageTransformerBlock ("he") / ...SingleTransformerBlock ("h")
+    "HiDreamImageTransformerBlock": "he",  # inside a HiDreamBlock wrapper (the block list holds the wrapper)
+    "HiDreamImageSingleTransformerBlock": "h",
     "BasicTransformerBlock": "h",  # PixArt
     "SanaTransformerBlock": "h",
     "HunyuanDiTBlock": "h",

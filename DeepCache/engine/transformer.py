@@ -186,6 +186,8 @@ class TransformerPatch(ModelPatch):
         branch = gen.branch(cond)
         full = branch.begin(input_key(args[0] if args else kwargs.get("hidden_states")))
         branch.scratch = {}
+        if full and branch.adaptive is None and not any(role.decides for role in branch.actions):
+            branch.feature.store(())  # an empty middle caches nothing: its retrieval steps run every block
         self.mode, self.gen = (Mode.FULL if full else Mode.RETRIEVE), branch
 
     def _clear(self) -> None:
