@@ -201,6 +201,7 @@ class DeepCacheSDHelper(CalibrateMixin):
                     )
             lease = engine.acquire(unet)
             if pipeline is not None:
+                lease.extras = [engine.acquire(model) for model in engine.extra_denoisers(pipeline)]
                 _acquire_controlnets(lease, pipeline)
                 self._restore = attach.link(pipeline, self)
             else:
@@ -302,12 +303,19 @@ class DeepCacheSDHelper(CalibrateMixin):
         if lease is None:
             yield None
             return
-        gen = lease.unet_patch.new_generation(params, lambda: attach.pipeline_steps(pipeline))
+        steps = lambda: attach.pipeline_steps(pipeline)  # noqa: E731
+        gens = [lease.unet_patch.new_generation(params, steps)] + [x.unet_patch.new_generation(params, steps)
+                                                                   for x in lease.extras]
+        for g in gens[1:]:  # the pipeline's other transformers (Wan 2.2) count the same steps
+            gens[0].siblings.append(g)
+            g.siblings = [x for x in gens if x is not g]
         try:
-            with engine.running(gen):
-                yield gen
+            with contextlib.ExitStack() as stack:
+                for g in gens:
+                    stack.enter_context(engine.running(g))
+                yield gens[0]
         finally:
-            self._last_steps = tuple(gen.steps)
+            self._last_steps = tuple(step for g in gens for step in g.steps)
 
 
 def _acquire_controlnets(lease: engine.Lease, pipeline: Any) -> None:

@@ -46,6 +46,15 @@ def denoiser_of(pipeline: Any) -> Any:
     return None
 
 
+def extra_denoisers(pipeline: Any) -> list[nn.Module]:
+    """The pipeline's other transformers that take over part-way through a call (Wan 2.2's ``transformer_2``)."""
+    model = unwrap_unet(getattr(pipeline, "transformer_2", None))
+    if model is None:
+        return []
+    check_supported(model)
+    return [model]
+
+
 def layout_of(model: nn.Module) -> UNetLayout | DiTLayout:
     """The U-Net's skip-connection layout or the transformer's block stack."""
     return dit_layout(model) if is_transformer(model) else unet_layout(model)

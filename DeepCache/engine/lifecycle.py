@@ -136,6 +136,7 @@ class Lease:
         self.unet_patch = unet_patch
         self.controlnets: list["ControlNetPatch"] = []
         self.bare: Generation | None = None  # the running generation of a bare-U-Net helper
+        self.extras: list[Lease] = []  # the pipeline's other denoisers (Wan 2.2's transformer_2), released with it
         self.released = False
         self.ref = weakref.ref(self, _lease_collected(unet_patch))
 
@@ -145,6 +146,8 @@ class Lease:
                 self.released = True
                 let_go(self.ref, self.unet_patch, self.controlnets)
                 self.bare = None
+        for extra in self.extras:
+            extra.release()
 
 
 def _lease_collected(unet_patch: "UNetPatch") -> Callable[[weakref.ref], None]:

@@ -107,13 +107,23 @@ class BranchedGeneration:
     params: CacheParams
     num_steps: Callable[[], int | None] = lambda: None
     branches: list[tuple[Any, Generation]] = field(default_factory=list)  # (weakref or None, generation)
+    #: the generations of the same call on the pipeline's other transformers (Wan 2.2: ``transformer_2`` takes over
+    #: part-way): a branch that starts here goes on counting the steps they ran for the same conditioning
+    siblings: list["BranchedGeneration"] = field(default_factory=list)
     _warned: bool = False
 
-    def branch(self, cond: Any) -> Generation:
+    def _find(self, cond: Any) -> Generation | None:
         for ref, gen in self.branches:
             if (ref is None and cond is None) or (ref is not None and ref() is cond):
                 return gen
+        return None
+
+    def branch(self, cond: Any) -> Generation:
+        gen = self._find(cond)
+        if gen is not None:
+            return gen
         gen = self.owner.branch_generation(self.params, lambda: self.num_steps())
+        gen.step = sum(len(other.steps) for sib in self.siblings for other in [sib._find(cond)] if other is not None)
         self.branches.append((weakref.ref(cond) if torch.is_tensor(cond) else None, gen))
         if len(self.branches) > _MAX_BRANCHES and not self._warned:
             self._warned = True
