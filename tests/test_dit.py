@@ -16,6 +16,7 @@ import weakref
 import pytest
 import torch
 
+from DeepCache.engine.transformer import MIN_DIFFUSERS, _diffusers_version
 from DeepCache import CacheParams, DeepCacheHelper, DeepCacheSDHelper
 from DeepCache.engine.dit_layout import SUPPORTED_TRANSFORMERS
 
@@ -26,7 +27,10 @@ from .tiny_dits import TINY_DITS, sample_of
 STEPS = 5
 NAMES = sorted(TINY_DITS)
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.skipif(_diffusers_version() < MIN_DIFFUSERS, reason="DeepCache caches transformers with diffusers >= 0.35"),
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,3 +322,41 @@ def test_a_dropped_helper_frees_the_transformer() -> None:
     del helper
     gc.collect()
     assert ref() is None and untouched(model)
+
+
+def test_cache_bytes_is_one_residual_per_stream_and_branch_freed_at_reset() -> None:
+    model, inputs, key, negative = built("FluxTransformer2DModel")
+    helper = DeepCacheHelper(pipe=model)
+    helper.set_params(cache_interval=2, cache_branch_id=1)
+    with helper, torch.no_grad():
+        helper.reset_states()
+        assert helper.cache_bytes() == 0
+        for cond in (inputs(0)[key], negative):
+            model(**{**inputs(0), key: cond})
+        image, text = inputs(0)["hidden_states"], inputs(0)[key]
+        width = model.inner_dim * 4  # float32 residuals of the inner width
+        per_branch = sum(2 * x.shape[0] * x.shape[1] * width for x in (image, text))  # 2 segments (dual, single lists)
+        assert helper.cache_bytes() == 2 * per_branch
+        helper.reset_states()
+        assert helper.cache_bytes() == 0
+
+
+def test_inductor_compiles_two_graphs_close_to_eager() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, inputs, key, negative = built("PixArtTransformer2DModel")
+    one = lambda i: (inputs(0)[key],)  # noqa: E731
+    eager, _ = cached(model, inputs, key, one, cache_interval=3, cache_branch_id=1)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    helper = DeepCacheHelper(pipe=model)
+    helper.set_params(cache_interval=3, cache_branch_id=1)
+    with helper:
+        for _ in range(2):
+            helper.reset_states()
+            got = run(compiled, inputs, key, one)
+    torch._dynamo.reset()
+    assert counter.frame_count == 2
+    scale = max(float(x.abs().max()) for x in eager)
+    assert all(float((x - y).abs().max()) <= 1e-5 * scale for x, y in zip(got, eager))

@@ -13,6 +13,7 @@ import functools
 import pytest
 import torch
 
+from DeepCache.engine.transformer import MIN_DIFFUSERS, _diffusers_version
 from DeepCache import DeepCacheHelper
 
 from .dit_reference import ReferenceBranch
@@ -20,7 +21,10 @@ from .tiny_dit_pipelines import TINY_DIT_PIPELINES, output_of
 
 NAMES = sorted(TINY_DIT_PIPELINES)
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.skipif(_diffusers_version() < MIN_DIFFUSERS, reason="DeepCache caches transformers with diffusers >= 0.35"),
+]
 
 
 @functools.lru_cache(maxsize=None)

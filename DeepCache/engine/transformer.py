@@ -53,8 +53,21 @@ def _stack_name(model: nn.Module) -> str:
     return next(c.__name__ for c in type(model).__mro__ if c.__name__ in TRANSFORMER_STACKS)
 
 
+#: The oldest diffusers whose transformers DeepCache caches (Flux's single blocks take both streams since 0.35).
+MIN_DIFFUSERS = (0, 35)
+
+
+def _diffusers_version() -> tuple[int, int]:
+    import diffusers
+
+    return tuple(int(x) for x in diffusers.__version__.split(".")[:2] if x.isdigit())  # type: ignore[return-value]
+
+
 def check_supported_transformer(model: Any) -> None:
     """Raise ``TypeError`` naming the supported classes if ``model`` cannot be cached."""
+    if is_transformer(model) and _diffusers_version() < MIN_DIFFUSERS:
+        raise TypeError(f"DeepCache caches transformers with diffusers >= {'.'.join(map(str, MIN_DIFFUSERS))} "
+                        "(block signatures changed there): pip install -U diffusers.")
     if not is_transformer(model):
         raise TypeError(
             f"DeepCache cannot cache a {type(model).__name__}: supported transformers are "
