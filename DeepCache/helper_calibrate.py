@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import engine
 from .attach import resolve
 from .params import CacheParams
 from .schedule import optimal_full_steps
@@ -64,6 +65,11 @@ class CalibrateMixin:
         pipeline, unet = resolve(self.pipe)
         if pipeline is None:
             raise TypeError("calibrate() runs the pipeline: create the helper with a pipeline, not a bare U-Net.")
+        if engine.is_transformer(unet):
+            raise TypeError(
+                "calibrate() measures U-Net steps and does not calibrate transformers yet: set a schedule with "
+                "set_params(cache_interval=..., cache_branch_id=...) or skip_mode=\"custom\", full_steps=[...]."
+            )
         if not isinstance(forecast, bool):
             raise ValueError(f"forecast must be True or False (calibrate a linear forecast, or reuse), got {forecast!r}.")
         branch = self._params.cache_branch_id

@@ -20,6 +20,27 @@ S = "tests/test_schedulers.py::"
 C = "tests/test_composition.py::"
 H = "tests/test_helper.py::"
 E = "tests/test_exactness.py::"
+D = "tests/test_dit.py::"
+DP = "tests/test_dit_pipelines.py::"
+
+
+DIT_CLASSES = (
+    "SD3Transformer2DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel", "PixArtTransformer2DModel",
+    "SanaTransformer2DModel", "HunyuanDiT2DModel", "AuraFlowTransformer2DModel", "Lumina2Transformer2DModel",
+    "CogView4Transformer2DModel", "QwenImageTransformer2DModel", "WanTransformer3DModel",
+    "HunyuanVideoTransformer3DModel", "LTXVideoTransformer3DModel", "CogVideoXTransformer3DModel",
+    "MochiTransformer3DModel", "ChromaTransformer2DModel", "HiDreamImageTransformer2DModel", "AllegroTransformer3DModel",
+)
+DIT_PIPELINES = (
+    ("FluxPipeline", "FluxPipeline with true CFG (a cond and an uncond call per step, each its own cache)"),
+    ("StableDiffusion3Pipeline", "StableDiffusion3Pipeline (batched CFG)"),
+    ("PixArtSigmaPipeline", "PixArtSigmaPipeline (batched CFG)"),
+    ("SanaPipeline", "SanaPipeline (batched CFG)"),
+    ("WanPipeline", "WanPipeline 2.1 (cond and uncond calls)"),
+    ("CogView4Pipeline", "CogView4Pipeline (cond and uncond calls)"),
+    ("QwenImagePipeline", "QwenImagePipeline with true CFG"),
+    ("Lumina2Pipeline", "Lumina2Pipeline with cfg_trunc_ratio (the uncond call stops mid-run)"),
+)
 
 
 @dataclass(frozen=True)
@@ -119,10 +140,29 @@ ROWS: tuple[Row, ...] = (
         (f"{P}test_k_diffusion_blocks_are_rejected",),
     ),
     Row(
-        "Other U-Net classes (UNet1DModel, I2VGenXLUNet, UNetControlNetXSModel, ...) and transformer pipelines",
-        "no: raises TypeError naming the supported U-Nets",
+        "Other U-Net classes (UNet1DModel, I2VGenXLUNet, UNetControlNetXSModel, ...) and other denoisers",
+        "no: raises TypeError naming the supported U-Nets and transformers",
         (f"{P}test_other_unet_classes_name_the_supported_ones", f"{H}test_unsupported_objects_are_rejected_clearly"),
     ),
+    # -- diffusion transformers (diffusers >= 0.35)
+    *(
+        Row(f"Transformer: {name}", "yes (every branch, every split, CFG branches; diffusers >= 0.35)",
+            (f"{D}test_every_branch_and_interval_matches_the_reference_with_cfg_as_separate_calls[{name}]",
+             f"{D}test_every_asymmetric_split_matches_the_reference_and_an_empty_middle_is_a_full_step[{name}]"))
+        for name in DIT_CLASSES
+    ),
+    *(
+        Row(f"{label}", "yes", (f"{DP}test_cached_pipeline_calls_equal_the_reference_and_disable_restores[{name}]",))
+        for name, label in DIT_PIPELINES
+    ),
+    Row("Wan 2.2 (transformer and transformer_2 in one call: steps counted across both)", "yes",
+        (f"{DP}test_wan22_counts_steps_across_its_two_transformers",
+         f"{DP}test_cached_pipeline_calls_equal_the_reference_and_disable_restores[WanPipeline2.2]")),
+    Row("Transformer: torch.compile(fullgraph=True), two graphs, no recompiles", "yes",
+        (f"{D}test_compiled_fullgraph_two_graphs_no_recompiles_equal_to_eager",
+         f"{D}test_inductor_compiles_two_graphs_close_to_eager")),
+    Row("Transformer: diffusers' DiTTransformer2DModel (class-conditional DiT) and unlisted transformers",
+        "no: raises TypeError naming the supported transformers", (f"{D}test_bad_input_names_the_valid_choices",)),
     Row("U-Nets without a mid block", "no: raises ValueError", (f"{P}test_unet_without_mid_block_is_rejected",)),
     # -- schedulers
     *(

@@ -104,3 +104,10 @@ def test_wan22_counts_steps_across_its_two_transformers() -> None:
     assert all(seen.values())  # both transformers ran
     # steps 0-1 on transformer, 2-3 on transformer_2: step 2 has no cache there (full); step 3 is full by the schedule
     assert steps == (True, False, True, True)
+
+
+def test_calibrate_says_it_does_not_calibrate_transformers_yet() -> None:
+    pipe, kwargs = built("FluxPipeline")
+    with pytest.raises(TypeError, match="does not calibrate transformers yet"):
+        DeepCacheHelper(pipe=pipe).calibrate(2, **kwargs)
+    assert all(untouched(m) for m in transformers(pipe))
