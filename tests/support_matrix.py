@@ -40,6 +40,9 @@ DIT_PIPELINES = (
     ("CogView4Pipeline", "CogView4Pipeline (cond and uncond calls)"),
     ("QwenImagePipeline", "QwenImagePipeline with true CFG"),
     ("Lumina2Pipeline", "Lumina2Pipeline with cfg_trunc_ratio (the uncond call stops mid-run)"),
+    ("FluxControlNetPipeline", "FluxControlNetPipeline (the ControlNet runs every step; its residuals for the middle "
+     "blocks come from the cached residual)"),
+    ("StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetPipeline (likewise)"),
 )
 
 

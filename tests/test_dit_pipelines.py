@@ -68,9 +68,36 @@ def reference_call(pipe, kwargs, interval: int, branch: int) -> tuple[torch.Tens
             del model.forward
 
 
-@pytest.mark.parametrize("name", NAMES)
+def controlnet_pipelines() -> dict:
+    """Flux and SD3 ControlNet pipelines on the tiny transformers (a ControlNet residual is added after every block)."""
+    import diffusers
+
+    from .tiny_dit_pipelines import flux, sd3
+
+    out = {}
+    for name, base, cn_cls, cn_config in (
+        ("FluxControlNetPipeline", flux, "FluxControlNetModel",
+         dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])),
+        ("StableDiffusion3ControlNetPipeline", sd3, "SD3ControlNetModel",
+         dict(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+              joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+              pos_embed_max_size=16)),
+    ):
+        pipe, kwargs = base()
+        torch.manual_seed(1)
+        controlnet = getattr(diffusers, cn_cls)(**cn_config).eval()
+        components = {k: v for k, v in pipe.components.items()}
+        cn_pipe = getattr(diffusers, name)(**components, controlnet=controlnet)
+        cn_pipe.set_progress_bar_config(disable=True)
+        kwargs = {k: v for k, v in kwargs.items() if k != "true_cfg_scale"}
+        out[name] = (cn_pipe, {**kwargs, "control_image": torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))})
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES + ["FluxControlNetPipeline", "StableDiffusion3ControlNetPipeline"])
 def test_cached_pipeline_calls_equal_the_reference_and_disable_restores(name) -> None:
-    pipe, kwargs = built(name)
+    pipe, kwargs = built(name) if name in TINY_DIT_PIPELINES else controlnet_pipelines()[name]
     plain = call(pipe, kwargs)
     helper = DeepCacheHelper(pipe=pipe)
     for interval, branch in ((1, 0), (2, 0), (2, 1), (3, 1)):
@@ -111,3 +138,58 @@ def test_calibrate_says_it_does_not_calibrate_transformers_yet() -> None:
     with pytest.raises(TypeError, match="does not calibrate transformers yet"):
         DeepCacheHelper(pipe=pipe).calibrate(2, **kwargs)
     assert all(untouched(m) for m in transformers(pipe))
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("at", [0, 3])  # the first call (full, cond), the fourth (step 1, uncond: a retrieval step)
+def test_an_exception_inside_a_pipeline_call_leaves_the_next_call_exact(exc_type, at) -> None:
+    pipe, kwargs = built("FluxPipeline")
+    helper = DeepCacheHelper(pipe=pipe)
+    helper.set_params(cache_interval=2, cache_branch_id=1)
+    with helper:
+        want = call(pipe, kwargs)
+    seen = [0]
+
+    def hook(module, args, kw):
+        seen[0] += 1
+        if seen[0] == at + 1:
+            raise exc_type("raised inside a transformer call")
+
+    handle = pipe.transformer.single_transformer_blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with helper:
+            with pytest.raises(exc_type):
+                call(pipe, kwargs)
+            handle.remove()
+            assert torch.equal(call(pipe, kwargs), want)
+    finally:
+        handle.remove()
+    assert untouched(pipe.transformer)
+
+
+def test_concurrent_requests_on_one_shared_transformer_are_each_exact() -> None:
+    import copy
+    import threading
+
+    pipe, kwargs = built("FluxPipeline")
+    helper = DeepCacheHelper(pipe=pipe)
+    helper.set_params(cache_interval=2, cache_branch_id=1)
+    seeds = (0, 1, 2, 3)
+
+    def request(view, seed):
+        with torch.no_grad():
+            return output_of(view(**{**kwargs, "generator": torch.Generator().manual_seed(seed)}))
+
+    with helper:
+        want = {seed: request(pipe, seed) for seed in seeds}
+        got: dict = {}
+        views = {}
+        for seed in seeds:  # a view per request with its own scheduler (diffusers' server-async pattern)
+            views[seed] = copy.copy(pipe)
+            views[seed].scheduler = copy.deepcopy(pipe.scheduler)
+        threads = [threading.Thread(target=lambda s=seed: got.__setitem__(s, request(views[s], s))) for seed in seeds]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert all(torch.equal(got[s], want[s]) for s in seeds) and untouched(pipe.transformer)
