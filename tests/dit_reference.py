@@ -1,7 +1,8 @@
 """An independent reference for DeepCache on transformers (shares no code with DeepCache.engine).
 
 A full step runs the model untouched while torch forward hooks record, for each middle segment (one per block list
-the middle touches), the streams entering its first block and leaving its last; the residual is their difference.
+the middle touches), the streams entering its first block and leaving its last; the residual is their difference
+(for a model with long skips, HunyuanDiT, the output itself is kept and handed back).
 A retrieval step swaps the middle blocks' ``forward`` for plain functions (pass the inputs through; the segment's
 last block returns the first block's inputs plus the residual), runs the model, and puts the blocks back.
 """
@@ -85,12 +86,17 @@ def segments(model: nn.Module, front: int, back: int) -> list[list[nn.Module]]:
     return list(out.values())
 
 
+#: Models with long skips, whose middle's output is cached (not its residual): DeepCache's U-Net rule.
+CACHE_OUTPUT = ("HunyuanDiT2DModel",)
+
+
 class ReferenceBranch:
     """One CFG branch's cache in the reference."""
 
     def __init__(self, model: nn.Module, front: int, back: int) -> None:
         self.segments = segments(model, front, back)
         self.residuals: list[list[Any]] | None = None
+        self.output = type(model).__name__ in CACHE_OUTPUT
 
     def full(self, call: Callable[[], Any]) -> Any:
         seen: dict[int, list[Any]] = {}
@@ -106,7 +112,8 @@ class ReferenceBranch:
         finally:
             for h in handles:
                 h.remove()
-        self.residuals = [[None if o is None or i is None else o - i for o, i in zip(seen["out", s], seen["in", s])]
+        self.residuals = [seen["out", s] if self.output else
+                          [None if o is None or i is None else o - i for o, i in zip(seen["out", s], seen["in", s])]
                           for s in range(len(self.segments))]
         return out
 
@@ -123,6 +130,8 @@ class ReferenceBranch:
                         kept[s] = [image, text]
                     if not last:
                         return _pack(block, image, text)
+                    if self.output:
+                        return _pack(block, r_image, r_text)
                     image, text = kept[s]
                     return _pack(block, image + r_image, None if text is None or r_text is None else text + r_text)
 

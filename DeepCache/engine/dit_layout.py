@@ -82,9 +82,12 @@ TRANSFORMER_STACKS: dict[str, tuple[str, ...]] = {
     "AllegroTransformer3DModel": ("transformer_blocks",),
 }
 
-#: Transformers whose back blocks read what the front blocks left (HunyuanDiT's long skips: block ``N-1-j`` pops
-#: the skip that block ``j`` pushed): only symmetric splits keep every skip a back block reads computed.
-SYMMETRIC_ONLY = ("HunyuanDiT2DModel",)
+#: Transformers with U-Net-like long skips (HunyuanDiT: block ``N-1-j`` pops the skip that block ``j`` pushed). Only
+#: symmetric splits keep every skip a back block reads computed, and the middle's **output** is cached, DeepCache's
+#: own rule for U-Nets (the deep feature reused as is; the back blocks get fresh skips from the front blocks):
+#: measured by tools/hunyuan_skip_choice.py, it is 22-30 % closer to the uncached output than the residual on
+#: HunyuanDiT, and 21-53 % farther on a PixArt of the same depth without long skips (docs/hunyuan-skip-choice.json).
+LONG_SKIPS = ("HunyuanDiT2DModel",)
 
 SUPPORTED_TRANSFORMERS = tuple(TRANSFORMER_STACKS)
 
@@ -103,7 +106,7 @@ class DiTLayout:
     """The cached stack of a transformer: its block lists in forward order."""
 
     lists: tuple[BlockList, ...]
-    symmetric_only: bool = False
+    long_skips: bool = False  # LONG_SKIPS: symmetric splits only, the middle's output is cached
 
     @property
     def num_blocks(self) -> int:
@@ -131,7 +134,7 @@ class DiTLayout:
         if front + back > n:
             raise ValueError(f"front_blocks + back_blocks must be at most the {n} blocks of this transformer, "
                              f"got {front} + {back}.")
-        if self.symmetric_only and front != back:
+        if self.long_skips and front != back:
             raise ValueError("this transformer's back blocks read the long skips of its front blocks (HunyuanDiT): "
                              f"use a symmetric split (cache_branch_id=b, or front_blocks == back_blocks), got "
                              f"front_blocks={front}, back_blocks={back}.")
@@ -151,14 +154,16 @@ class Kind(enum.Enum):
 @dataclass(frozen=True)
 class Role:
     """A block's :class:`Kind`, the middle segment it belongs to (``-1`` for RUN), its list's return order, whether
-    it is the last block of the last segment (where the full step stores the residuals), and whether it is the
-    first middle block (where an adaptive retrieval step decides)."""
+    it is the last block of the last segment (where the full step stores the residuals), whether it is the first
+    middle block (where an adaptive retrieval step decides), and whether the segment's output itself is cached
+    instead of its residual (long skips)."""
 
     kind: Kind
     segment: int = -1
     returns: str = "h"
     final: bool = False
     decides: bool = False
+    absolute: bool = False
 
 
 def roles(layout: DiTLayout, front: int, back: int) -> tuple[Role, ...]:
@@ -178,6 +183,7 @@ def roles(layout: DiTLayout, front: int, back: int) -> tuple[Role, ...]:
                 continue
             first, last = i == inside[0], i == inside[-1]
             kind = Kind.ONLY if first and last else Kind.FIRST if first else Kind.LAST if last else Kind.INNER
-            out.append(Role(kind, segment, blocks.returns, final=i == last_middle, decides=i == middle[0]))
+            out.append(Role(kind, segment, blocks.returns, final=i == last_middle, decides=i == middle[0],
+                            absolute=layout.long_skips))
         start += blocks.count
     return tuple(out)

@@ -10,10 +10,11 @@ parity, and a branch that stops (or starts) mid-run changes nothing for the othe
 conditioning tensor for every call would only ever run full steps (safe, never wrong); DeepCache says so once.
 
 **A block's work.** On a full step the first block of each middle segment keeps a copy of its input streams and the
-last adds ``output - input`` to the generation's residuals; the last middle block stores them all as the cached
+last adds ``output - input`` to the generation's residuals (a model with long skips, HunyuanDiT: the output itself,
+DeepCache's U-Net rule; see :data:`~.dit_layout.LONG_SKIPS`); the last middle block stores them all as the cached
 feature (reused or forecast: :class:`~.state.ReuseFeature`, :class:`~.forecast_feature.ForecastFeature`). On a
 retrieval step the middle blocks pass their inputs through and each segment's last block returns the segment's
-inputs plus its residual.
+inputs plus its residual (or the cached output).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..params import CacheParams
-from .dit_layout import BLOCK_RETURNS, SYMMETRIC_ONLY, TRANSFORMER_STACKS, BlockList, DiTLayout, Kind, Role, roles
+from .dit_layout import BLOCK_RETURNS, LONG_SKIPS, TRANSFORMER_STACKS, BlockList, DiTLayout, Kind, Role, roles
 from .lifecycle import DeepCacheWarning, Lease, locked
 from .model_patch import ModelPatch, decide_adaptive, feature_for
 from .state import AdaptiveState, Generation, Mode
@@ -89,7 +90,7 @@ def dit_layout(model: nn.Module) -> DiTLayout:
         blocks = getattr(model, name, None) or ()
         if len(blocks):
             lists.append(BlockList(name, len(blocks), BLOCK_RETURNS[_block_class(blocks[0])]))
-    layout = DiTLayout(tuple(lists), symmetric_only=_stack_name(model) in SYMMETRIC_ONLY)
+    layout = DiTLayout(tuple(lists), long_skips=_stack_name(model) in LONG_SKIPS)
     if layout.num_blocks == 0:
         raise TypeError(f"DeepCache cannot cache this {type(model).__name__}: it has no transformer blocks.")
     return layout
@@ -286,7 +287,10 @@ def _block_forward(patch: TransformerPatch, index: int, original: Callable, *arg
                 work["incomplete"] = True
             else:
                 o_image, o_text = _parse(out, role.returns)
-                work["residual", s] = (_minus(o_image, inp[0]), _minus(o_text, inp[1]))
+                if role.absolute:  # long skips: the middle's output itself (DeepCache's U-Net rule)
+                    work["residual", s] = (o_image, o_text)
+                else:
+                    work["residual", s] = (_minus(o_image, inp[0]), _minus(o_text, inp[1]))
             if role.final and "incomplete" not in work:
                 gen.feature.store(tuple(x for i in range(s + 1) for x in work["residual", i]))
         return out
@@ -299,6 +303,8 @@ def _block_forward(patch: TransformerPatch, index: int, original: Callable, *arg
     value = work.get("handout")
     if value is None:
         value = work["handout"] = gen.feature.handout()
+    if role.absolute:
+        return _pack(role.returns, value[2 * s], value[2 * s + 1])
     return _pack(role.returns, _plus(image, value[2 * s]), _plus(text, value[2 * s + 1]))
 
 
