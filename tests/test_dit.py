@@ -360,3 +360,34 @@ def test_inductor_compiles_two_graphs_close_to_eager() -> None:
     assert counter.frame_count == 2
     scale = max(float(x.abs().max()) for x in eager)
     assert all(float((x - y).abs().max()) <= 1e-5 * scale for x, y in zip(got, eager))
+
+
+def test_a_loop_that_makes_new_conditioning_every_call_runs_full_and_is_told_once() -> None:
+    from DeepCache import DeepCacheWarning
+
+    model, inputs, key, _ = built("WanTransformer3DModel")
+    fresh = lambda i: (inputs(0)[key].clone(),)  # noqa: E731 - a new tensor at every call: steps cannot be told apart
+    helper = DeepCacheHelper(pipe=model)
+    helper.set_params(cache_interval=3)
+    with helper, torch.no_grad(), pytest.warns(DeepCacheWarning, match="new conditioning tensor") as caught:
+        helper.reset_states()
+        got = [sample_of(model(**{**inputs(i), key: fresh(i)[0]})) for i in range(12)]
+    assert len([w for w in caught if issubclass(w.category, DeepCacheWarning)]) == 1
+    plain = [sample_of(model(**{**inputs(i), key: inputs(0)[key]})) for i in range(12)]
+    assert same(got, plain)  # every step ran in full: never a wrong retrieval
+
+
+def test_dropped_pipelines_and_helpers_free_the_transformer() -> None:
+    from .tiny_dit_pipelines import TINY_DIT_PIPELINES
+
+    pipe, kwargs = TINY_DIT_PIPELINES["FluxPipeline"]()
+    helper = DeepCacheHelper(pipe=pipe)
+    helper.set_params(cache_interval=2)
+    helper.enable()
+    with torch.no_grad():
+        pipe(**kwargs)
+    transformer = weakref.ref(pipe.transformer)
+    helper_ref = weakref.ref(helper)
+    del pipe, helper, kwargs
+    gc.collect()
+    assert transformer() is None and helper_ref() is None  # nothing of ours keeps them alive
