@@ -34,20 +34,43 @@ from .params import CacheParams
 
 @dataclass
 class Recording:
-    """One uncached pipeline call: per U-Net evaluation, its inputs and output and the scheduler's sensitivity."""
+    """One uncached pipeline call: per evaluation, its inputs and output and the scheduler's sensitivity.
+
+    A transformer's pipeline may evaluate it once per CFG branch and step (Flux true CFG, Wan): ``branches`` says
+    which branch each evaluation belongs to (0, 1, ... in order of appearance; all 0 for a U-Net), and the recorded
+    calls of one branch share one copy of its conditioning tensor (so a replay finds the branch by identity, as the
+    engine does)."""
 
     calls: list[tuple[tuple, dict]] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     sensitivity: list[float] = field(default_factory=list)  # |d step output| / |d model output|, per step call
+    branches: list[int] = field(default_factory=list)
+
+    def branch_calls(self) -> list[list[int]]:
+        """The evaluation indices of each branch, in order: branch b's step k is evaluation ``[b][k]``."""
+        groups: dict[int, list[int]] = {}
+        for i in range(len(self.calls)):
+            groups.setdefault(self.branches[i] if i < len(self.branches) else 0, []).append(i)
+        return [groups[b] for b in sorted(groups)]
+
+    @property
+    def num_steps(self) -> int:
+        """Steps of the longest branch (a U-Net: its evaluations)."""
+        return max((len(g) for g in self.branch_calls()), default=0)
 
 
-def _clone(value: Any) -> Any:
+def _clone(value: Any, keep: list | None = None) -> Any:
+    """A copy of ``value``'s tensors; a tensor found (by identity) in ``keep`` (pairs of original, copy) is
+    replaced by its kept copy."""
     if torch.is_tensor(value):
+        for original, copy_ in keep or ():
+            if original is value:
+                return copy_
         return value.detach().clone()
     if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
+        return {k: _clone(v, keep) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
+        return type(value)(_clone(v, keep) for v in value)
     return value
 
 
@@ -97,8 +120,23 @@ def recording(pipeline: Any, unet: nn.Module) -> Iterator[Recording]:
             rec.sensitivity.append(math.nan)
         return type(scheduler).step(scheduler, model_output, *args, **kwargs)
 
+    conditions: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a branch's conditioning, its one copy)
+    patch = engine.transformer_patch_of(unet)
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        branch = 0
+        if patch is not None:
+            cond = patch.conditioning(args, kwargs)
+            index = next((i for i, (c, _) in enumerate(conditions) if c is cond), None)
+            if index is None and torch.is_tensor(cond):
+                conditions.append((cond, cond.detach().clone()))
+                index = len(conditions) - 1
+            branch = index or 0
+        rec.branches.append(branch)
+        rec.calls.append((_clone(args, conditions), _clone(kwargs, conditions)))
+
     handles = [
-        unet.register_forward_pre_hook(lambda m, a, kw: rec.calls.append((_clone(a), _clone(kw))), with_kwargs=True),
+        unet.register_forward_pre_hook(record, with_kwargs=True),
         unet.register_forward_hook(lambda m, a, kw, out: rec.outputs.append(_sample(out).detach().clone()), with_kwargs=True),
     ]
     scheduler.step = step
@@ -112,12 +150,13 @@ def recording(pipeline: Any, unet: nn.Module) -> Iterator[Recording]:
 
 
 def reuse_errors(unet: nn.Module, rec: Recording, branch: int, max_gap: int | None = None) -> list[list[float]]:
-    """``errors[a][k]``: the latent error of evaluation ``k`` reusing the cached feature of full step ``a``.
+    """``errors[a][k]``: the latent error of step ``k`` reusing the cached feature of full step ``a``, summed over
+    the CFG branches a transformer was evaluated for (a U-Net: its evaluations are the steps).
 
-    Replays the recorded inputs in a generation of this thread (concurrent requests on the same U-Net are
-    untouched): one full and up to ``max_gap`` retrieval evaluations per ``a`` (``None``: every later step).
+    Replays the recorded inputs in a generation of this thread (concurrent requests on the same model are
+    untouched): one full and up to ``max_gap`` retrieval evaluations per ``a`` and branch (``None``: every later step).
     """
-    n = len(rec.calls)
+    n = rec.num_steps
     weights = rec.sensitivity if len(rec.sensitivity) == n and all(map(math.isfinite, rec.sensitivity)) else [1.0] * n
     gap = n - 1 if max_gap is None else max(1, max_gap)
     errors = [[math.inf] * n for _ in range(n)]
@@ -125,17 +164,29 @@ def reuse_errors(unet: nn.Module, rec: Recording, branch: int, max_gap: int | No
     try:
         gen = lease.unet_patch.new_generation(CacheParams(skip_mode="custom", full_steps=(0,), cache_branch_id=branch))
         with engine.running(gen), torch.no_grad():
-            for a in range(n):
-                gen.reset()
-                errors[a][a] = 0.0
-                for k in range(a, min(n, a + gap + 1)):
-                    args, kwargs = rec.calls[k]
-                    out = _sample(unet(*args, **kwargs))
-                    if k > a:
-                        errors[a][k] = engine.relative_l1(out, rec.outputs[k]) * weights[k]
+            for calls in rec.branch_calls():
+                target = replay_generation(gen, lease, rec, calls)
+                for a in range(len(calls)):
+                    target.reset()
+                    errors[a][a] = 0.0
+                    for k in range(a, min(len(calls), a + gap + 1)):
+                        args, kwargs = rec.calls[calls[k]]
+                        out = _sample(unet(*args, **kwargs))
+                        if k > a:
+                            e = engine.relative_l1(out, rec.outputs[calls[k]]) * weights[k]
+                            errors[a][k] = e if errors[a][k] == math.inf else errors[a][k] + e
     finally:
         lease.release()
     return errors
+
+
+def replay_generation(gen: Any, lease: Any, rec: Recording, calls: list[int]) -> Any:
+    """The generation a replay of the branch with evaluations ``calls`` drives: ``gen`` itself for a U-Net, the
+    branch of its conditioning for a transformer (the recorded calls of a branch share one conditioning copy)."""
+    if not hasattr(gen, "branch"):
+        return gen
+    args, kwargs = rec.calls[calls[0]]
+    return gen.branch(lease.unet_patch.conditioning(args, kwargs))
 
 
 def measure_reuse_errors(pipeline: Any, unet: nn.Module, branch: int, max_gap: int | None = None,
@@ -150,6 +201,6 @@ def measure_reuse_errors(pipeline: Any, unet: nn.Module, branch: int, max_gap: i
         warnings.simplefilter("ignore", engine.DeepCacheWarning)  # uncached on purpose
         with recording(pipeline, unet) as rec:
             pipeline(**call_kwargs)
-    if len(rec.calls) < 2:
-        raise ValueError("calibration saw fewer than two U-Net evaluations: pass num_inference_steps >= 2.")
+    if rec.num_steps < 2:
+        raise ValueError("calibration saw fewer than two denoising steps: pass num_inference_steps >= 2.")
     return reuse_errors(unet, rec, branch, max_gap)

@@ -65,10 +65,10 @@ class CalibrateMixin:
         pipeline, unet = resolve(self.pipe)
         if pipeline is None:
             raise TypeError("calibrate() runs the pipeline: create the helper with a pipeline, not a bare U-Net.")
-        if engine.is_transformer(unet):
+        if forecast is True and engine.is_transformer(unet):
             raise TypeError(
-                "calibrate() measures U-Net steps and does not calibrate transformers yet: set a schedule with "
-                "set_params(cache_interval=..., cache_branch_id=...) or skip_mode=\"custom\", full_steps=[...]."
+                "calibrate(..., forecast=True) does not calibrate a transformer's forecast yet: calibrate the reuse "
+                "schedule with calibrate(num_full_steps), or set forecast=\"linear\" with a weight yourself."
             )
         if not isinstance(forecast, bool):
             raise ValueError(f"forecast must be True or False (calibrate a linear forecast, or reuse), got {forecast!r}.")

@@ -133,13 +133,51 @@ def test_wan22_counts_steps_across_its_two_transformers() -> None:
     assert steps == (True, False, True, True)
 
 
-def test_calibrate_says_it_does_not_calibrate_transformers_yet() -> None:
+@pytest.mark.parametrize("name", ["FluxPipeline", "StableDiffusion3Pipeline", "Lumina2Pipeline"])
+def test_calibrated_reuse_errors_equal_the_reference_summed_over_cfg_branches(name) -> None:
+    import math
+
+    from DeepCache import calibration
+
+    pipe, kwargs = built(name)
+    model = pipe.transformer
+    kwargs = {**kwargs, "generator": torch.Generator().manual_seed(0)}
+    with calibration.recording(pipe, model) as rec, torch.no_grad():
+        pipe(**kwargs)
+    errors = calibration.reuse_errors(model, rec, branch=1)
+    groups: dict = {}
+    for i, (args, kw) in enumerate(rec.calls):  # branches by the identity of the recorded conditioning
+        cond = next(v for k, v in kw.items() if k.startswith("encoder_hidden_states"))
+        groups.setdefault(id(cond), []).append(i)
+    n = max(len(g) for g in groups.values())
+    assert len(groups) == (1 if name == "StableDiffusion3Pipeline" else 2) and len(rec.sensitivity) == n
+    for a in range(n):
+        for k in range(n):
+            want = 0.0 if k == a else math.inf
+            for calls in groups.values():
+                if k > a and k < len(calls):
+                    ref = ReferenceBranch(model, 1, 1)
+                    with torch.no_grad():
+                        ref.full(lambda: model(*rec.calls[calls[a]][0], **rec.calls[calls[a]][1]))
+                        out = output_of(ref.retrieve(lambda: model(*rec.calls[calls[k]][0], **rec.calls[calls[k]][1])))
+                    target = rec.outputs[calls[k]]
+                    e = float((out - target).abs().mean() / target.abs().mean()) * rec.sensitivity[k]
+                    want = e if want == math.inf else want + e
+            assert errors[a][k] == pytest.approx(want, rel=1e-5, abs=1e-9), (a, k)
+
+
+def test_calibrate_on_a_transformer_pipeline_sets_a_custom_schedule() -> None:
     pipe, kwargs = built("FluxPipeline")
-    with pytest.raises(TypeError, match="does not calibrate transformers yet"):
-        DeepCacheHelper(pipe=pipe).calibrate(2, **kwargs)
-    assert all(untouched(m) for m in transformers(pipe))
-
-
+    helper = DeepCacheHelper(pipe=pipe)
+    helper.set_params(cache_branch_id=1)
+    params = helper.calibrate(2, **{**kwargs, "generator": torch.Generator().manual_seed(0)})
+    assert params.skip_mode == "custom" and len(params.full_steps) == 2 and params.full_steps[0] == 0
+    assert helper.params == params and not helper.enabled and all(untouched(m) for m in transformers(pipe))
+    with helper:
+        call(pipe, kwargs)
+        assert helper.last_steps == tuple(j in params.full_steps for j in range(4))
+    with pytest.raises(TypeError, match="does not calibrate a transformer's forecast yet"):
+        helper.calibrate(2, forecast=True, **kwargs)
 @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, RuntimeError])
 @pytest.mark.parametrize("at", [0, 3])  # the first call (full, cond), the fourth (step 1, uncond: a retrieval step)
 def test_an_exception_inside_a_pipeline_call_leaves_the_next_call_exact(exc_type, at) -> None:

@@ -34,7 +34,7 @@ The locks and shared variables, what each protects and who may wait for whom: ``
 """
 
 from .controlnet import ControlNetPatch, acquire_controlnet
-from .families import acquire, check_params, check_supported, denoiser_of, extra_denoisers, layout_of
+from .families import acquire, check_params, check_supported, denoiser_of, extra_denoisers, layout_of, transformer_patch_of
 from .discovery import (
     SUPPORTED_UNETS,
     boundary_module,
@@ -70,6 +70,7 @@ __all__ = [
     "extra_denoisers",
     "is_transformer",
     "layout_of",
+    "transformer_patch_of",
     "boundary_module",
     "check_supported_unet",
     "controlnet_modules",

@@ -16,7 +16,7 @@ from ..params import CacheParams
 from .discovery import SUPPORTED_UNETS, check_supported_unet, unet_layout, unwrap_unet
 from .dit_layout import SUPPORTED_TRANSFORMERS, DiTLayout
 from .lifecycle import Lease
-from .transformer import acquire_transformer, check_supported_transformer, dit_layout, is_transformer
+from .transformer import TransformerPatch, acquire_transformer, check_supported_transformer, dit_layout, is_transformer
 from .unet import acquire as acquire_unet
 
 #: The attributes of a pipeline that hold its denoiser, in the order they are looked for.
@@ -70,6 +70,12 @@ def check_params(model: nn.Module, params: CacheParams) -> None:
         raise ValueError("front_blocks / back_blocks split a transformer's blocks; for a U-Net use cache_branch_id "
                          f"(0..{layout.num_branches - 1}), and leave front_blocks and back_blocks unset.")
     retrieval_plan(layout, params.cache_branch_id)
+
+
+def transformer_patch_of(model: nn.Module) -> Any:
+    """A (new, uninstalled) :class:`~.transformer.TransformerPatch` for reading a transformer's calls (its
+    conditioning), or None for a U-Net."""
+    return TransformerPatch(model) if is_transformer(model) else None
 
 
 def acquire(model: nn.Module) -> Lease:

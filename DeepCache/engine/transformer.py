@@ -199,15 +199,19 @@ class TransformerPatch(ModelPatch):
         self.text_positions = tuple(_position(b.forward, "encoder_hidden_states") for _, b in blocks)
         return blocks
 
+    def conditioning(self, args: tuple, kwargs: dict) -> Any:
+        """The conditioning tensor of a call (its CFG branch's key): the first ``encoder_hidden_states*`` argument."""
+        cond = next((v for k, v in kwargs.items() if k.startswith("encoder_hidden_states")), None)
+        position = self._cond_position
+        if cond is None and position is not None and len(args) > position:
+            cond = args[position]
+        return cond
+
     def _begin(self, args: tuple, kwargs: dict) -> None:
         gen = self.current_generation()
         if gen is None:
             return
-        position = self._cond_position
-        cond = next((v for k, v in kwargs.items() if k.startswith("encoder_hidden_states")), None)
-        if cond is None and position is not None and len(args) > position:
-            cond = args[position]
-        branch = gen.branch(cond)
+        branch = gen.branch(self.conditioning(args, kwargs))
         full = branch.begin(input_key(args[0] if args else kwargs.get("hidden_states")))
         branch.scratch = {}
         if full and branch.adaptive is None and not any(role.decides for role in branch.actions):
