@@ -16,7 +16,7 @@ import weakref
 import pytest
 import torch
 
-from DeepCache.engine.transformer import MIN_DIFFUSERS, _diffusers_version
+from DeepCache.engine.dit_discovery import MIN_DIFFUSERS, _diffusers_version
 from DeepCache import CacheParams, DeepCacheHelper, DeepCacheSDHelper
 from DeepCache.engine.dit_layout import SUPPORTED_TRANSFORMERS
 

@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from DeepCache.engine.transformer import MIN_DIFFUSERS, _diffusers_version
+from DeepCache.engine.dit_discovery import MIN_DIFFUSERS, _diffusers_version
 from DeepCache import DeepCacheHelper
 
 from .dit_reference import ReferenceBranch

@@ -10,8 +10,8 @@ into live diffusers modules. One room per concern:
 * :mod:`.lifecycle` -- leases, the install lock, the evaluation guard, running generations;
 * :mod:`.wrappers` -- the module wrappers and the root wrapper around one evaluation;
 * :mod:`.model_patch` -- what a patch on a denoiser shares across families;
-* :mod:`.unet`, :mod:`.controlnet` -- the U-Net family's patches; :mod:`.transformer` (plan: :mod:`.dit_layout`) --
-  the transformer family's;
+* :mod:`.unet`, :mod:`.controlnet` -- the U-Net family's patches; :mod:`.transformer` (plan: :mod:`.dit_layout`,
+  reading a model: :mod:`.dit_discovery`) -- the transformer family's;
 * :mod:`.families` -- the one place that tells the families apart (supported classes, layouts, parameters, leases);
 * :mod:`.tensors` -- placeholders, version stamps, copies.
 
@@ -49,7 +49,8 @@ from .discovery import (
 from .lifecycle import DeepCacheWarning, Lease, running
 from .state import Generation, Mode
 from .tensors import NAN_PLACEHOLDERS_ENV, relative_l1
-from .transformer import TransformerPatch, is_transformer
+from .dit_discovery import is_transformer
+from .transformer import TransformerPatch
 from .unet import UNetPatch, warn_view_with_other_unet
 
 __all__ = [

@@ -16,7 +16,8 @@ from ..params import CacheParams
 from .discovery import SUPPORTED_UNETS, check_supported_unet, unet_layout, unwrap_unet
 from .dit_layout import SUPPORTED_TRANSFORMERS, DiTLayout
 from .lifecycle import Lease
-from .transformer import TransformerPatch, acquire_transformer, check_supported_transformer, dit_layout, is_transformer
+from .dit_discovery import check_supported_transformer, dit_layout, is_transformer
+from .transformer import TransformerPatch, acquire_transformer
 from .unet import acquire as acquire_unet
 
 #: The attributes of a pipeline that hold its denoiser, in the order they are looked for.

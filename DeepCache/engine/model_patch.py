@@ -15,7 +15,7 @@ from torch import nn
 
 from ..params import CacheParams
 from .forecast_feature import ForecastFeature
-from .lifecycle import EvaluationGuard, current_lease_generation, generations, locked
+from .lifecycle import EvaluationGuard, Lease, current_lease_generation, generations, locked
 from .state import Generation, Mode, ReuseFeature
 from .tensors import hidden_states, relative_l1
 from .wrappers import Patched, Wrapping
@@ -104,6 +104,22 @@ class ModelPatch(Patched):
     def _abort(self) -> None:
         if self.gen is not None:
             self.gen.abort()
+
+
+def acquire_patch(registry: "weakref.WeakKeyDictionary[nn.Module, Any]", model: nn.Module, layout: Any,
+                  make: Callable[[nn.Module], ModelPatch]) -> Lease:
+    """Install (or join) the patch on ``model`` kept in ``registry`` (one per model, keyed weakly; a patch for an
+    older layout with no owner left is replaced by ``make(model)``); the lease keeps it until released or dropped."""
+    with locked():
+        patch = registry.get(model)
+        if patch is None or (patch.layout != layout and not patch.owners):
+            if patch is not None:
+                patch._wrapping.remove()
+            patch = registry[model] = make(model)
+        patch.install()
+        lease = Lease(patch)
+        patch.owners[lease.ref] = None
+        return lease
 
 
 def feature_for(params: CacheParams, clone_handout: bool) -> ReuseFeature:

@@ -29,77 +29,16 @@ import torch
 from torch import nn
 
 from ..params import CacheParams
-from .dit_layout import BLOCK_RETURNS, LONG_SKIPS, TRANSFORMER_STACKS, BlockList, DiTLayout, Kind, Role, roles
-from .lifecycle import DeepCacheWarning, Lease, locked
-from .model_patch import ModelPatch, decide_adaptive, feature_for
+from .dit_discovery import dit_layout, transformer_blocks
+from .dit_layout import Kind, Role, roles
+from .lifecycle import DeepCacheWarning, Lease
+from .model_patch import ModelPatch, acquire_patch, decide_adaptive, feature_for
 from .state import AdaptiveState, Generation, Mode
 from .tensors import hidden_states, input_key, nan_placeholders
 from .wrappers import plain
 
 #: More CFG branches than this in one generation means the conditioning is a new tensor at every call.
 _MAX_BRANCHES = 8
-
-
-def _block_class(block: nn.Module) -> str:
-    inner = getattr(block, "block", None)  # HiDreamBlock wraps the real block
-    return type(inner).__name__ if type(block).__name__ == "HiDreamBlock" and inner is not None else type(block).__name__
-
-
-def is_transformer(model: Any) -> bool:
-    """Whether ``model`` is a transformer class DeepCache knows (by class name, subclasses included)."""
-    return isinstance(model, nn.Module) and any(c.__name__ in TRANSFORMER_STACKS for c in type(model).__mro__)
-
-
-def _stack_name(model: nn.Module) -> str:
-    return next(c.__name__ for c in type(model).__mro__ if c.__name__ in TRANSFORMER_STACKS)
-
-
-#: The oldest diffusers whose transformers DeepCache caches (Flux's single blocks take both streams since 0.35).
-MIN_DIFFUSERS = (0, 35)
-
-
-def _diffusers_version() -> tuple[int, int]:
-    import diffusers
-
-    return tuple(int(x) for x in diffusers.__version__.split(".")[:2] if x.isdigit())  # type: ignore[return-value]
-
-
-def check_supported_transformer(model: Any) -> None:
-    """Raise ``TypeError`` naming the supported classes if ``model`` cannot be cached."""
-    if is_transformer(model) and _diffusers_version() < MIN_DIFFUSERS:
-        raise TypeError(f"DeepCache caches transformers with diffusers >= {'.'.join(map(str, MIN_DIFFUSERS))} "
-                        "(block signatures changed there): pip install -U diffusers.")
-    if not is_transformer(model):
-        raise TypeError(
-            f"DeepCache cannot cache a {type(model).__name__}: supported transformers are "
-            f"{', '.join(TRANSFORMER_STACKS)} (pass a diffusers pipeline whose `transformer` is one of them, or the "
-            "transformer itself)."
-        )
-    for name in TRANSFORMER_STACKS[_stack_name(model)]:
-        for block in getattr(model, name, None) or ():
-            if _block_class(block) not in BLOCK_RETURNS:
-                raise TypeError(f"DeepCache cannot cache this {type(model).__name__}: its {name} hold a "
-                                f"{_block_class(block)}, whose outputs DeepCache does not know.")
-
-
-def dit_layout(model: nn.Module) -> DiTLayout:
-    """The cached block stack of a (supported) transformer."""
-    check_supported_transformer(model)
-    lists = []
-    for name in TRANSFORMER_STACKS[_stack_name(model)]:
-        blocks = getattr(model, name, None) or ()
-        if len(blocks):
-            lists.append(BlockList(name, len(blocks), BLOCK_RETURNS[_block_class(blocks[0])]))
-    layout = DiTLayout(tuple(lists), long_skips=_stack_name(model) in LONG_SKIPS)
-    if layout.num_blocks == 0:
-        raise TypeError(f"DeepCache cannot cache this {type(model).__name__}: it has no transformer blocks.")
-    return layout
-
-
-def transformer_blocks(model: nn.Module) -> list[tuple[tuple[str, int], nn.Module]]:
-    """((list name, index), block) for every block of the cached stack, in forward order."""
-    return [((name, i), block) for name in TRANSFORMER_STACKS[_stack_name(model)]
-            for i, block in enumerate(getattr(model, name, None) or ())]
 
 
 def _position(fn: Callable, prefix: str) -> int | None:
@@ -318,14 +257,4 @@ _PATCHES: "weakref.WeakKeyDictionary[nn.Module, TransformerPatch]" = weakref.Wea
 
 def acquire_transformer(model: nn.Module) -> Lease:
     """Install (or join) the patch on ``model``; the returned lease keeps it until released or dropped."""
-    layout = dit_layout(model)
-    with locked():
-        patch = _PATCHES.get(model)
-        if patch is None or (patch.layout != layout and not patch.owners):
-            if patch is not None:
-                patch._wrapping.remove()
-            patch = _PATCHES[model] = TransformerPatch(model)
-        patch.install()
-        lease = Lease(patch)
-        patch.owners[lease.ref] = None
-        return lease
+    return acquire_patch(_PATCHES, model, dit_layout(model), TransformerPatch)

@@ -22,8 +22,8 @@ from torch import nn
 from ..layout import Action, ModuleKey, retrieval_action, retrieval_plan
 from ..params import CacheParams
 from .discovery import unet_layout, unet_modules, unwrap_unet
-from .lifecycle import DeepCacheWarning, Lease, caller_self, locked
-from .model_patch import ModelPatch, decide_adaptive, feature_for
+from .lifecycle import DeepCacheWarning, Lease, caller_self
+from .model_patch import ModelPatch, acquire_patch, decide_adaptive, feature_for
 from .state import AdaptiveState, Generation, Mode
 from .tensors import hidden_states, input_key, nan_placeholders, placeholder, tensor_spec
 from .wrappers import plain
@@ -170,17 +170,7 @@ _PATCHES: "weakref.WeakKeyDictionary[nn.Module, UNetPatch]" = weakref.WeakKeyDic
 
 def acquire(unet: nn.Module) -> Lease:
     """Install (or join) the patch on ``unet``; the returned lease keeps it until released or dropped."""
-    layout = unet_layout(unet)
-    with locked():
-        patch = _PATCHES.get(unet)
-        if patch is None or (patch.layout != layout and not patch.owners):
-            if patch is not None:
-                patch._wrapping.remove()
-            patch = _PATCHES[unet] = UNetPatch(unet)
-        patch.install()
-        lease = Lease(patch)
-        patch.owners[lease.ref] = None
-        return lease
+    return acquire_patch(_PATCHES, unet, unet_layout(unet), UNetPatch)
 
 
 _SAID_OTHER_UNET: "weakref.WeakSet[Any]" = weakref.WeakSet()
