@@ -1,7 +1,7 @@
 """The lifecycle rule (DeepCache/engine/__init__.py): no exception wedges it.
 
-Whatever is raised inside an evaluation -- ``Exception`` or ``BaseException`` -- in the U-Net or a ControlNet, on a
-full or a retrieval step, in a cached pipeline call, an uncached ``from_pipe`` view or a bare-U-Net loop, in the
+Whatever is raised inside an evaluation -- ``Exception`` or ``BaseException`` -- in the U-Net, a ControlNet or a
+transformer (Flux with true CFG), on a full or a retrieval step, in a cached pipeline call, an uncached ``from_pipe`` view or a bare-U-Net loop, in the
 main thread or a worker: the next call completes and equals a fresh run, ``disable()`` returns, and nothing is
 left wrapped. Every call that could hang runs in a thread joined with a timeout, so a wedge fails, not hangs.
 """
@@ -14,13 +14,15 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import FluxPipeline, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
 from DeepCache import DeepCacheSDHelper
 from DeepCache.schedule import format_pattern
 
 from . import tiny_pipelines as tp
 from .tiny import prompt_kwargs, tiny_sd_pipe, tiny_sd_unet, unet_loop
+from .tiny_dit_pipelines import flux
+from .tiny_dits import TINY_DITS
 
 STEPS = 4
 INTERVAL = 3  # evaluation 0 is a full step, evaluation 1 a retrieval step
@@ -55,26 +57,45 @@ def in_thread(fn: Callable[[], Any]) -> Any:
     return box["result"]
 
 
+FLUX_KWARGS = {k: v for k, v in flux()[1].items() if k not in ("generator", "num_inference_steps", "output_type")}
+
+
 def call(pipe) -> torch.Tensor:
-    extra = {"image": tp.image()} if isinstance(pipe, StableDiffusionControlNetPipeline) else {}
     generator = torch.Generator().manual_seed(0)
+    if isinstance(pipe, FluxPipeline):  # true CFG: a cond and an uncond transformer call per step
+        return pipe(num_inference_steps=STEPS, output_type="latent", generator=generator, **FLUX_KWARGS).images
+    extra = {"image": tp.image()} if isinstance(pipe, StableDiffusionControlNetPipeline) else {}
     return pipe(num_inference_steps=STEPS, output_type="latent", generator=generator, **extra, **prompt_kwargs()).images
 
 
 def make(module: str):
-    return tp.sd_controlnet_pipe() if module == "controlnet" else tiny_sd_pipe()
+    return {"controlnet": tp.sd_controlnet_pipe, "transformer": lambda: flux()[0]}.get(module, tiny_sd_pipe)()
+
+
+def bare(module: str) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """A bare model and a loop of STEPS evaluations on it."""
+    if module == "transformer":
+        model, inputs = TINY_DITS["FluxTransformer2DModel"]()
+
+        def loop() -> torch.Tensor:
+            with torch.no_grad():
+                return torch.stack([model(**inputs(i))[0] for i in range(STEPS)])
+
+        return model, loop
+    unet = tiny_sd_unet()
+    return unet, lambda: unet_loop(unet, steps=STEPS)
 
 
 @functools.lru_cache(maxsize=None)
 def reference(module: str, kind: str) -> torch.Tensor:
     """A fresh run: cached (pipeline, bare U-Net) or uncached (a from_pipe view), on fresh models."""
     if kind == "bare":
-        unet = tiny_sd_unet()
-        helper = DeepCacheSDHelper(pipe=unet)
+        model, loop = bare(module)
+        helper = DeepCacheSDHelper(pipe=model)
         helper.set_params(cache_interval=INTERVAL)
         with helper:
             helper.reset_states()
-            return unet_loop(unet, steps=STEPS)
+            return loop()
     pipe = make(module)
     if kind == "view":
         return call(pipe)
@@ -97,7 +118,8 @@ def raising(exc_type: type[BaseException], at: int) -> Callable:
 
 
 EXCEPTIONS = [KeyboardInterrupt, SystemExit, GeneratorExit, RuntimeError]
-CASES = [("unet", kind) for kind in ("pipeline", "view", "bare")] + [("controlnet", kind) for kind in ("pipeline", "view")]
+CASES = ([("unet", kind) for kind in ("pipeline", "view", "bare")] + [("controlnet", kind) for kind in ("pipeline", "view")]
+         + [("transformer", kind) for kind in ("pipeline", "view", "bare")])
 
 
 @pytest.mark.timeout(240)
@@ -108,22 +130,26 @@ CASES = [("unet", kind) for kind in ("pipeline", "view", "bare")] + [("controlne
 @pytest.mark.parametrize("exc_type", EXCEPTIONS, ids=[e.__name__ for e in EXCEPTIONS])
 def test_nothing_raised_inside_an_evaluation_wedges_the_lifecycle(exc_type, module, kind, step, thread) -> None:
     if kind == "bare":
-        unet = tiny_sd_unet()
-        target, nets = unet, [unet]
-        run: Callable[[], torch.Tensor] = lambda: unet_loop(unet, steps=STEPS)  # noqa: E731
+        model, run = bare(module)
+        target, nets = model, [model]
     else:
         pipe = make(module)
-        nets = [pipe.unet] + ([pipe.controlnet] if module == "controlnet" else [])
+        denoiser = pipe.transformer if module == "transformer" else pipe.unet
+        nets = [denoiser] + ([pipe.controlnet] if module == "controlnet" else [])
         target = pipe
-        view = StableDiffusionPipeline.from_pipe(pipe) if module == "unet" else StableDiffusionControlNetPipeline.from_pipe(pipe)
+        view = {"unet": StableDiffusionPipeline, "controlnet": StableDiffusionControlNetPipeline,
+                "transformer": FluxPipeline}[module].from_pipe(pipe)
         run = (lambda: call(pipe)) if kind == "pipeline" else (lambda: call(view))  # noqa: E731
     helper = DeepCacheSDHelper(pipe=target)
     helper.set_params(cache_interval=INTERVAL)
     helper.enable()
     if kind == "bare":
         helper.reset_states()
-    where = nets[-1].conv_in  # runs on full and retrieval steps alike, in the U-Net and in a ControlNet
-    handle = where.register_forward_pre_hook(raising(exc_type, 0 if step == "full" else 1))
+    # runs on full and retrieval steps alike, in the U-Net, a ControlNet and a transformer (whose pipeline calls it
+    # twice per step: evaluation 2 is step 1's first call, a retrieval step)
+    where = nets[-1].x_embedder if module == "transformer" else nets[-1].conv_in
+    retrieval = 2 if module == "transformer" and kind != "bare" else 1
+    handle = where.register_forward_pre_hook(raising(exc_type, 0 if step == "full" else retrieval))
     try:
         with pytest.raises(exc_type):
             run() if thread == "main" else in_thread(run)
