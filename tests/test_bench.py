@@ -298,7 +298,7 @@ def test_json_schema(tiny_report: BenchReport) -> None:
     assert s["variants"][0] == {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform", "center": 15,
                                 "pow": 1.4, "full_steps": None, "start_step": 0, "end_step": None, "threshold": None,
                                 "forecast": None, "forecast_weight": 1.0, "forecast_weights": None,
-                                "label": "I=3, B=0"}
+                                "front_blocks": None, "back_blocks": None, "label": "I=3, B=0"}
     assert data["env"]["attention_backend"] == "torch SDPA (AttnProcessor2_0)"
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .kinds import load_kind
 from .pipelines import DTYPES, is_demo_pipeline, load_pipeline, resolve_device, resolve_dtype  # noqa: F401
 from .prompts import choose_prompts
 from .report import TABLE_STYLES
@@ -154,9 +155,9 @@ def pipeline_from_args(args: argparse.Namespace, device: torch.device | None = N
     """The pipeline (``--model``, ``--device`` unless ``device`` is given, ``--dtype``) and its prompts (``--prompt``,
     ``--num-prompts``, ``--seed``)."""
     device = device or resolve_device(args.device)
-    pipe = load_pipeline(args.model, device, resolve_dtype(args.dtype, device))
-    prompts = choose_prompts(embedded=is_demo_pipeline(pipe), count=args.num_prompts, seed=args.seed, given=args.prompt)
-    return pipe, prompts
+    kind = load_kind(args.model, device, resolve_dtype(args.dtype, device))
+    prompts = choose_prompts(embedded=kind.embedded, count=args.num_prompts, seed=args.seed, given=args.prompt)
+    return kind.pipe, prompts
 
 
 def apply_threads(threads: int | None) -> None:

@@ -1,4 +1,5 @@
-"""Count U-Net and VAE FLOPs, and the ideal DeepCache speedup they imply (for ``deepcache bench`` and ``tune``).
+"""Count U-Net and VAE FLOPs, and the ideal DeepCache speedup they imply (for ``deepcache bench`` and ``tune``;
+transformers: :mod:`DeepCache.tools.kinds.dit_flops`, with :func:`count_flops_by_module` from here).
 
 FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` (matrix multiplies,
 convolutions and attention; elementwise ops, norms and softmax are not counted). On CUDA, the
@@ -63,6 +64,20 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def count_flops_by_module(fn: Callable[[], Any]) -> dict[str, int]:
+    """FLOPs of running ``fn()`` per module, keyed ``Class.child.grandchild`` (a top module by its class name; each
+    count includes its children's; ``Global`` is the total), as :class:`FlopCounterMode` tracks them.
+
+    >>> seq = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(16, 2, bias=False))
+    >>> counts = count_flops_by_module(lambda: seq(torch.zeros(1, 8)))
+    >>> counts["Sequential.0"], counts["Sequential.1"], counts["Sequential"]
+    (256, 64, 320)
+    """
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+        fn()
+    return {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
 
 
 def ideal_speedup_uniform(interval: int, flop_ratio: float) -> float:
@@ -176,6 +191,18 @@ class PatternFlops:
     ideal_uniform: float | None  # N / (1 + (N-1) f): uniform schedules only
 
 
+def pattern_flops(pattern: Sequence[bool], step: StepFlops, vae: int,
+                  uniform_interval: int | None = None) -> PatternFlops:
+    """The counts and FLOP-ideal speedups of a generation with step ``pattern`` (all True: the original), whose steps
+    cost ``step`` and whose VAE decode costs ``vae``; ``uniform_interval`` also gives N / (1 + (N-1) f)."""
+    if all(pattern):
+        return PatternFlops(step.full, None, None, vae, 1.0, 1.0, 1.0)
+    uniform = ideal_speedup_uniform(uniform_interval, step.ratio) if uniform_interval is not None else None
+    return PatternFlops(step.full, step.retrieval, step.ratio, vae,
+                        ideal_speedup_pattern(pattern, step.full, step.retrieval, vae),
+                        ideal_speedup_pattern(pattern, step.full, step.retrieval), uniform)
+
+
 class FlopCache:
     """FLOP counts per shape on meta-device copies of a U-Net and VAE (shapes only, no compute).
 
@@ -209,13 +236,7 @@ class FlopCache:
         """The counts and FLOP-ideal speedups of ``images`` images generated with step ``pattern`` (all True: the
         original) at latent size ``latent``, caching at ``branch``; ``uniform_interval`` also gives N / (1 + (N-1) f)."""
         step = self.step(unet_batch(self.unet_config, images, guidance_scale), *latent, branch)
-        vae = self.vae_decode(images, *latent)
-        if all(pattern):
-            return PatternFlops(step.full, None, None, vae, 1.0, 1.0, 1.0)
-        uniform = ideal_speedup_uniform(uniform_interval, step.ratio) if uniform_interval is not None else None
-        return PatternFlops(step.full, step.retrieval, step.ratio, vae,
-                            ideal_speedup_pattern(pattern, step.full, step.retrieval, vae),
-                            ideal_speedup_pattern(pattern, step.full, step.retrieval), uniform)
+        return pattern_flops(pattern, step, self.vae_decode(images, *latent), uniform_interval)
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """The latent (height, width) of an image of this size."""

@@ -41,7 +41,8 @@ from .cli_common import (
 )
 from .distributed import ProcessInfo, barrier, global_batches, process_info, shard
 from .image_store import ImageStore, read_records
-from .pipelines import call_batch, default_batch_size, resolve_dtype
+from .kinds import PipelineKind, default_batch_size, kind_of, load_kind
+from .pipelines import resolve_dtype
 from .prompts import PROMPT_FILE_FORMATS, PromptItem, read_prompt_file, seeded_items
 from .runs import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from ..params import CacheParams
@@ -120,13 +121,15 @@ def setting_from_args(variant: Setting | None, params: str | None) -> Setting:
 # -- generation ------------------------------------------------------------------------------------------
 def generate_items(pipe: Any, items: Sequence[PromptItem], setting: Setting, *, steps: int, guidance: float,
                    height: int | None = None, width: int | None = None) -> list[Any]:
-    """One PIL image per seeded item, in one pipeline call; each item's noise comes from its own CPU generator."""
+    """One PIL image per seeded item, in one pipeline call; each item's noise comes from its own CPU generator.
+    ``pipe``: a pipeline or its kind (:mod:`DeepCache.tools.kinds`)."""
     from ..helper import DeepCacheSDHelper
 
-    with applied(DeepCacheSDHelper(pipe=pipe), setting, steps), torch.no_grad():
-        images = call_batch(pipe, [item.prompt for item in items], [int(item.seed) for item in items],  # type: ignore[arg-type]
-                            steps=steps, guidance=guidance, negative_prompts=[item.negative_prompt for item in items],
-                            output_type="pil", height=height, width=width)
+    kind = kind_of(pipe)
+    with applied(DeepCacheSDHelper(pipe=kind.pipe), setting, steps), torch.no_grad():
+        images = kind.call([item.prompt for item in items], [int(item.seed) for item in items],  # type: ignore[arg-type]
+                           steps=steps, guidance=guidance, negative_prompts=[item.negative_prompt for item in items],
+                           output_type="pil", height=height, width=width)
     return list(images)
 
 
@@ -159,13 +162,13 @@ def run_job(args: argparse.Namespace, info: ProcessInfo) -> int:
     pending = {i for batch in batches for i in batch if i not in finished}
     mine = shard(batches, info.rank, info.world_size)
     with quiet_third_party(not args.verbose):
-        from .pipelines import load_pipeline
-
-        pipe = load_pipeline(args.model, info.device, dtype)
+        pipe = load_kind(args.model, info.device, dtype)
         if info.is_main:
+            embeddings = pipe.describe().get("prompt_embeddings")
             print(f"deepcache generate: {len(items)} items, {len(finished)} already in {store.folder}, {len(pending)} "
                   f"to make in {len(batches)} batches of up to {batch_size} on {info.world_size} process(es); "
-                  f"{setting.label}, {args.steps} steps", flush=True)
+                  f"{setting.label}, {args.steps} steps" + (f"; prompt embeddings: {embeddings}" if embeddings else ""),
+                  flush=True)
         barrier(info)
         if info.is_main and not started:
             store.write_settings(wanted)
@@ -182,7 +185,7 @@ def run_job(args: argparse.Namespace, info: ProcessInfo) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, info: ProcessInfo, pipe: Any, store: ImageStore, items: Sequence[PromptItem],
+def _generate(args: argparse.Namespace, info: ProcessInfo, pipe: PipelineKind, store: ImageStore, items: Sequence[PromptItem],
               mine: Sequence[Sequence[int]], finished: set[int], pending: set[int], setting: Setting) -> float:
     """Make and save this process's batches; wait for every process; the seconds from here to the last one's end."""
     bar = Progress(len(pending), info.is_main and not args.no_progress, desc="deepcache generate", unit="image")
@@ -238,7 +241,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, required=True, metavar="FILE", help=f"the prompts: {formats}")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output folder: <index>.png, manifest.jsonl, settings.json; re-run to resume")
-    add_model_option(parser, "local diffusers SD/SDXL pipeline folder (default: the embedded demo model, offline)")
+    add_model_option(parser, "local diffusers SD/SDXL or diffusion-transformer pipeline folder (default: the embedded "
+                     "demo model, offline)")
     add_variant_option(parser, default_help=DEFAULT_SETTING.label.replace("I=", "").replace(" B=", ""),
                        repeatable=False)
     parser.add_argument("--params", metavar="JSON", help="DeepCache parameters saved by CacheParams.to_json() (e.g. "

@@ -1,6 +1,7 @@
-"""Load the pipeline ``deepcache eval``/``demo``/``tune``/``generate`` run (the embedded demo model, offline, or any
-local or hub one), call it on a batch of seeded prompts the one way they all do (:func:`call_batch`), and say what ran
-(:func:`run_meta`).
+"""Devices, dtypes and what a report says about the run (:func:`run_meta`); everything about the pipeline itself is
+asked of its kind (:mod:`DeepCache.tools.kinds`). ``load_pipeline``, ``is_demo_pipeline``, ``demo_classifier_path``,
+``default_batch_size``, ``call_batch`` and ``pipeline_device`` are the kinds' answers under their former names (for
+code that holds a bare pipeline, such as ``deepcache tune``).
 
 Example::
 
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .demo_model import CLASSIFIER_DIR, EMBEDDED_MODEL, is_demo_pipeline_dir
+from .kinds import default_batch_size, kind_of, load_kind
 
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
                                   "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
@@ -28,82 +29,27 @@ __all__ = ["DTYPES", "call_batch", "default_batch_size", "demo_classifier_path",
 
 def load_pipeline(model: str | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> Any:
-    """The embedded demo pipeline (``model=None``, offline) or any diffusers pipeline folder / hub id.
-
-    A local folder is read with ``local_files_only``; ``dtype`` (default: the weights' own) is passed
-    as ``torch_dtype``. The progress bar of generation is switched off.
-    """
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
-
-    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
-    if model is None:
-        if not (EMBEDDED_MODEL / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"the embedded demo model is missing from {EMBEDDED_MODEL}; reinstall DeepCache, or rebuild it with "
-                "`deepcache train-demo-model --out DeepCache/assets`."
-            )
-        pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, local_files_only=True, **kwargs)
-    else:
-        local = Path(model).expanduser()
-        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else model,
-                                                 local_files_only=local.exists(), **kwargs)
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _folder(pipe: Any) -> Path | None:
-    path = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    return Path(str(path)) if path else None
+    """The embedded demo pipeline (``model=None``, offline) or any diffusers pipeline folder / hub id
+    (:func:`DeepCache.tools.kinds.load_kind`, which knows U-Nets and transformers)."""
+    return load_kind(model, device, dtype).pipe
 
 
 def is_demo_pipeline(pipe: Any) -> bool:
     """Whether ``pipe`` was loaded from a folder written by ``deepcache train-demo-model`` (captions checkable)."""
-    folder = _folder(pipe)
-    return folder is not None and is_demo_pipeline_dir(folder)
+    return kind_of(pipe).embedded
 
 
 def demo_classifier_path(pipe: Any) -> Path | None:
     """The classifier trained beside a demo pipeline (``../demo-classifier``), if there is one."""
-    folder = _folder(pipe)
-    if folder is None or not is_demo_pipeline_dir(folder):
-        return None
-    path = folder.parent / CLASSIFIER_DIR
-    return path if path.is_dir() else None
-
-
-def default_batch_size(model: Any) -> int:
-    """Images per pipeline call when the user does not say: 16 for the tiny demo model (a pipeline loaded from it, its
-    folder, or ``None`` for the embedded one), which batches well; 1 for anything else, which may not fit 16 at once.
-
-    >>> default_batch_size(None), default_batch_size("./my-sd-pipeline")
-    (16, 1)
-    """
-    if model is None:
-        return 16
-    if isinstance(model, (str, Path)):
-        return 16 if is_demo_pipeline_dir(Path(model).expanduser()) else 1
-    return 16 if is_demo_pipeline(model) else 1
+    return kind_of(pipe).classifier_path()
 
 
 def call_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
                negative_prompts: Sequence[str | None] | None = None, output_type: str = "np",
                height: int | None = None, width: int | None = None) -> Any:
-    """One pipeline call for a batch of prompts; returns its ``images``.
-
-    Each prompt's noise comes from its own CPU ``torch.Generator`` seeded with its seed, so an image does not depend
-    on the device, or on which other prompts share its batch. ``negative_prompts``: one per prompt (``None`` or
-    ``""``: none; diffusers' own default negative prompt is ``""``). ``height``/``width``: ``None`` is the model's.
-    """
-    if len(seeds) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
-    negatives = [n or "" for n in negative_prompts] if negative_prompts is not None else [""] * len(prompts)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts; pass one per prompt.")
-    size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-    return pipe(list(prompts), negative_prompt=negatives if any(negatives) else None,
-                generator=[torch.Generator().manual_seed(int(s)) for s in seeds], num_inference_steps=steps,
-                guidance_scale=guidance, output_type=output_type, **size).images
+    """One pipeline call for a batch of seeded prompts: :meth:`DeepCache.tools.kinds.PipelineKind.call`."""
+    return kind_of(pipe).call(prompts, seeds, steps=steps, guidance=guidance, negative_prompts=negative_prompts,
+                              output_type=output_type, height=height, width=width)
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -131,17 +77,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def pipeline_device(pipe: Any) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype the pipeline's U-Net runs in."""
-    return torch.device(str(getattr(pipe, "device", "cpu"))), pipe.unet.dtype
+    """The device and dtype the pipeline's denoiser (U-Net or transformer) runs in."""
+    kind = kind_of(pipe)
+    return kind.device, kind.dtype
 
 
 def run_meta(pipe: Any, steps: int, guidance: float, prompts: Sequence[str], seeds: Sequence[int],
              **more: Any) -> dict[str, Any]:
-    """What a report says about the run (model, steps, scheduler, prompts, seeds, threads, device, dtype), and ``more``."""
-    device, dtype = pipeline_device(pipe)
+    """What a report says about the run (model, steps, scheduler, prompts, seeds, threads, device, dtype), and ``more``;
+    a transformer also its family and where its prompt embeddings came from (:meth:`PipelineKind.describe`)."""
+    kind = kind_of(pipe)
     return {
-        "model": str(getattr(pipe.config, "_name_or_path", "")),
-        "embedded": is_demo_pipeline(pipe),
+        "model": kind.source,
+        "embedded": kind.embedded,
+        **kind.describe(),
         "steps": steps,
         "guidance": guidance,
         "scheduler": type(pipe.scheduler).__name__,
@@ -149,8 +98,8 @@ def run_meta(pipe: Any, steps: int, guidance: float, prompts: Sequence[str], see
         "seeds": list(seeds),
         **more,
         "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(kind.device),
+        "dtype": str(kind.dtype).replace("torch.", ""),
     }
 
 

@@ -28,7 +28,8 @@ from .cli_common import (add_device_options, add_generation_arguments, add_json_
                          add_prompt_options, add_table_options, add_threads_option, add_variant_option, apply_threads,
                          pipeline_from_args, quiet_third_party)
 from .distributed import ProcessInfo, process_info
-from .pipelines import default_batch_size, model_name, pipeline_device, run_meta
+from .kinds import default_batch_size, kind_of
+from .pipelines import model_name, run_meta
 from .prompts import PromptItem, prompt_seeds, read_prompt_file, seeded_items
 from .report import Column, environment, json_document, render_table, write_json
 from .runs import DEFAULT_GUIDANCE, DEFAULT_STEPS, RunSpec, SettingRun, run_and_score_sharded
@@ -117,7 +118,8 @@ class EvalResult:
         m = self.meta
         processes = f", {m['processes']} processes" if m.get("processes", 1) > 1 else ""
         return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps, {len(m['prompts'])} prompts, guidance "
-                f"{m['guidance']}, {m['torch_threads']} CPU thread(s), {m['device']} {m['dtype']}{processes}")
+                f"{m['guidance']}, {m['torch_threads']} CPU thread(s), {m['device']} {m['dtype']}{processes}"
+                + (f"; prompt embeddings: {m['prompt_embeddings']}" if "prompt_embeddings" in m else ""))
 
 
 def evaluate(pipe: Any, settings: Sequence[Setting], items: Sequence[PromptItem], spec: RunSpec | None = None, *,
@@ -148,13 +150,15 @@ def evaluate(pipe: Any, settings: Sequence[Setting], items: Sequence[PromptItem]
         clip_score="computed" if scorer.clip is not None
         else f"n/a ({'no --clip-model given' if not clip_name else 'weights not available locally'})",
         processes=info.world_size, **({"negative_prompts": negatives} if any(negatives) else {}))
-    return EvalResult(rows, meta, environment(*pipeline_device(pipe), pipe)), runs
+    kind = kind_of(pipe)
+    return EvalResult(rows, meta, environment(kind.device, kind.dtype, pipe)), runs
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_prompts: int, default_variants: str,
                          default_repeats: int = 1) -> None:
     """Options shared by ``deepcache eval`` and ``deepcache demo``."""
-    add_model_option(parser, "local folder or hub id of an SD/SDXL pipeline (default: the embedded demo model, offline)")
+    add_model_option(parser, "local folder or hub id of an SD/SDXL or diffusion-transformer pipeline (default: the "
+                     "embedded demo model, offline)")
     add_variant_option(parser, default_help=default_variants)
     add_prompt_options(parser, default_count=default_prompts)
     add_generation_arguments(parser, default_repeats=default_repeats)

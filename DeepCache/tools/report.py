@@ -178,7 +178,9 @@ def environment(device: torch.device, dtype: torch.dtype, pipe: Any | None = Non
             "math": torch.backends.cuda.math_sdp_enabled(),
         }
     if pipe is not None:
-        procs = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+        from .kinds import kind_of
+
+        procs = kind_of(pipe).attention_processors()
         sdpa = any(name.endswith("2_0") for name in procs)
         env["attention_backend"] = ("torch SDPA (" if sdpa else "") + ", ".join(procs) + (")" if sdpa else "")
     return env

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .distributed import ProcessInfo, gather, global_batches, shard
-from .pipelines import call_batch, pipeline_device
+from .kinds import kind_of
 from .prompts import PromptItem
 from .scoring import ImageScores, Scorer
 from .settings import BASELINE, Setting, applied, baseline_first
@@ -136,11 +136,12 @@ def generate_batch(pipe: Any, helper: Any, setting: Setting, items: Sequence[Pro
                    spec: RunSpec) -> tuple[np.ndarray, float, tuple[bool, ...]]:
     """One pipeline call for ``items`` with ``setting`` enabled on ``helper``: the images (float, N×H×W×3 in [0, 1]),
     the seconds of the call alone (:func:`timed`) and the step pattern (``()`` for the original)."""
+    kind = kind_of(pipe)
     with applied(helper, setting, spec.steps), torch.no_grad():
-        images, seconds = timed(lambda: call_batch(
-            pipe, [i.prompt for i in items], [int(i.seed) for i in items],  # type: ignore[arg-type]
+        images, seconds = timed(lambda: kind.call(
+            [i.prompt for i in items], [int(i.seed) for i in items],  # type: ignore[arg-type]
             steps=spec.steps, guidance=spec.guidance, negative_prompts=[i.negative_prompt for i in items]),
-            pipeline_device(pipe)[0])
+            kind.device)
         pattern = () if setting.is_baseline else tuple(helper.last_steps)
     return np.asarray(images, dtype=np.float32), seconds, pattern
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .pipelines import demo_classifier_path
+from .kinds import kind_of
 
 __all__ = ["ImageScores", "Scorer", "classify", "clip_model", "clip_scores", "lpips_model", "prompt_labels",
            "reference_images", "to_classifier_input"]
@@ -87,7 +87,7 @@ class Scorer:
         ``classifier_path``), LPIPS if its weights are local, CLIP from ``clip_name`` if given and local."""
         from .demo_model.classifier import load_classifier
 
-        classifier_path = classifier_path or demo_classifier_path(pipe)
+        classifier_path = classifier_path or kind_of(pipe).classifier_path()
         return cls(load_classifier(classifier_path) if classifier_path is not None else None, lpips_model(),
                    clip_model(clip_name) if clip_name else None)
 

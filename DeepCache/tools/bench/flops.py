@@ -13,21 +13,24 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ...schedule import schedule_pattern
 from ..flops import FlopCache, PatternFlops
+from ..kinds.dit_flops import DiTFlopCache
+from ..kinds.transformer import TransformerKind
 from ..report import environment
-from .models import BUILTIN_MODELS, load_config, tiny_config
+from .models import BUILTIN_MODELS, build_pipeline, load_config, tiny_config
 from .results import BenchReport, ScenarioResult, report_settings
 from .scenarios import BenchConfig, Scenario
 
 __all__ = ["flops_report", "scenario_flops"]
 
 
-def scenario_flops(counter: FlopCache, scenario: Scenario, pattern: Sequence[bool], guidance_scale: float) -> PatternFlops:
+def scenario_flops(counter: FlopCache | DiTFlopCache, scenario: Scenario, pattern: Sequence[bool], guidance_scale: float) -> PatternFlops:
     """The counts and FLOP-ideal speedups of one scenario run with step ``pattern``."""
     setting = scenario.setting
     return counter.for_pattern(pattern, images=scenario.batch_size, latent=counter.latent_size(scenario.height, scenario.width),
@@ -38,21 +41,26 @@ def scenario_flops(counter: FlopCache, scenario: Scenario, pattern: Sequence[boo
 def flops_report(cfg: BenchConfig) -> BenchReport:
     """FLOP counts and ideal speedups for every (eager) scenario, without building or timing the real model.
 
-    Counts run on the ``meta`` device, so full-size SDXL takes seconds on a CPU. Needs a built-in
-    model (or a local model folder, whose configs are read).
+    U-Net counts run on the ``meta`` device, so full-size SDXL takes seconds on a CPU. Needs a built-in
+    model (or a local model folder, whose configs are read). A transformer folder is loaded on the CPU and counted on
+    one real 1-step call per shape (:mod:`DeepCache.tools.kinds.dit_flops`): seconds for small models, minutes and the
+    model's memory for a full-size one.
     """
     if cfg.model in BUILTIN_MODELS:
         conf = load_config(cfg.model)
         if cfg.tiny:
             conf = tiny_config(conf)
         unet_cfg, vae_cfg, name = conf["unet"], conf["vae"], cfg.model + ("-tiny" if cfg.tiny else "")
+        counter: FlopCache | DiTFlopCache = FlopCache(unet_cfg, vae_cfg)
+    elif TransformerKind.claims_folder(Path(cfg.model).expanduser()):  # a real 1-step call counts it: on the CPU
+        counter, name = build_pipeline(cfg.model, device="cpu", dtype=torch.float32).kind.flop_counter(), cfg.model
     else:
         import diffusers
 
         unet_cfg = diffusers.UNet2DConditionModel.load_config(cfg.model, subfolder="unet")
         vae_cfg = diffusers.AutoencoderKL.load_config(cfg.model, subfolder="vae")
         name = cfg.model
-    counter = FlopCache(unet_cfg, vae_cfg)
+        counter = FlopCache(unet_cfg, vae_cfg)
     device = torch.device("meta")
     settings = report_settings(cfg, name, "builtin config" if cfg.model in BUILTIN_MODELS else cfg.model,
                             "n/a (FLOPs only)", device, torch.float32)

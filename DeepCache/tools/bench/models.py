@@ -27,6 +27,8 @@ from typing import Any, Iterator
 import torch
 
 from ..flops import pooled_text_dim, unet_batch, vae_scale_factor  # noqa: F401  (the shape rules, shared)
+from ..kinds import PipelineKind, kind_of
+from ..kinds.unet import PROMPT_TOKENS  # noqa: F401  (where it lives now)
 
 BUILTIN_MODELS: tuple[str, ...] = ("sd15", "sd21", "sdxl")
 
@@ -38,9 +40,6 @@ SCHEDULERS: dict[str, str] = {
     "euler": "EulerDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
 }
-
-#: Prompt length the SD text encoders produce (77 CLIP tokens).
-PROMPT_TOKENS = 77
 
 
 def load_config(name: str) -> dict[str, Any]:
@@ -110,8 +109,13 @@ class BuiltPipeline:
     source: str  # "builtin config" or the path / hub id it was loaded from
     weights: str  # "random" or "pretrained"
     is_sdxl: bool
-    cross_attention_dim: int
+    cross_attention_dim: int | None  # U-Nets only
     pooled_dim: int | None  # SDXL: width of the pooled text embedding
+
+    @property
+    def kind(self) -> PipelineKind:
+        """The pipeline's kind (:mod:`DeepCache.tools.kinds`): its inputs, call keywords, denoiser and FLOP counter."""
+        return kind_of(self.pipe)
 
 
 def _scheduler(name: str, scheduler_config: dict[str, Any] | Any) -> Any:
@@ -129,6 +133,8 @@ def _scheduler(name: str, scheduler_config: dict[str, Any] | Any) -> Any:
 
 
 def _describe(pipe: Any, name: str, source: str, weights: str) -> BuiltPipeline:
+    if kind_of(pipe).family != "unet":
+        return BuiltPipeline(pipe, name, source, weights, False, None, None)
     pooled = pooled_text_dim(pipe.unet.config)
     return BuiltPipeline(pipe, name, source, weights, pooled is not None, int(pipe.unet.config.cross_attention_dim),
                          pooled)
@@ -182,8 +188,11 @@ def build_pipeline(
                 f"could not load model {model!r}: {exc}. Use one of {', '.join(BUILTIN_MODELS)} "
                 "or a local diffusers pipeline folder."
             ) from exc
-        if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
-            raise ValueError(f"{model!r} is not a U-Net pipeline with a VAE ({type(pipe).__name__}).")
+        if getattr(pipe, "vae", None) is None or not any(getattr(pipe, a, None) is not None
+                                                         for a in ("unet", "transformer")):
+            raise ValueError(f"{model!r} is not a U-Net or transformer pipeline with a VAE ({type(pipe).__name__}).")
+        if kind_of(pipe).family == "transformer":
+            kind_of(pipe).check()
         if scheduler != "default":
             pipe.scheduler = _scheduler(scheduler, pipe.scheduler.config)
         if getattr(pipe, "safety_checker", None) is not None:
@@ -197,16 +206,6 @@ def build_pipeline(
 def make_inputs(
     built: BuiltPipeline, *, batch_size: int, device: str | torch.device, dtype: torch.dtype, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Random prompt embeddings (and pooled ones for SDXL) of the shape the text encoders produce."""
-    gen = torch.Generator("cpu").manual_seed(seed)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    shape = (batch_size, PROMPT_TOKENS, built.cross_attention_dim)
-    inputs = {"prompt_embeds": rand(*shape), "negative_prompt_embeds": rand(*shape)}
-    if built.is_sdxl:
-        assert built.pooled_dim is not None
-        inputs["pooled_prompt_embeds"] = rand(batch_size, built.pooled_dim)
-        inputs["negative_pooled_prompt_embeds"] = rand(batch_size, built.pooled_dim)
-    return inputs
+    """Random prompt embeddings (and pooled ones for SDXL, SD3, Flux; masks for PixArt, Sana) of the shape the text
+    encoders produce: :meth:`DeepCache.tools.kinds.PipelineKind.bench_inputs`."""
+    return built.kind.bench_inputs(batch_size, device, dtype, seed)

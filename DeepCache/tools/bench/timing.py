@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..flops import FlopCache
 from .flops import scenario_flops
 from .models import build_pipeline, make_inputs
 from .results import BenchReport, ScenarioResult, Timing, report_settings
@@ -150,14 +149,15 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
     pipe = built.pipe
     report = BenchReport(report_settings(cfg, built.name, built.source, built.weights, device, dtype),
                          environment(device, dtype, pipe))
-    flops = FlopCache(pipe.unet.config, pipe.vae.config) if cfg.count_flops else None
+    kind = built.kind  # U-Net or transformer: its denoiser, call keywords and FLOP counter
+    flops = kind.flop_counter() if cfg.count_flops else None
     helper = DeepCacheSDHelper(pipe=pipe)
-    timer = StepTimer(pipe.unet, device)
+    timer = StepTimer(kind.denoiser, device)
     cuda = device.type == "cuda"
     compile_mode = None if cfg.compile is None else (
         ("reduce-overhead" if cuda else "default") if cfg.compile == "auto" else cfg.compile)
     report.settings["compile_mode"] = compile_mode
-    eager_unet, compiled_unet = pipe.unet, None
+    eager_unet, compiled_unet = kind.denoiser, None
     if compile_mode is not None:
         branches = {s.cache_branch_id for s in cfg.settings_run() if not s.is_baseline}
         compiled_unet = compile_unet(eager_unet, compile_mode, len(cfg.shapes()) * (1 + 2 * len(branches)))
@@ -166,14 +166,15 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
 
     def call(sc: Scenario, inputs: dict[str, torch.Tensor], steps: int) -> _Sample:
         gen = torch.Generator(device).manual_seed(cfg.seed)
-        pipe.unet = compiled_unet if sc.compiled else eager_unet
+        kind.denoiser = compiled_unet if sc.compiled else eager_unet
         with applied(helper, sc.setting, steps), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # random weights may overflow in the image cast
             timer.start()
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             _, seconds = timed(lambda: pipe(**inputs, height=sc.height, width=sc.width, num_inference_steps=steps,
-                                            guidance_scale=cfg.guidance_scale, generator=gen, output_type="np"), device)
+                                            **kind.guidance_kwargs(cfg.guidance_scale), generator=gen,
+                                            output_type="np"), device)
             peak = int(torch.cuda.max_memory_allocated(device)) if cuda else None
             step_ms = timer.step_ms()
         pattern = (True,) * len(step_ms) if sc.setting.is_baseline else tuple(helper.last_steps)
@@ -217,7 +218,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
                     on_result(res)
             del inputs
     finally:
-        pipe.unet = eager_unet
+        kind.denoiser = eager_unet
         bar.close()
         timer.remove()
     return report
