@@ -247,6 +247,11 @@ class Progress:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(n)
 
+    def stage(self, text: str) -> None:
+        """Say what runs now (after the bar), without counting anything done."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
     def update_to(self, done: int, text: str = "") -> None:
         """``done`` in all (a count read from elsewhere, e.g. what every process finished)."""
         if self.bar is not None and done > self.bar.n:

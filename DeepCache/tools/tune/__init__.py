@@ -1,40 +1,50 @@
 """``deepcache tune``: the fastest DeepCache setting that keeps your quality bound, on your pipeline and prompts.
 
-For every interval N (``--intervals``, default 2-6) and branch (``--branches``, default 0, 1, 2) it builds up to six
-candidates with the same budget of K = ceil(n / N) full steps in an n-evaluation generation:
+For every interval N (``--intervals``, default 2-6) and branch (``--branches``, default 0, 1, 2) it has candidates
+with the same budget of K = ceil(n / N) full steps in an n-evaluation generation:
 
 * ``uniform``: a full step every N evaluations;
 * ``non-uniform``: the paper's schedule (Eq. 7) with K full steps, centred at 30 % of the generation (its 15 of 50);
-* ``calibrated``: the K full steps :meth:`DeepCacheSDHelper.calibrate` picks on the calibration prompts (the reuse
-  errors are measured once per branch, gaps up to twice the largest N, and the exact programme solved for each K);
 * ``adaptive``: cap 2N, with the smallest threshold (a short bisection) that keeps the mean full steps on the
   calibration prompts at K or fewer;
+* ``linear``: uniform with ``forecast="linear"`` at weight 1, at N <= 3 only (farther full steps make the straight
+  line overshoot: on the embedded model +9.5 dB over uniform at N = 3, worse from N = 4 on);
+
+and, at every K from the largest interval's budget to the smallest's (25 steps: K = 5..13, also the K no interval
+gives), the calibrated ones, from one uncached recording of the calibration prompts shared by every branch and K:
+
+* ``calibrated``: the K full steps :meth:`DeepCacheSDHelper.calibrate` picks (reuse errors, then the exact
+  programme);
 * ``forecast``: the calibrated forecast, what ``helper.calibrate(K, forecast=True)`` picks: K full steps and a
   weight per step for ``forecast="linear"`` (retrieval steps extrapolate the cached feature from the last two full
-  steps instead of reusing it), fitted on the same calibration recording as ``calibrated`` (its forecast errors
-  measured once per branch, forecasts at most 8 evaluations past their full step; then for each K the forecast
-  options of ``calibrate`` (each coefficient cap's, and the calibrated reuse steps with fitted weights) run once
-  through the pipeline on the calibration prompts and the closest to the uncached result kept);
-* ``linear``: uniform with ``forecast="linear"`` at weight 1, at N <= 3 only (farther full steps make the straight
-  line overshoot: on the embedded model +9.5 dB over uniform at N = 3, worse from N = 4 on).
+  steps instead of reusing it): its forecast errors measured once per branch, then its closed-loop choice on the
+  calibration prompts (``tune/calibrated.py``'s ``forecast_choice``, the one call site of the library's choice).
 
-The calibration prompts are never evaluated. Each candidate then generates the evaluation prompts (the same
-seeds and batches) and is scored against the uncached images (PSNR, SSIM) as the images are made; only the pipeline
-call is timed, after a warm-up, and the order of the candidates rotates between the ``--repeats`` (default 3 on a
-CPU, where a shared machine's load changes from call to call and one measurement cannot be trusted; 1 on CUDA,
-whose synchronized timings repeat within a few per cent); the median counts.
+Held out: the prompts are split into calibration prompts (calibration and the adaptive search only) and judging
+prompts (every candidate's quality and speed); none is in both. Each candidate is judged on the judging prompts,
+scored against the uncached images (PSNR, SSIM), never on the prompts its calibration used.
+
+Only candidates that can win are run. A candidate's speedup is trusted up to its FLOP-ideal one, known before it
+runs (from its number of full steps), so ``tune`` goes from the highest bound down (the candidates that cost nothing
+to build first) and prunes every candidate whose bound is below the best credible speedup of one that meets the
+quality bound: it is never built, run or timed, and its row says ``pruned``. Each other candidate generates the
+judging prompts once (its quality and one timing, after a warm-up; only the pipeline call is timed); the
+contenders, the candidates that meet the bound and whose bound reaches the best, are timed again with the
+original, the order rotating, until each has ``--repeats`` timings (default 3 on a CPU, where a shared machine's
+load changes from call to call; 1 on CUDA); the median counts. If that lowers the best, the candidates it brings
+back in reach are run too. A progress bar on stderr says which stage runs.
 
 ``tune`` decides on evidence: every measured speedup is printed beside its FLOP-ideal one (the U-Net and VAE FLOPs
 the schedule saves); a measured speedup more than 10 % above that bound is noise: ``tune`` warns, and ranks that
 candidate at its bound. It prints every candidate, then the fastest that meets ``--min-psnr`` and/or ``--min-ssim``
 as a ``helper.set_params(...)`` line; it writes that setting as ``CacheParams`` JSON (``--save``) and a
-speed-vs-PSNR plot of all candidates with their Pareto front, the choice labelled as the printed line
+speed-vs-PSNR plot of the judged candidates with their Pareto front, the choice labelled as the printed line
 (``--plot``). When nothing meets the bound it says what the best candidate reached and exits with status 2.
 Adaptive schedules decide per batch: they are tuned and measured at ``--batch-size``.
 
 Example::
 
-    $ deepcache tune --min-psnr 30          # embedded model: 25 steps, 6 + 4 prompts, 75 candidates, 3 repeats
+    $ deepcache tune --min-psnr 30          # embedded model: 25 steps, 6 judging + 4 calibration prompts
     $ deepcache tune --model ./my-sd-pipeline --min-psnr 28 --min-ssim 0.9 --prompt "a cat" --prompt "a dog"
     $ deepcache tune --min-psnr 35 --intervals 2,3 --branches 0 --kinds uniform,calibrated --threads 1
 """
@@ -59,9 +69,9 @@ from .choice import NOISE_MARGIN, bound_text, choose, credible_speedup, full_ste
     search_threshold, unmet_bound
 from .calibrated import FORECAST_MAX_GAP, LINEAR_MAX_INTERVAL
 from .pareto import KIND_STYLE, chosen_label, pareto_plot, plot_series
-from .search import DEFAULT_BRANCHES, DEFAULT_INTERVALS, KINDS, Candidate, TuneConfig, TuneResult, tune
+from .search import DEFAULT_BRANCHES, DEFAULT_INTERVALS, KINDS, Candidate, PromptSplit, TuneConfig, TuneResult, tune
 
-__all__ = ["KIND_STYLE", "KINDS", "Candidate", "TuneConfig", "TuneResult", "choose", "credible_speedup", "full_step_budget",
+__all__ = ["KIND_STYLE", "KINDS", "Candidate", "PromptSplit", "TuneConfig", "TuneResult", "choose", "credible_speedup", "full_step_budget",
            "pareto_front", "pareto_plot", "plot_series", "search_threshold", "tune", "unmet_bound"]
 
 #: The bound when neither ``--min-psnr`` nor ``--min-ssim`` is given.
@@ -76,9 +86,10 @@ def header(result: TuneResult) -> str:
     """One line: model, steps, prompts, guidance, batch, repeats, threads, device."""
     m = result.meta
     return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps ({m['evaluations']} U-Net evaluations), "
-            f"{len(m['prompts'])} evaluation + {len(m['calibration_prompts'])} calibration prompts, guidance "
-            f"{m['guidance']}, batch {m['batch_size']}, median of {m['repeats']} repeat(s), {m['torch_threads']} CPU "
-            f"thread(s), {m['device']} {m['dtype']}")
+            f"{len(m['prompts'])} judging + {len(m['calibration_prompts'])} calibration prompts (disjoint), guidance "
+            f"{m['guidance']}, batch {m['batch_size']}, {m['judged']} candidates judged and {m['pruned']} pruned, "
+            f"contenders' median of {m['repeats']} repeat(s), {m['torch_threads']} CPU thread(s), {m['device']} "
+            f"{m['dtype']}")
 
 
 def noise_warning(result: TuneResult) -> str | None:
@@ -87,7 +98,7 @@ def noise_warning(result: TuneResult) -> str | None:
     if not noisy:
         return None
     worst = max(noisy, key=lambda r: r["speedup"] / r["ideal_speedup"])
-    return (f"deepcache tune: warning: {len(noisy)} of {len(result.candidates)} measured speedups beat their FLOP "
+    return (f"deepcache tune: warning: {len(noisy)} of {len(result.judged)} measured speedups beat their FLOP "
             f"bound by more than {NOISE_MARGIN * 100:.0f} % (e.g. {worst['kind']} {worst['setting']}: {worst['speedup']:.2f}x "
             f"measured, FLOP-ideal {worst['ideal_speedup']:.2f}x): the timings are noisy, and those candidates are "
             f"ranked at their bound. For figures to trust, run on a quiet machine, with more --repeats (now "
@@ -106,6 +117,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("budget", "K", align="right"),
     Column("branch", "B", align="right"),
     Column("full_steps", "full steps", ".1f", align="right"),
+    Column("status", "run", lambda v: "pruned" if v == "pruned" else ""),
+    Column("timings", "timings", align="right"),
     _EVAL_COLUMNS["seconds"],
     _EVAL_COLUMNS["speedup"],
     Column("ideal_speedup", "FLOP-ideal", ".2f", align="right"),
@@ -177,15 +190,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"schedules to try (default {','.join(KINDS)})")
     add_prompt_options(parser, default_count=EVAL_PROMPTS)
     parser.add_argument("--calibration-prompt", action="append", metavar="PROMPT",
-                        help="a calibration prompt (repeatable; never one of the evaluation prompts); default: see "
+                        help="a calibration prompt (repeatable; never one of the judging prompts); default: see "
                         "--num-calibration-prompts")
     parser.add_argument("--num-calibration-prompts", type=positive_int, default=CALIBRATION_PROMPTS,
-                        help="how many default calibration prompts, none of them evaluated (default "
+                        help="how many default calibration prompts, none of them judged (default "
                         f"{CALIBRATION_PROMPTS})")
     add_generation_arguments(parser, default_repeats=None, repeats_default_help=(
         f"{CPU_REPEATS} on a CPU, where a shared machine's load changes from call to call and the median of "
         f"{CPU_REPEATS} discards a disturbed one; {CUDA_REPEATS} on CUDA, whose synchronized timings repeat within a "
-        "few per cent"))
+        "few per cent; only the contenders and the original are timed more than once"))
     parser.add_argument("--batch-size", type=positive_int,
                         help="images per pipeline call (default: 16 on the embedded model, 1 otherwise); adaptive "
                         "schedules decide per batch, so they are tuned and measured at this size")
@@ -218,8 +231,8 @@ def run(args: argparse.Namespace) -> int:
         _check_branches(pipe, branches)
         items = [PromptItem(p, s) for p, s in zip(prompts, prompt_seeds(prompts, args.seed))]
         calibration_items = [PromptItem(p, s) for p, s in zip(cal_prompts, prompt_seeds(cal_prompts, args.seed + 1000))]
-        result = tune(pipe, config, items, calibration_items, min_psnr=min_psnr, min_ssim=min_ssim,
-                      progress=not args.no_progress)
+        split = PromptSplit(tuple(calibration_items), tuple(items))
+        result = tune(pipe, config, split, min_psnr=min_psnr, min_ssim=min_ssim, progress=not args.no_progress)
     print(f"deepcache tune: {header(result)}")
     print(format_table(result.rows, args.table))
     warning = noise_warning(result)
@@ -227,13 +240,13 @@ def run(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     pareto_plot(result).save(args.plot)
-    print(f"saved the speed-vs-PSNR plot of {len(result.candidates)} candidates to {args.plot}")
+    print(f"saved the speed-vs-PSNR plot of the {len(result.judged)} judged candidates to {args.plot}")
     if args.json is not None:
         print(f"wrote {write_json(args.json, result.to_json())}")
     print(f"bound: {bound_text(min_psnr, min_ssim)}")
     params = result.chosen_params
     if result.chosen is None or params is None:
-        raise unmet_bound(result.candidates, min_psnr, min_ssim)
+        raise unmet_bound(result.judged, min_psnr, min_ssim)
     args.save.parent.mkdir(parents=True, exist_ok=True)
     args.save.write_text(params.to_json() + "\n", encoding="utf-8")
     print(recommendation(result.chosen, args.save))
@@ -264,16 +277,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 #: The end of ``deepcache tune --help``: the kinds, then how it decides.
 EPILOG = (
     "Kinds (--kinds), each with the budget K = ceil(steps / N) full steps of interval N: uniform (a full step every N); "
-    "non-uniform (the paper's schedule, densest at 30 % of the steps); calibrated (the K full steps calibrate() picks "
-    "on the calibration prompts); adaptive (cap 2N, the smallest threshold keeping K full steps on average); "
-    "forecast (the calibrated forecast of calibrate(K, forecast=True): K full steps and a weight per step for "
-    "forecast=\"linear\", retrieval steps extrapolating the cached feature from the last two full steps; fitted on "
-    "the same calibration run, forecasts at most "
-    f"{FORECAST_MAX_GAP} steps past a full step; its replay costs about six times calibrated's); linear (uniform with "
+    "non-uniform (the paper's schedule, densest at 30 % of the steps); adaptive (cap 2N, the smallest threshold "
+    "keeping K full steps on average on the calibration prompts); linear (uniform with "
     f"forecast=\"linear\" at weight 1, at N <= {LINEAR_MAX_INTERVAL} only: farther apart the straight line "
-    "overshoots). "
-    "Evidence: only the pipeline call is timed, the candidates' order rotates between the --repeats and the median "
-    f"counts. Every measured speedup is printed beside its FLOP-ideal one; a measured speedup more than "
+    "overshoots); and at every K between the intervals' budgets: calibrated (the K full steps calibrate() picks "
+    "on the calibration prompts); forecast (the calibrated forecast of calibrate(K, forecast=True): K full steps and "
+    "a weight per step for forecast=\"linear\", retrieval steps extrapolating the cached feature from the last two "
+    f"full steps; forecasts at most {FORECAST_MAX_GAP} steps past a full step). "
+    "Held out: calibration and the adaptive search see only the calibration prompts; every candidate is judged on "
+    "the other prompts. "
+    "Only candidates that can win run: a candidate whose FLOP-ideal speedup is below the best credible speedup of "
+    "one that meets the bound is pruned (never built, run or timed); the others are judged once (quality and one "
+    "timing), and only the contenders (they meet the bound and their FLOP-ideal speedup reaches the best) are timed "
+    "--repeats times with the original, the order rotating; the median counts. "
+    f"Every measured speedup is printed beside its FLOP-ideal one; a measured speedup more than "
     f"{NOISE_MARGIN * 100:.0f} % above that bound is noise: it is marked, tune warns, and the candidate is ranked at "
-    "its bound. Images are scored as they are made and dropped: memory does not grow with the candidates or prompts."
+    "its bound."
 )

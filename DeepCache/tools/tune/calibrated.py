@@ -1,29 +1,25 @@
-"""``deepcache tune``'s calibrated candidates: what one branch's calibration run gives every budget.
+"""``deepcache tune``'s calibrated candidates: one recording on the calibration prompts, solved for any branch and K.
 
-Per branch, the calibration prompts run once uncached (recorded); that recording is replayed once and solved for
-every budget K:
+The calibration prompts run once uncached (recorded; the U-Net's inputs do not depend on the branch, so one
+recording serves every branch). Each branch's replay runs the first time a candidate of that branch is built, and
+each budget K is solved only when its candidate can still win (:mod:`.plan`):
 
-* ``calibrated``: the reuse errors (gaps up to ``reuse_gap``), then the exact programme for each K: the full steps
+* ``calibrated``: the reuse errors (gaps up to ``reuse_gap``), then the exact programme for K: the full steps
   :meth:`DeepCacheSDHelper.calibrate` picks;
 * ``forecast``: the forecast errors (:func:`DeepCache.forecast_calibration.forecast_errors`: forecasts at most
   :data:`FORECAST_MAX_GAP` evaluations past their full step, from full steps at most :data:`FORECAST_MAX_SPAN` apart;
-  farther steps reuse), then for each K the calibrated forecast under each coefficient cap, run once through the
-  pipeline on the calibration prompts (the same noise) and the one closest to the uncached final latents kept:
-  the closed-loop choice of ``helper.calibrate(K, forecast=True)`` (:func:`DeepCache.forecast_calibration.choose`:
-  each cap's forecast steps and the calibrated reuse steps with weights fitted for them), less its reuse option
-  (calibrated reuse is a candidate of its own, judged on the evaluation prompts), then refined in closed loop like
-  the calibration's (:func:`DeepCache.forecast_refine.refine`: one weight per segment of at least
-  ``REFINE_MIN_LENGTH`` retrieval steps). No candidate for a K where no forecast weight is left nonzero. It costs
-  up to 6 pipeline calls on the calibration prompts per K, plus up to 14 per long segment (5 or more retrieval
-  steps in a row: at 25 steps, about K <= 5).
+  farther steps reuse), then the library's forecast choice for K (:func:`forecast_choice`, the one place it is
+  made). ``None`` for a K where no forecast weight is left nonzero (it would be reuse).
 
-Both kinds share one recording; ``calibrated`` alone measures exactly as before (the same recording and errors).
+Held out: everything here sees the calibration prompts only; every candidate is judged on the other prompts
+(:class:`.search.PromptSplit` keeps the two sets disjoint).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,10 +31,10 @@ from ...params import CacheParams
 from ...schedule import optimal_full_steps
 from ..settings import Setting
 
-__all__ = ["CALIBRATED_KINDS", "FORECAST_MAX_GAP", "FORECAST_MAX_SPAN", "LINEAR_MAX_INTERVAL", "calibrate_branch",
-           "reuse_within"]
+__all__ = ["CALIBRATED_KINDS", "FORECAST_MAX_GAP", "FORECAST_MAX_SPAN", "LINEAR_MAX_INTERVAL", "Calibration",
+           "forecast_choice", "reuse_within"]
 
-#: The kinds whose settings come from a calibration run.
+#: The kinds whose settings come from the calibration recording.
 CALIBRATED_KINDS: tuple[str, ...] = ("calibrated", "forecast")
 #: The forecast replay's bounds (those of ``helper.calibrate(K, forecast=True)``).
 FORECAST_MAX_GAP, FORECAST_MAX_SPAN = fc.MAX_GAP, fc.MAX_SPAN
@@ -56,10 +52,18 @@ def reuse_within(errors: Sequence[Sequence[float]], max_gap: int) -> list[list[f
     return [[e if k - a <= max_gap else math.inf for k, e in enumerate(row)] for a, row in enumerate(errors)]
 
 
-def _forecast_choice(pipe: Any, measured: fc.ForecastErrors, budget: int, reference: torch.Tensor, rewind: Any,
-                     call: dict[str, Any]) -> CacheParams | None:
-    """The calibrated forecast with ``budget`` full steps whose closed-loop latents are closest (first on ties);
-    ``None`` when no forecast has a nonzero weight (it would be reuse)."""
+def forecast_choice(pipe: Any, measured: fc.ForecastErrors, budget: int, reference: torch.Tensor,
+                    rewind: Callable[[], None], call: dict[str, Any]) -> CacheParams | None:
+    """THE ONE CALL SITE of the library's forecast choice for ``deepcache tune`` (issue 25, items 1-4: switch this
+    function to the library's held-out rule when it lands, nothing else in tune chooses a forecast).
+
+    Today: ``helper.calibrate(K, forecast=True)``'s closed-loop choice on the calibration prompts
+    (:func:`DeepCache.forecast_calibration.candidate_params`: each coefficient cap's forecast and the calibrated
+    reuse steps with fitted weights; the one whose final latents are closest to the uncached ones, first on ties),
+    less its reuse option (calibrated reuse is a candidate of its own), refined in closed loop
+    (:func:`DeepCache.forecast_refine.refine`). ``None`` when no forecast weight is left nonzero. Whatever it
+    picks is judged by tune on the judging prompts, never on the calibration prompts it was chosen on.
+    """
     options = [p for p in fc.candidate_params(measured, budget) if p.forecast is not None]
     if not options:
         return None
@@ -69,32 +73,72 @@ def _forecast_choice(pipe: Any, measured: fc.ForecastErrors, budget: int, refere
     def score(params: CacheParams) -> float:
         return fc.closed_loop_errors(pipe, pipe.unet, [params], reference, rewind, call)[0]
 
-    refined, _, _ = forecast_refine.refine(score, forecast_refine.as_forecast(options[best], measured.num_steps), scores[best])
+    refined, _, _ = forecast_refine.refine(score, forecast_refine.as_forecast(options[best], measured.num_steps),
+                                           scores[best])
     return refined if any(refined.forecast_weights) else None
 
 
-def calibrate_branch(pipe: Any, branch: int, budgets: Sequence[int], kinds: Sequence[str], call: dict[str, Any],
-                     reuse_gap: int) -> dict[str, dict[int, Setting]]:
-    """``{kind: {K: setting}}`` for the calibrated kinds among ``kinds``, from one recording of ``call``.
+class Calibration:
+    """The calibration prompts' one recording and what each branch and budget K gets from it, computed on demand.
 
-    ``call`` is the pipeline call on the calibration prompts (its ``generator`` list fixes the noise).
+    Use as a context manager (the recording and its noise are held until the end of the block). ``on_stage(text)``
+    is told each expensive step before it runs (the progress display). ``runs`` counts the recordings (at most 1).
     """
-    wanted = [k for k in CALIBRATED_KINDS if k in kinds]
-    if not wanted:
-        return {}
-    budgets = sorted(set(budgets))
-    out: dict[str, dict[int, Setting]] = {kind: {} for kind in wanted}
-    if "forecast" not in wanted:
-        errors = calibration.measure_reuse_errors(pipe, pipe.unet, branch, reuse_gap, **call)
-    else:
-        with fc.recorded(pipe, pipe.unet, call) as (rec, reference, rewind):
-            measured = fc.forecast_errors(pipe.unet, rec, branch, max_gap=FORECAST_MAX_GAP, max_span=FORECAST_MAX_SPAN)
-            for k in budgets:
-                params = _forecast_choice(pipe, measured, k, reference, rewind, call)
-                if params is not None:
-                    out["forecast"][k] = Setting.of(params)
-        errors = reuse_within(measured.reuse, reuse_gap)
-    if "calibrated" in wanted:
-        for k in budgets:
-            out["calibrated"][k] = Setting(1, branch, "custom", full_steps=optimal_full_steps(errors, k))
-    return out
+
+    def __init__(self, pipe: Any, call: dict[str, Any], *, reuse_gap: int, forecast: bool,
+                 on_stage: Callable[[str], None] = lambda text: None) -> None:
+        self.pipe, self.call, self.reuse_gap, self.forecast = pipe, call, reuse_gap, forecast
+        self.on_stage = on_stage
+        self.runs = 0
+        self._stack = contextlib.ExitStack()
+        self._recorded: tuple[Any, torch.Tensor, Callable[[], None]] | None = None
+        self._reuse: dict[int, list[list[float]]] = {}
+        self._measured: dict[int, fc.ForecastErrors] = {}
+        self._forecasts: dict[tuple[int, int], Setting | None] = {}
+
+    def __enter__(self) -> Calibration:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def _recording(self) -> tuple[Any, torch.Tensor, Callable[[], None]]:
+        if self._recorded is None:
+            self.on_stage("calibration: recording the uncached run")
+            self._recorded = self._stack.enter_context(fc.recorded(self.pipe, self.pipe.unet, self.call))
+            self.runs += 1
+        return self._recorded
+
+    def _errors(self, branch: int) -> list[list[float]]:
+        """The reuse errors of ``branch`` (from the forecast replay when forecasts are wanted: the same numbers)."""
+        if branch not in self._reuse:
+            rec = self._recording()[0]
+            if self.forecast:
+                self._reuse[branch] = reuse_within(self._forecast_errors(branch).reuse, self.reuse_gap)
+            else:
+                self.on_stage(f"calibration: reuse errors B={branch}")
+                self._reuse[branch] = calibration.reuse_errors(self.pipe.unet, rec, branch, self.reuse_gap)
+        return self._reuse[branch]
+
+    def _forecast_errors(self, branch: int) -> fc.ForecastErrors:
+        if branch not in self._measured:
+            rec = self._recording()[0]
+            self.on_stage(f"calibration: forecast replay B={branch}")
+            self._measured[branch] = fc.forecast_errors(self.pipe.unet, rec, branch, max_gap=FORECAST_MAX_GAP,
+                                                        max_span=FORECAST_MAX_SPAN)
+        return self._measured[branch]
+
+    def calibrated(self, branch: int, budget: int) -> Setting:
+        """The K = ``budget`` full steps ``calibrate()`` picks at ``branch``."""
+        return Setting(1, branch, "custom", full_steps=optimal_full_steps(self._errors(branch), budget))
+
+    def forecast_setting(self, branch: int, budget: int) -> Setting | None:
+        """The calibrated forecast with K = ``budget`` full steps at ``branch`` (:func:`forecast_choice`)."""
+        key = (branch, budget)
+        if key not in self._forecasts:
+            measured = self._forecast_errors(branch)
+            _, reference, rewind = self._recording()
+            self.on_stage(f"calibration: forecast choice B={branch}, K={budget} (closed loop)")
+            params = forecast_choice(self.pipe, measured, budget, reference, rewind, self.call)
+            self._forecasts[key] = None if params is None else Setting.of(params)
+        return self._forecasts[key]

@@ -45,7 +45,7 @@ def plot_series(rows: Sequence[dict[str, Any]]) -> list[Series]:
 
 def pareto_plot(result: TuneResult) -> Any:
     """Measured speedup vs PSNR of every candidate, by kind; the Pareto front, the bound and the choice."""
-    rows = result.candidates
+    rows = result.judged
     series = plot_series(rows)
     m = result.meta
     marked = None

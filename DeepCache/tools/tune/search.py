@@ -1,11 +1,16 @@
-"""``deepcache tune``'s search: the candidates, their runs and their rows.
+"""``deepcache tune``'s search: the candidates, which of them run, and their rows.
 
-For every interval N and branch B it builds up to six candidates with the same budget of K = ceil(n / N) full steps
-in an n-evaluation generation (``uniform``, ``non-uniform``, ``calibrated``, ``adaptive``, ``forecast``, ``linear``;
-see the command's help; the calibrated ones in :mod:`.calibrated`), on the calibration prompts only. Then every candidate generates the evaluation prompts, timed and scored against the
-uncached images by the tools' one layer (:func:`DeepCache.tools.runs.run_and_score`: only the pipeline call timed,
-the order rotated between repeats, medians; each image scored as it is made and dropped, so memory does not grow with
-the number of candidates or prompts). Each row carries the measured speedup and the FLOP-ideal one beside it.
+For every interval N and branch B it has up to six candidates with the same budget of K = ceil(n / N) full steps in
+an n-evaluation generation (``uniform``, ``non-uniform``, ``adaptive``, ``linear``; see the command's help), and the
+calibrated ones (``calibrated``, ``forecast``; :mod:`.calibrated`) at every K from the largest interval's budget to
+the smallest's (25 steps, intervals 2-6: K = 5..13, also the K no interval gives). The prompts are split
+(:class:`PromptSplit`): calibration and the adaptive threshold search see only the calibration prompts, and every
+candidate is judged on the judging prompts, none of which any calibration used.
+
+Which candidates are built, judged and timed is decided as they go (:mod:`.plan`): from the highest FLOP-ideal
+bound down, a candidate whose bound is below the best credible speedup of one that meets the quality bound cannot
+win and is pruned; each judged candidate generates the judging prompts once (:class:`.judge.Judge`: its scores and
+one timing), and only the contenders get the other ``repeats``.
 
 Example::
 
@@ -16,25 +21,26 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ...params import CacheParams
+from ...schedule import schedule_pattern
 from ..cli_common import Progress
-from ..flops import FlopCache, ideal_speedup_pattern, unet_batch
 from ..pipelines import pipeline_device, run_meta
 from ..prompts import PromptItem
 from ..report import environment, json_document
-from ..runs import DEFAULT_GUIDANCE, DEFAULT_STEPS, RunSpec, SettingRun, generate_batch, run_and_score
-from ..scoring import Scorer
-from ..settings import BASELINE, Setting
-from .calibrated import CALIBRATED_KINDS, LINEAR_MAX_INTERVAL, calibrate_branch
-from .choice import beats_bound, choose, full_step_budget, meets, pareto_front, search_threshold
+from ..runs import DEFAULT_GUIDANCE, DEFAULT_STEPS, RunSpec, SettingRun, generate_batch
+from ..settings import Setting
+from .calibrated import CALIBRATED_KINDS, LINEAR_MAX_INTERVAL, Calibration
+from .choice import choose, full_step_budget, meets, pareto_front, search_threshold
+from .judge import Judge
+from .plan import Slot, best_credible, contenders, could_win, order
+from .rows import Flops, baseline_row, judged_row, pruned_row, refresh_speedups
 
-__all__ = ["DEFAULT_BRANCHES", "DEFAULT_INTERVALS", "KINDS", "Candidate", "TuneConfig", "TuneResult", "tune"]
+__all__ = ["DEFAULT_BRANCHES", "DEFAULT_INTERVALS", "KINDS", "Candidate", "PromptSplit", "TuneConfig", "TuneResult", "tune"]
 
 KINDS: tuple[str, ...] = ("uniform", "non-uniform", "calibrated", "adaptive", "forecast", "linear")
 DEFAULT_INTERVALS: tuple[int, ...] = (2, 3, 4, 5, 6)
@@ -45,12 +51,29 @@ NON_UNIFORM_CENTER = 0.3
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """One setting tried: its kind, the interval N whose budget K = ceil(n / N) it keeps, and the setting."""
+    """One setting tried: its kind, the interval N whose budget K = ceil(n / N) it keeps (``None`` for a K between
+    two intervals' budgets), and the setting."""
 
     kind: str
-    interval: int
+    interval: int | None
     budget: int
     setting: Setting
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSplit:
+    """tune's prompts: ``calibration`` (calibration and the adaptive threshold search) and ``judging`` (every
+    candidate's quality and speed); no prompt is in both."""
+
+    calibration: tuple[PromptItem, ...]
+    judging: tuple[PromptItem, ...]
+
+    def __post_init__(self) -> None:
+        shared = {i.prompt for i in self.calibration} & {i.prompt for i in self.judging}
+        if shared:
+            raise ValueError(f"calibration and evaluation prompts must differ; both have {sorted(shared)[0]!r}.")
+        if not self.calibration or not self.judging:
+            raise ValueError("tune needs at least one calibration prompt and one judging prompt.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +113,18 @@ class TuneResult:
 
     @property
     def candidates(self) -> list[dict[str, Any]]:
+        """Every candidate's row, pruned ones included."""
         return [r for r in self.rows if r["kind"] != "original"]
+
+    @property
+    def judged(self) -> list[dict[str, Any]]:
+        """The candidates that ran (quality and speed measured); the others were pruned."""
+        return [r for r in self.candidates if r["status"] != "pruned"]
 
     @property
     def noisy(self) -> list[dict[str, Any]]:
         """The candidates measured faster than their FLOP bound allows (noise; see :func:`.choice.beats_bound`)."""
-        return [r for r in self.candidates if r["beats_bound"]]
+        return [r for r in self.judged if r["beats_bound"]]
 
     @property
     def chosen_params(self) -> CacheParams | None:
@@ -124,38 +153,26 @@ def count_evaluations(pipe: Any, prompt: str, seed: int, steps: int, guidance: f
     return calls
 
 
-def build_candidates(pipe: Any, config: TuneConfig, evaluations: int, calibration_items: Sequence[PromptItem],
-                     bar: Progress) -> list[Candidate]:
-    """Every candidate: calibration (once per branch) and the adaptive thresholds run on the calibration prompts."""
-    found: dict[Setting, Candidate] = {}  # one candidate per setting (N=5 and N=6 both give K=5 of 25)
-    budgets = {n: full_step_budget(evaluations, n) for n in config.intervals}
-    for branch in config.branches:
-        call = {"prompt": [i.prompt for i in calibration_items], "num_inference_steps": config.steps,
-                "guidance_scale": config.guidance, "output_type": "latent",
-                "generator": [torch.Generator().manual_seed(int(i.seed)) for i in calibration_items]}  # type: ignore[arg-type]
-        calibrated = calibrate_branch(pipe, branch, list(budgets.values()), config.kinds, call,
-                                      2 * max(config.intervals))
-        if calibrated:
-            bar.update(f"calibrated B={branch}")
-        for n in config.intervals:
-            for kind in config.kinds:
-                setting = candidate_setting(kind, n, branch, evaluations, calibrated)
-                if setting is None and kind == "adaptive":
-                    setting = _adaptive(pipe, config, calibration_items, 2 * n, branch, budgets[n])
-                    bar.update(f"adaptive {setting.label}")
-                if setting is not None:
-                    found.setdefault(setting, Candidate(kind, n, budgets[n], setting))
-    return list(found.values())
+def calibrated_budgets(evaluations: int, intervals: Sequence[int]) -> dict[int, int | None]:
+    """``{K: N}``: every budget from the largest interval's to the smallest's, with the smallest interval that
+    gives it (``None`` for a K no interval gives).
+
+    >>> calibrated_budgets(25, (3, 4, 5, 6))
+    {5: 5, 6: None, 7: 4, 8: None, 9: 3}
+    """
+    by_budget: dict[int, int] = {}
+    for n in sorted(intervals, reverse=True):
+        by_budget[full_step_budget(evaluations, n)] = n
+    return {k: by_budget.get(k) for k in range(min(by_budget), max(by_budget) + 1)}
 
 
-def candidate_setting(kind: str, interval: int, branch: int, evaluations: int,
-                      calibrated: dict[str, dict[int, Setting]]) -> Setting | None:
-    """The setting of a kind that needs no run of its own at interval N (budget K = ceil(n / N)); ``None`` for
-    ``adaptive`` (searched on the calibration prompts) and for ``linear`` beyond :data:`LINEAR_MAX_INTERVAL`.
+def candidate_setting(kind: str, interval: int, branch: int, evaluations: int) -> Setting | None:
+    """The setting of a kind that needs no calibration at interval N; ``None`` for ``linear`` beyond
+    :data:`LINEAR_MAX_INTERVAL` and for the kinds built from calibration.
 
-    >>> candidate_setting("linear", 3, 0, 25, {}).label, candidate_setting("linear", 4, 0, 25, {})
+    >>> candidate_setting("linear", 3, 0, 25).label, candidate_setting("linear", 4, 0, 25)
     ('I=3, B=0, forecast=linear', None)
-    >>> candidate_setting("non-uniform", 5, 1, 25, {}).label
+    >>> candidate_setting("non-uniform", 5, 1, 25).label
     'I=5, B=1, non-uniform, center=8'
     """
     if kind == "uniform":
@@ -165,9 +182,26 @@ def candidate_setting(kind: str, interval: int, branch: int, evaluations: int,
     if kind == "non-uniform":
         center = min(evaluations - 1, round(NON_UNIFORM_CENTER * evaluations))
         return Setting(interval, branch, "non-uniform", center=center)
-    if kind in CALIBRATED_KINDS:  # forecast: none where no forecast weight is nonzero (it would be reuse)
-        return calibrated[kind].get(full_step_budget(evaluations, interval))
     return None
+
+
+def slots(config: TuneConfig, evaluations: int, flops: Flops) -> list[Slot]:
+    """Every candidate before it is built, with the bound on its speedup (:mod:`.plan`): a fixed schedule's
+    FLOP-ideal speedup, K full steps' for the calibrated kinds, the cap's forced full steps' for ``adaptive``."""
+    out = []
+    for branch in config.branches:
+        for kind in config.kinds:
+            if kind in CALIBRATED_KINDS:
+                for budget, n in calibrated_budgets(evaluations, config.intervals).items():
+                    out.append(Slot(kind, branch, n, budget, flops.of_full_steps(branch, budget, evaluations)))
+                continue
+            for n in config.intervals:
+                fixed = Setting(2 * n, branch) if kind == "adaptive" else candidate_setting(kind, n, branch, evaluations)
+                if fixed is not None:
+                    full = sum(schedule_pattern(fixed.for_steps(evaluations), evaluations))
+                    out.append(Slot(kind, branch, n, full_step_budget(evaluations, n),
+                                    flops.of_full_steps(branch, full, evaluations)))
+    return out
 
 
 def _adaptive(pipe: Any, config: TuneConfig, items: Sequence[PromptItem], cap: int, branch: int,
@@ -188,84 +222,87 @@ def _adaptive(pipe: Any, config: TuneConfig, items: Sequence[PromptItem], cap: i
     return Setting(cap, branch, "adaptive", threshold=search_threshold(full_steps_at, budget))
 
 
-def tune(pipe: Any, config: TuneConfig, items: Sequence[PromptItem], calibration_items: Sequence[PromptItem], *,
-         min_psnr: float | None, min_ssim: float | None, progress: bool = False) -> TuneResult:
-    """Build, run and score every candidate; choose the fastest the evidence supports that meets the bound
-    (:func:`.choice.choose`; ``chosen=None`` if none does)."""
-    if {i.prompt for i in items} & {i.prompt for i in calibration_items}:
-        raise ValueError("calibration and evaluation prompts must differ.")
-    first = calibration_items[0]
+def _build(slot: Slot, pipe: Any, config: TuneConfig, evaluations: int, split: PromptSplit, cal: Calibration,
+           bar: Progress) -> Setting | None:
+    """The slot's setting; the calibrated kinds and adaptive run on the calibration prompts only."""
+    if slot.kind == "calibrated":
+        return cal.calibrated(slot.branch, slot.budget)
+    if slot.kind == "forecast":
+        return cal.forecast_setting(slot.branch, slot.budget)
+    if slot.kind == "adaptive":
+        bar.stage(f"adaptive threshold search: cap {2 * slot.interval}, B={slot.branch}")  # type: ignore[operator]
+        return _adaptive(pipe, config, split.calibration, 2 * slot.interval, slot.branch, slot.budget)  # type: ignore[operator]
+    return candidate_setting(slot.kind, slot.interval, slot.branch, evaluations)  # type: ignore[arg-type]
+
+
+def tune(pipe: Any, config: TuneConfig, split: PromptSplit, *, min_psnr: float | None, min_ssim: float | None,
+         progress: bool = False) -> TuneResult:
+    """Build, judge and time the candidates that can win (module docstring); choose the fastest the evidence
+    supports that meets the bound (:func:`.choice.choose`; ``chosen=None`` if none does)."""
+    first = split.calibration[0]
     evaluations = count_evaluations(pipe, first.prompt, int(first.seed), config.steps, config.guidance)  # type: ignore[arg-type]
-    per_branch = len(config.intervals) * ("adaptive" in config.kinds) + any(k in CALIBRATED_KINDS for k in config.kinds)
-    batches = -(-len(items) // config.batch_size)
-    bar = Progress(len(config.branches) * (per_branch + len(config.kinds) * len(config.intervals)) + 1, progress,
-                   desc="deepcache tune", unit="run")
+    flops = Flops(pipe, config.guidance)
+    todo = order(slots(config, evaluations, flops))
+    bar = Progress(len(todo), progress, desc="deepcache tune", unit="candidate")
+    call = {"prompt": [i.prompt for i in split.calibration], "num_inference_steps": config.steps,
+            "guidance_scale": config.guidance, "output_type": "latent",
+            "generator": [torch.Generator().manual_seed(int(i.seed)) for i in split.calibration]}  # type: ignore[arg-type]
+    built: dict[Setting, Candidate] = {}
+    rows: list[dict[str, Any]] = []
+    runs: list[SettingRun] = []
+    pruned: list[Slot] = []
     try:
-        candidates = build_candidates(pipe, config, evaluations, calibration_items, bar)
-        bar.set_total(len(config.branches) * per_branch + (1 + len(candidates)) * config.repeats * batches)
-        runs = run_and_score(pipe, items, [c.setting for c in candidates], Scorer(), config.spec,
-                             on_run=lambda s: bar.update(s.label))
+        with Calibration(pipe, call, reuse_gap=2 * max(config.intervals), forecast="forecast" in config.kinds,
+                         on_stage=bar.stage) as cal:
+            bar.stage("judging: the uncached images of the judging prompts")
+            judge = Judge(pipe, split.judging, config.spec)
+            while todo:
+                for slot in todo:
+                    if not could_win(slot.bound, best_credible(rows, min_psnr, min_ssim)):
+                        pruned.append(slot)
+                        bar.update(f"pruned {slot.kind} K={slot.budget}, B={slot.branch}")
+                        continue
+                    setting = _build(slot, pipe, config, evaluations, split, cal, bar)
+                    if setting is not None and setting not in built:
+                        built[setting] = Candidate(slot.kind, slot.interval, slot.budget, setting)
+                        bar.stage(f"judging {slot.kind} {setting.label}")
+                        runs.append(judge.judge(setting))
+                        rows.append(judged_row(slot.kind, slot.interval, slot.budget, runs[-1], config.steps, flops))
+                        refresh_speedups(rows[-1:], runs[-1:], judge.baseline)
+                        rows[-1]["meets"] = meets(rows[-1], min_psnr, min_ssim)
+                    bar.update(f"{slot.kind} K={slot.budget}, B={slot.branch}")
+                while short := [runs[k] for k in contenders(rows, min_psnr, min_ssim)
+                                if len(runs[k].seconds) < config.repeats]:
+                    bar.stage(f"timing {len(short)} contender(s) and the original, {config.repeats} repeats")
+                    judge.retime(short, config.repeats)
+                    refresh_speedups(rows, runs, judge.baseline)
+                best = best_credible(rows, min_psnr, min_ssim)
+                todo = [s for s in pruned if could_win(s.bound, best)]  # a slower median can bring some back
+                pruned = [s for s in pruned if s not in todo]
+            calibration_runs = cal.runs
     finally:
         bar.close()
-    rows = _candidate_rows(pipe, config, candidates, runs, evaluations)
-    for row in rows[1:]:
-        row["meets"] = meets(row, min_psnr, min_ssim)
-    for k in pareto_front([(r["speedup"], r["psnr"]) for r in rows[1:]]):
-        rows[1 + k]["pareto"] = True
-    chosen = choose(rows[1:], min_psnr, min_ssim)
-    prompts = [i.prompt for i in items]
+    return _result(pipe, config, split, evaluations, judge, built, rows, pruned, min_psnr, min_ssim, calibration_runs)
+
+
+def _result(pipe: Any, config: TuneConfig, split: PromptSplit, evaluations: int, judge: Judge,
+            built: dict[Setting, Candidate], rows: list[dict[str, Any]], pruned: Sequence[Slot],
+            min_psnr: float | None, min_ssim: float | None, calibration_runs: int) -> TuneResult:
+    """The rows (original, then every candidate by branch, budget and kind, pruned ones too) and the choice."""
+    for k in pareto_front([(r["speedup"], r["psnr"]) for r in rows]):
+        rows[k]["pareto"] = True
+    chosen = choose(rows, min_psnr, min_ssim)
+    labels = {(c.kind, c.setting.cache_branch_id, c.budget): c.setting.label for c in built.values()}
+    rows = rows + [pruned_row(s.kind, s.interval, s.budget, s.branch, s.bound, labels.get((s.kind, s.branch, s.budget)))
+                   for s in pruned]
+    rows.sort(key=lambda r: (r["branch"], -r["budget"], KINDS.index(r["kind"])))
+    judging = split.judging
     meta = run_meta(
-        pipe, config.steps, config.guidance, prompts, [i.seed for i in items], evaluations=evaluations,  # type: ignore[misc]
-        calibration_prompts=[i.prompt for i in calibration_items], calibration_seeds=[i.seed for i in calibration_items],
-        intervals=list(config.intervals), branches=list(config.branches), kinds=list(config.kinds),
-        batch_size=config.batch_size, repeats=config.repeats, min_psnr=min_psnr, min_ssim=min_ssim)
-    return TuneResult(rows, chosen, meta, environment(*pipeline_device(pipe), pipe))
-
-
-class _Flops:
-    """FLOP-ideal end-to-end speedups (U-Net steps and the VAE decode) of a run's step patterns, per branch."""
-
-    def __init__(self, pipe: Any, guidance: float) -> None:
-        self.counter: FlopCache | None = None
-        try:
-            self.counter = FlopCache(pipe.unet.config, pipe.vae.config)
-        except (AttributeError, TypeError, ValueError, KeyError, RuntimeError):  # not an SD-like U-Net and VAE
-            return
-        size = pipe.unet.config.sample_size
-        self.latent = (size, size) if isinstance(size, int) else tuple(size)
-        self.unet_batch = unet_batch(pipe.unet.config, 1, guidance)
-
-    def ideal(self, branch: int, run: SettingRun) -> float | None:
-        """Original FLOPs over this run's FLOPs, every batch's pattern weighted by its images."""
-        if self.counter is None or not run.patterns:
-            return None
-        step = self.counter.step(self.unet_batch, *self.latent, branch)
-        vae = self.counter.vae_decode(1, *self.latent)
-        per_image = [f for p, n in zip(run.patterns, run.batch_sizes) for _ in range(n) for f in p]
-        return ideal_speedup_pattern(per_image, step.full, step.retrieval, vae * sum(run.batch_sizes))
-
-
-def _candidate_rows(pipe: Any, config: TuneConfig, candidates: Sequence[Candidate], runs: Sequence[SettingRun],
-          evaluations: int) -> list[dict[str, Any]]:
-    baseline, by_setting = runs[0], {run.setting: run for run in runs}
-    flops = _Flops(pipe, config.guidance)
-    rows: list[dict[str, Any]] = [{
-        "kind": "original", "interval": 1, "budget": evaluations, "branch": None, "setting": BASELINE.label,
-        "params": None, "full_steps": float(evaluations), "seconds": baseline.median_seconds,
-        "seconds_all": baseline.seconds, "speedup": 1.0, "ideal_speedup": 1.0, "beats_bound": False,
-        "psnr": math.inf, "ssim": 1.0, "meets": None, "pareto": None,
-    }]
-    for c in candidates:
-        run = by_setting[c.setting]
-        means = run.scores.means() if run.scores is not None else {"psnr": math.nan, "ssim": math.nan}
-        row = {
-            "kind": c.kind, "interval": c.interval, "budget": c.budget, "branch": c.setting.cache_branch_id,
-            "setting": c.setting.label, "params": c.setting.for_steps(config.steps).helper_kwargs(),
-            "full_steps": run.full_steps, "seconds": run.median_seconds, "seconds_all": run.seconds,
-            "speedup": baseline.median_seconds / run.median_seconds,
-            "ideal_speedup": flops.ideal(c.setting.cache_branch_id, run),
-            "psnr": means["psnr"], "ssim": means["ssim"], "meets": None, "pareto": False,
-        }
-        row["beats_bound"] = beats_bound(row)
-        rows.append(row)
-    return rows
+        pipe, config.steps, config.guidance, [i.prompt for i in judging], [i.seed for i in judging],  # type: ignore[misc]
+        evaluations=evaluations, calibration_prompts=[i.prompt for i in split.calibration],
+        calibration_seeds=[i.seed for i in split.calibration], intervals=list(config.intervals),
+        branches=list(config.branches), kinds=list(config.kinds), batch_size=config.batch_size,
+        repeats=config.repeats, min_psnr=min_psnr, min_ssim=min_ssim, judged=len(rows) - len(pruned),
+        pruned=len(pruned), calibration_runs=calibration_runs)
+    return TuneResult([baseline_row(judge.baseline, evaluations), *rows], chosen, meta,
+                      environment(*pipeline_device(pipe), pipe))
