@@ -78,7 +78,8 @@ class CalibrateMixin:
             self.disable()
             try:
                 if forecast:
-                    from .forecast_calibration import MAX_GAP, calibrate_forecast
+                    from .forecast_calibration import MAX_GAP
+                    from .forecast_heldout import calibrate_forecast
 
                     gap = MAX_GAP if max_gap is None else max_gap
                     params, _ = calibrate_forecast(pipeline, unet, branch, num_full_steps, max_gap=gap,
