@@ -12,18 +12,20 @@ steps and a weight per U-Net evaluation, and check the choice in closed loop.
    :func:`~DeepCache.forecast.optimal_forecast_full_steps` the best full steps (exact DP over the last two).
 3. The replay judges each step with the *recorded* inputs. In the real run a forecast's error reaches the next full
    steps' features, and so the next line (measured on the demo model: the one-step judgement over-trusts long
-   forecasts from 4 full steps in 25 down). So :func:`calibrate_forecast` solves the DP for a few caps on the
-   forecast coefficient ``w*(k-a)/(a-a')`` and runs each result, and the calibrated reuse schedule, once through
-   the pipeline (closed loop, the same noise), keeping the one whose final latents are closest to the uncached
-   ones. Reuse wins ties; when it wins, the result is the calibrated reuse schedule (``forecast=None``).
-4. Over long gaps the replay cannot see what a weight does to the *next* full steps (measured on the demo model at
-   5 full steps in 25: no forecast candidate beat reuse in closed loop, yet stepping *back* along the line after
-   a long gap, a negative weight, damps the error that the next full steps inherit). So :func:`~DeepCache.forecast_refine.refine`
-   goes on from the winner in closed loop: one weight per segment of at least ``REFINE_MIN_LENGTH`` retrieval steps,
-   coordinate descent over ``SEGMENT_WEIGHTS``, ``REFINE_SWEEPS`` passes, a change kept only if it lowers the latent
-   error by ``REFINE_MARGIN``. Cost: at most ``sweeps * segments * (len(grid) - 1)`` more pipeline runs (5 full
-   steps of 25: 42; segments of 2-4 steps, as at 7 or more full steps of 25, are not refined: refining the one
-   4-step segment at 7 full steps fitted the 8 calibration prompts and lost 0.9 dB on held-out ones).
+   forecasts from 4 full steps in 25 down). So :func:`candidate_params` solves the DP for a few caps on the
+   forecast coefficient ``w*(k-a)/(a-a')``, and each candidate runs once through the pipeline
+   (:func:`closed_loop_sample_errors`: closed loop, the same noise), scored per sample by its final latents'
+   distance to the uncached ones.
+4. Over long gaps the replay cannot see what a weight does to the *next* full steps (stepping *back* along the line
+   after a long gap, a negative weight, can damp the error that the next full steps inherit), so
+   :func:`~DeepCache.forecast_refine.refine` can go on from the best candidate in closed loop: one weight per segment
+   of at least ``REFINE_MIN_LENGTH`` retrieval steps, coordinate descent over ``SEGMENT_WEIGHTS``.
+5. Steps 3 and 4 fitted on the calibration prompts and judged on the same prompts overfit them (issue 25: up to
+   3.9 dB worse than calibrated reuse on other prompts). Every measurement here is therefore kept per sample of the
+   calibration batch (:attr:`ForecastErrors.sample_errors`, :meth:`ForecastErrors.subset`), and
+   :mod:`DeepCache.forecast_heldout` fits steps 3-4 on some samples and judges them on the others (k-fold), keeping
+   a forecast only when it clearly beat calibrated reuse on samples it was not fitted on
+   (:func:`~DeepCache.forecast_refine.held_out_verdict`); otherwise calibrated reuse (``forecast=None``).
 """
 
 from __future__ import annotations
