@@ -12,13 +12,14 @@ The rule (:func:`choose`):
 
 1. Split the ``S`` samples of the calibration batch (prompts x images per prompt) into folds
    (:func:`~DeepCache.forecast_refine.kfold`: 4 interleaved folds for ``S >= 4``, leave one out for 2-3).
-2. For each fold, on the other folds' samples only: the calibrated reuse schedule, the best closed-loop candidate
-   (``"fitted"``), its closed-loop refinement (``"refined"``), and both with every weight halved (``", shrunk"``,
+2. For each fold, on the other folds' samples only: the calibrated reuse schedule, the closed-loop candidate whose
+   per-sample gains over it have the largest lower bound, mean - 2 standard errors (``"fitted"``), its closed-loop refinement (``"refined"``), and both with every weight halved (``", shrunk"``,
    toward reuse). Score each on the fold's samples: gain = 10 x (reuse - option) latent error (dB).
 3. Each option's held-out gains (one per sample) go to :func:`~DeepCache.forecast_refine.held_out_verdict`: with 4
    or more samples a clear majority by a sign test (p <= 0.15: 6 of 8, 5 of 6, 4 of 4) and a mean gain above twice
    its standard error; with 1-3 samples every gain must reach 3 dB (and a warning says few samples are risky);
-   ties are reuse. :func:`~DeepCache.forecast_refine.pick` keeps the accepted option with the largest mean gain.
+   ties are reuse. :func:`~DeepCache.forecast_refine.pick` keeps the accepted option with the largest lower bound
+   (mean - 2 standard errors of its held-out gains).
 4. The kept option is fitted again on all the samples and returned; none accepted: calibrated reuse.
 
 With one sample there is nothing to hold out: only ``"fitted"`` is judged, on that sample itself, and it must gain
@@ -38,7 +39,8 @@ from torch import nn
 
 from .forecast_calibration import MAX_GAP, MAX_SPAN, ForecastErrors, candidate_params, closed_loop_sample_errors, \
     forecast_errors, recorded
-from .forecast_refine import MIN_HELD_OUT, Verdict, as_forecast, held_out_verdict, kfold, pick, refine, shrink
+from .forecast_refine import MIN_HELD_OUT, Verdict, as_forecast, held_out_verdict, kfold, lower_bound, pick, refine, \
+    shrink
 from .params import CacheParams
 
 #: The options judged on held-out samples, simplest first (the first of equal gains wins); the shrink factor.
@@ -61,12 +63,19 @@ class Choice:
 def fit_options(score: Callable[[CacheParams], np.ndarray], measured: ForecastErrors, num_full: int,
                 train: Sequence[int], refined: bool = True) -> dict[str, CacheParams]:
     """The reuse schedule and each of ``OPTIONS`` fitted on the samples ``train`` only: ``score(params)`` is the
-    per-sample latent error of a closed-loop run (lower is better), of which only ``train`` is looked at."""
+    per-sample latent error of a closed-loop run (lower is better), of which only ``train`` is looked at.
+
+    ``"fitted"`` is the closed-loop candidate whose per-sample gains over reuse have the largest lower bound
+    (:func:`~DeepCache.forecast_refine.lower_bound`: mean - 2 standard errors; reuse itself scores 0 and wins ties),
+    not the largest mean: on the demo model the best mean was often a candidate that gained much on most samples and
+    lost 10-20 dB on one, and it generalized worst."""
     train = list(train)
     sub = measured.subset(train)
     mean = lambda p: float(score(p)[train].mean())  # noqa: E731
     candidates = candidate_params(sub, num_full)
-    fitted = as_forecast(min(candidates, key=lambda p: (mean(p), candidates.index(p))), measured.num_steps)
+    gains = [10.0 * (score(candidates[0])[train] - score(p)[train]) for p in candidates]  # reuse: all 0
+    best = max(range(len(candidates)), key=lambda i: (lower_bound(gains[i]), -i))
+    fitted = as_forecast(candidates[best], measured.num_steps)
     options = {"reuse": candidates[0], "fitted": fitted, "fitted, shrunk": shrink(fitted, SHRINK)}
     if refined:
         best, _, _ = refine(mean, fitted, mean(fitted))

@@ -291,13 +291,20 @@ def test_held_out_rule_with_1_to_3_samples_needs_a_large_gain_on_each(gains: lis
     assert v.accept is accept and f"few samples ({len(gains)})" in v.reason
 
 
-def test_pick_keeps_the_accepted_option_with_the_largest_mean_first_on_ties() -> None:
-    def verdict(accept: bool, mean: float) -> fr.Verdict:
-        return fr.Verdict(accept, "", 0, 0, mean, 0.0)
+def test_pick_keeps_the_accepted_option_with_the_largest_lower_bound_first_on_ties() -> None:
+    def verdict(accept: bool, mean: float, se: float = 0.0) -> fr.Verdict:
+        return fr.Verdict(accept, "", 0, 0, mean, se)
 
     assert fr.pick([]) is None and fr.pick([verdict(False, 9.0)]) is None
     assert fr.pick([verdict(True, 1.0), verdict(False, 9.0), verdict(True, 2.0)]) == 2
     assert fr.pick([verdict(True, 2.0), verdict(True, 2.0)]) == 0
+    assert fr.pick([verdict(True, 3.0, 1.0), verdict(True, 1.5, 0.2)]) == 1  # 3 - 2 x 1 < 1.5 - 2 x 0.2
+
+
+def test_lower_bound_is_the_mean_less_two_standard_errors() -> None:
+    assert fr.lower_bound([1.0, 3.0, 2.0, 2.0]) == pytest.approx(2.0 - 2 * np.std([1, 3, 2, 2], ddof=1) / 2)
+    assert fr.lower_bound([0.0] * 5) == 0.0 and fr.lower_bound([7.0]) == 7.0
+    assert fr.lower_bound([]) == fr.lower_bound([1.0, float("nan")]) == -math.inf
 
 
 def test_shrink_scales_every_weight_toward_reuse() -> None:
