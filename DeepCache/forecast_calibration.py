@@ -12,23 +12,26 @@ steps and a weight per U-Net evaluation, and check the choice in closed loop.
    :func:`~DeepCache.forecast.optimal_forecast_full_steps` the best full steps (exact DP over the last two).
 3. The replay judges each step with the *recorded* inputs. In the real run a forecast's error reaches the next full
    steps' features, and so the next line (measured on the demo model: the one-step judgement over-trusts long
-   forecasts from 4 full steps in 25 down). So :func:`calibrate_forecast` solves the DP for a few caps on the
-   forecast coefficient ``w*(k-a)/(a-a')`` and runs each result, and the calibrated reuse schedule, once through
-   the pipeline (closed loop, the same noise), keeping the one whose final latents are closest to the uncached
-   ones. Reuse wins ties; when it wins, the result is the calibrated reuse schedule (``forecast=None``).
-4. Over long gaps the replay cannot see what a weight does to the *next* full steps (measured on the demo model at
-   5 full steps in 25: no forecast candidate beat reuse in closed loop, yet stepping *back* along the line after
-   a long gap, a negative weight, damps the error that the next full steps inherit). So :func:`~DeepCache.forecast_refine.refine`
-   goes on from the winner in closed loop: one weight per segment of at least ``REFINE_MIN_LENGTH`` retrieval steps,
-   coordinate descent over ``SEGMENT_WEIGHTS``, ``REFINE_SWEEPS`` passes, a change kept only if it lowers the latent
-   error by ``REFINE_MARGIN``. Cost: at most ``sweeps * segments * (len(grid) - 1)`` more pipeline runs (5 full
-   steps of 25: 42; segments of 2-4 steps, as at 7 or more full steps of 25, are not refined: refining the one
-   4-step segment at 7 full steps fitted the 8 calibration prompts and lost 0.9 dB on held-out ones).
+   forecasts from 4 full steps in 25 down). So :func:`candidate_params` solves the DP for a few caps on the
+   forecast coefficient ``w*(k-a)/(a-a')``, and each candidate runs once through the pipeline
+   (:func:`closed_loop_sample_errors`: closed loop, the same noise), scored per sample by its final latents'
+   distance to the uncached ones.
+4. Over long gaps the replay cannot see what a weight does to the *next* full steps (stepping *back* along the line
+   after a long gap, a negative weight, can damp the error that the next full steps inherit), so
+   :func:`~DeepCache.forecast_refine.refine` can go on from the best candidate in closed loop: one weight per segment
+   of at least ``REFINE_MIN_LENGTH`` retrieval steps, coordinate descent over ``SEGMENT_WEIGHTS``.
+5. Steps 3 and 4 fitted on the calibration prompts and judged on the same prompts overfit them (issue 25: up to
+   3.9 dB worse than calibrated reuse on other prompts). Every measurement here is therefore kept per sample of the
+   calibration batch (:attr:`ForecastErrors.sample_errors`, :meth:`ForecastErrors.subset`), and
+   :mod:`DeepCache.forecast_heldout` fits steps 3-4 on some samples and judges them on the others (k-fold), keeping
+   a forecast only when it clearly beat calibrated reuse on samples it was not fitted on
+   (:func:`~DeepCache.forecast_refine.held_out_verdict`); otherwise calibrated reuse (``forecast=None``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -42,7 +45,6 @@ from torch.utils import _pytree as pytree
 from . import engine
 from .calibration import Recording, _generators, _prev_sample, _sample, recording
 from .forecast import CANDIDATE_WEIGHTS, fit_weights, optimal_forecast_full_steps, step_weights
-from .forecast_refine import as_forecast, refine
 from .params import CacheParams
 from .schedule import optimal_full_steps
 
@@ -55,17 +57,38 @@ COEFFICIENT_CAPS: tuple[float | None, ...] = (0.25, 0.5, None)
 
 @dataclass
 class ForecastErrors:
-    """What one replay measured (solve it for any number of full steps with :meth:`params`)."""
+    """What one replay measured (solve it for any number of full steps with :meth:`params`): the errors of each
+    sample of the calibration batch, and their mean over the samples (``reuse``, ``errors``)."""
 
-    reuse: list[list[float]]  # reuse[a][k]
-    errors: np.ndarray  # (n, n, n, len(candidates)): errors[a', a, k, j]
+    reuse: list[list[float]]  # reuse[a][k], the mean over the samples
+    errors: np.ndarray  # (n, n, n, len(candidates)): errors[a', a, k, j], the mean over the samples
     candidates: tuple[float, ...]
     branch: int
     evaluations: tuple[int, int]  # (full, retrieval) U-Net evaluations the replay ran
+    sample_reuse: np.ndarray | None = None  # (samples, n, n): sample_reuse[s, a, k]
+    sample_errors: np.ndarray | None = None  # (samples, n, n, n, len(candidates))
+    sample_weight: np.ndarray | None = None  # (samples, n): mean |output| of sample s at step k
 
     @property
     def num_steps(self) -> int:
         return len(self.reuse)
+
+    @property
+    def samples(self) -> int:
+        return 1 if self.sample_reuse is None else len(self.sample_reuse)
+
+    def subset(self, samples: Sequence[int]) -> "ForecastErrors":
+        """The same measurements over ``samples`` only (fit on part of the batch, no model run): each error pooled as
+        the relative L1 of those samples together (weighted by their outputs' mean magnitude, so all samples give
+        the batch's own relative L1, what :func:`~DeepCache.calibration.reuse_errors` measures)."""
+        if self.sample_reuse is None or self.sample_errors is None:
+            raise ValueError("these forecast errors were not measured per sample: pass samples= to forecast_errors.")
+        idx = list(samples)
+        if not idx:
+            raise ValueError("subset() needs at least one sample.")
+        reuse, errors, weight = self.sample_reuse[idx], self.sample_errors[idx], self.sample_weight[idx]
+        return dataclasses.replace(self, reuse=_pooled(reuse, weight).tolist(), errors=_pooled(errors, weight),
+                                   sample_reuse=reuse, sample_errors=errors, sample_weight=weight)
 
     def params(self, num_full: int, cap: float | None = None, full_steps: Sequence[int] | None = None) -> CacheParams:
         """The calibrated forecast for ``num_full`` full steps, with coefficients at most ``cap`` (None: any); with
@@ -87,13 +110,22 @@ class ForecastErrors:
         return CacheParams(skip_mode="custom", full_steps=optimal_full_steps(self.reuse, num_full), cache_branch_id=self.branch)
 
 
+def _pooled(errors: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``sum_s e[s] w[s, k] / sum_s w[s, k]`` over the first axis; ``k`` is the third axis of ``e[s]`` from the end
+    but one (``errors[s, ..., k, j]`` or ``reuse[s, a, k]``)."""
+    w = weight if errors.ndim == 3 else weight[..., None]  # reuse (s, a, k) or errors (s, p, a, k, j)
+    w = w.reshape(w.shape[:1] + (1,) * (errors.ndim - w.ndim) + w.shape[1:])
+    return (errors * w).sum(0) / w.sum(0)
+
+
 def _tree(fn: Callable[..., Any], *trees: Any) -> Any:
     return pytree.tree_map(lambda *xs: fn(*xs) if torch.is_tensor(xs[0]) and xs[0].is_floating_point() else xs[0], *trees)
 
 
 def forecast_errors(unet: nn.Module, rec: Recording, branch: int, candidates: Sequence[float] = CANDIDATE_WEIGHTS,
-                    max_gap: int | None = MAX_GAP, max_span: int = MAX_SPAN) -> ForecastErrors:
-    """Replay ``rec`` and measure reuse and forecast errors (module docstring, step 1).
+                    max_gap: int | None = MAX_GAP, max_span: int = MAX_SPAN, samples: int = 1) -> ForecastErrors:
+    """Replay ``rec`` and measure reuse and forecast errors (module docstring, step 1), for each of ``samples``
+    samples of the batch (:func:`sample_l1`; 1: the batch as one).
 
     Cost for ``n`` evaluations: ``n`` full evaluations, ``n(n-1)/2`` reuse retrievals (every gap, as
     :func:`~DeepCache.calibration.reuse_errors`) and about ``n*g*s*c`` forecast retrievals, with ``g = max_gap``,
@@ -104,8 +136,10 @@ def forecast_errors(unet: nn.Module, rec: Recording, branch: int, candidates: Se
     scale = rec.sensitivity if len(rec.sensitivity) == n and all(map(math.isfinite, rec.sensitivity)) else [1.0] * n
     gap = n - 1 if max_gap is None else max(1, max_gap)
     weights = tuple(float(w) for w in candidates)
-    reuse = [[0.0 if k == a else math.inf for k in range(n)] for a in range(n)]
-    errors = np.full((n, n, n, len(weights)), math.inf)
+    reuse = np.full((samples, n, n), math.inf)
+    reuse[:, np.arange(n), np.arange(n)] = 0.0
+    errors = np.full((samples, n, n, n, len(weights)), math.inf)
+    magnitude = np.stack([_sample_mean(out.abs(), samples) for out in rec.outputs[:n]], axis=1)
     counts = [0, 0]
     lease = engine.acquire(unet)
     try:
@@ -127,7 +161,7 @@ def forecast_errors(unet: nn.Module, rec: Recording, branch: int, candidates: Se
                 for k in range(a + 1, n):
                     current[0] = 0.0
                     out = _retrieve(unet, gen, rec, k)
-                    reuse[a][k] = engine.relative_l1(out, rec.outputs[k]) * scale[k]
+                    reuse[:, a, k] = sample_l1(out, rec.outputs[k], samples) * scale[k]
                     counts[1] += 1
                 for p, f_p in window.items():
                     feature.difference = _tree(torch.sub, f_a, f_p)
@@ -135,16 +169,37 @@ def forecast_errors(unet: nn.Module, rec: Recording, branch: int, candidates: Se
                     for k in range(a + 1, min(n, a + gap + 1)):
                         for j, w in enumerate(weights):
                             if w == 0.0:
-                                errors[p, a, k, j] = reuse[a][k]
+                                errors[:, p, a, k, j] = reuse[:, a, k]
                                 continue
                             current[0] = w
                             out = _retrieve(unet, gen, rec, k)
-                            errors[p, a, k, j] = engine.relative_l1(out, rec.outputs[k]) * scale[k]
+                            errors[:, p, a, k, j] = sample_l1(out, rec.outputs[k], samples) * scale[k]
                             counts[1] += 1
                 window[a] = f_a
     finally:
         lease.release()
-    return ForecastErrors(reuse, errors, weights, branch, (counts[0], counts[1]))
+    return ForecastErrors(_pooled(reuse, magnitude).tolist(), _pooled(errors, magnitude), weights, branch,
+                          (counts[0], counts[1]), reuse, errors, magnitude)
+
+
+def sample_l1(x: torch.Tensor, reference: torch.Tensor, samples: int) -> np.ndarray:
+    """The relative L1 error ``mean|x - reference| / mean|reference|`` of each of ``samples`` samples: row ``i`` of
+    the U-Net batch belongs to sample ``i % samples`` (a CFG pipeline stacks the unconditional rows of every sample,
+    then the conditional ones). One host read.
+
+    >>> sample_l1(torch.tensor([[1.0], [2.0], [1.0], [4.0]]), torch.tensor([[1.0], [1.0], [1.0], [2.0]]), 2)
+    array([0., 1.])
+    """
+    diff, ref = _sample_mean((x.float() - reference.float()).abs(), samples), _sample_mean(reference.abs(), samples)
+    return diff / np.maximum(ref, 1e-12)
+
+
+def _sample_mean(x: torch.Tensor, samples: int) -> np.ndarray:
+    """The mean of ``x`` over the rows of each sample (row ``i``: sample ``i % samples``) and the other axes."""
+    rows = x.shape[0]
+    if samples < 1 or rows % samples:
+        raise ValueError(f"a U-Net batch of {rows} rows does not split into {samples} samples.")
+    return x.float().reshape(rows // samples, samples, -1).mean(dim=(0, 2)).double().cpu().numpy()
 
 
 def _retrieve(unet: nn.Module, gen: Any, rec: Recording, k: int) -> torch.Tensor:
@@ -215,15 +270,29 @@ def _final_latents(scheduler: Any) -> Iterator[list[torch.Tensor]]:
             del scheduler.step
 
 
-def latent_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over the batch of ``log10`` of each sample's mean squared error (lower is better; -PSNR/10 + const)."""
+def latent_errors(latents: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """``log10`` of each sample's mean squared error (lower is better; -PSNR/10 + const)."""
     mse = (latents.float() - reference.float()).pow(2).flatten(1).mean(1).clamp_min(1e-20)
-    return float(mse.log10().mean())
+    return mse.log10().double().cpu().numpy()
+
+
+def latent_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over the batch of :func:`latent_errors`."""
+    return float(latent_errors(latents, reference).mean())
 
 
 def closed_loop_errors(pipeline: Any, unet: nn.Module, candidates: Sequence[CacheParams], reference: torch.Tensor,
                        rewind: Callable[[], None], call_kwargs: dict) -> list[float]:
-    """Run the pipeline once per candidate (the same noise) and score its final latents against ``reference``."""
+    """Run the pipeline once per candidate (the same noise) and score its final latents against ``reference``
+    (the mean over the samples of :func:`closed_loop_sample_errors`)."""
+    return [float(row.mean()) for row in closed_loop_sample_errors(pipeline, unet, candidates, reference, rewind,
+                                                                     call_kwargs)]
+
+
+def closed_loop_sample_errors(pipeline: Any, unet: nn.Module, candidates: Sequence[CacheParams], reference: torch.Tensor,
+                              rewind: Callable[[], None], call_kwargs: dict) -> np.ndarray:
+    """Run the pipeline once per candidate (the same noise): shape ``(candidates, samples)``, the
+    :func:`latent_errors` of each candidate's final latents against ``reference``."""
     scores = []
     lease = engine.acquire(unet)
     try:
@@ -232,10 +301,10 @@ def closed_loop_errors(pipeline: Any, unet: nn.Module, candidates: Sequence[Cach
             gen = lease.unet_patch.new_generation(params)
             with _final_latents(pipeline.scheduler) as final, engine.running(gen), torch.no_grad():
                 pipeline(**call_kwargs)
-            scores.append(latent_error(final[-1], reference))
+            scores.append(latent_errors(final[-1], reference))
     finally:
         lease.release()
-    return scores
+    return np.asarray(scores).reshape(len(candidates), -1)
 
 
 def candidate_params(measured: ForecastErrors, num_full: int,
@@ -252,23 +321,6 @@ def candidate_params(measured: ForecastErrors, num_full: int,
     return candidates
 
 
-def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: int, reference: torch.Tensor,
-           rewind: Callable[[], None], call_kwargs: dict) -> tuple[CacheParams, list[CacheParams], list[float]]:
-    """Run each of :func:`candidate_params` in closed loop, then :func:`refine` the best (module docstring, step 4);
-    the result (reuse first, so it wins ties; ``forecast=None`` when no weight is left), all candidates, scores."""
-    candidates = candidate_params(measured, num_full)
-    scores = closed_loop_errors(pipeline, unet, candidates, reference, rewind, call_kwargs)
-    best = min(range(len(candidates)), key=lambda i: (scores[i], i))
-
-    def score(params: CacheParams) -> float:
-        return closed_loop_errors(pipeline, unet, [params], reference, rewind, call_kwargs)[0]
-
-    refined, _, _ = refine(score, as_forecast(candidates[best], measured.num_steps), scores[best])
-    if not any(refined.forecast_weights):
-        return candidates[0], candidates, scores
-    return refined, candidates, scores
-
-
 @contextlib.contextmanager
 def recorded(pipeline: Any, unet: nn.Module, call_kwargs: dict) -> Iterator[tuple[Recording, torch.Tensor, Callable[[], None]]]:
     """Run the call once uncached under :func:`~DeepCache.calibration.recording`; yield the recording, its final
@@ -281,15 +333,3 @@ def recorded(pipeline: Any, unet: nn.Module, call_kwargs: dict) -> Iterator[tupl
             raise ValueError("calibration saw fewer than two U-Net evaluations: pass num_inference_steps >= 2.")
         yield rec, final[-1], rewind
 
-
-def calibrate_forecast(pipeline: Any, unet: nn.Module, branch: int, num_full: int, max_gap: int | None = MAX_GAP,
-                       max_span: int = MAX_SPAN, **call_kwargs: Any) -> tuple[CacheParams, dict]:
-    """The calibrated forecast (module docstring): the chosen parameters and what was measured."""
-    with recorded(pipeline, unet, call_kwargs) as (rec, reference, rewind):
-        n = len(rec.calls)
-        if isinstance(num_full, bool) or not isinstance(num_full, int) or not 1 <= num_full <= n:
-            raise ValueError(f"num_full_steps must be an integer in [1, {n}] for a {n}-evaluation generation, "
-                             f"got {num_full!r}.")
-        measured = forecast_errors(unet, rec, branch, max_gap=max_gap, max_span=max_span)
-        best, candidates, scores = choose(pipeline, unet, measured, num_full, reference, rewind, call_kwargs)
-    return best, {"measured": measured, "candidates": candidates, "scores": scores}

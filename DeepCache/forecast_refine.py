@@ -13,7 +13,11 @@ Pure: the score is a callable (``CacheParams -> float``, lower is better), so th
 from __future__ import annotations
 
 import dataclasses
+import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import numpy as np
 
 from .params import CacheParams
 
@@ -75,3 +79,127 @@ def refine(score: Callable[[CacheParams], float], params: CacheParams, start: fl
                 if got < best_score - REFINE_MARGIN:
                     best, best_score = trial, got
     return best, best_score, trials
+
+
+# -- the held-out choice (pure: per-sample scores in, a verdict out) --------------------------------------------
+
+#: The held-out rule (:func:`held_out_verdict`): fewer held-out samples than ``MIN_HELD_OUT`` take the few-samples
+#: branch; a sign test at ``SIGN_ALPHA`` (one-sided); the mean gain above ``SPREAD_Z`` standard errors; gains within
+#: ``TIE_DB`` of 0 are ties (never wins); with few samples every gain must reach ``FEW_GAIN_DB``. Gains in dB
+#: (``10 * (reuse - forecast)`` latent errors, log10 MSE: the PSNR gain of the final latents).
+MIN_HELD_OUT, SIGN_ALPHA, SPREAD_Z, TIE_DB, FEW_GAIN_DB = 4, 0.15, 2.0, 0.01, 3.0
+#: Folds of the k-fold split of the calibration samples (fewer samples: leave one out).
+KFOLDS = 4
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :func:`held_out_verdict` decided, and why (``reason`` names the branch of the rule)."""
+
+    accept: bool
+    reason: str
+    wins: int
+    losses: int
+    mean_db: float
+    stderr_db: float
+
+
+def sign_test(wins: int, n: int) -> float:
+    """One-sided sign-test p-value: the chance of at least ``wins`` wins in ``n`` fair coin flips.
+
+    >>> sign_test(6, 8), sign_test(8, 8)
+    (0.14453125, 0.00390625)
+    """
+    return sum(math.comb(n, i) for i in range(max(0, wins), n + 1)) / 2**n
+
+
+def held_out_verdict(gains_db: Sequence[float]) -> Verdict:
+    """Accept a forecast over calibrated reuse only on clear held-out evidence (``gains_db``: one per held-out
+    calibration sample, forecast minus reuse, each fitted without that sample; a tie or a NaN counts against it).
+
+    * 4 or more samples (``MIN_HELD_OUT``): accept if the forecast wins (gain > ``TIE_DB``) on a clear majority,
+      a one-sided sign test with p <= ``SIGN_ALPHA`` (ties count as losses: 6 of 8, 5 of 6, all of 4), **and** the
+      mean gain exceeds ``SPREAD_Z`` standard errors of the gains (and ``TIE_DB``).
+    * 1-3 samples: too few for either test: accept only if every gain is at least ``FEW_GAIN_DB`` (3 dB).
+    * no samples: reuse.
+
+    >>> held_out_verdict([1.0, 1.2, 0.9, 1.1, 1.0, -0.1, 1.3, 0.8]).reason
+    'accepted: 7 of 8 held-out samples gain, mean 0.900 dB > 2 x 0.154 dB'
+    >>> held_out_verdict([4.0, 3.5]).accept, held_out_verdict([4.0, 2.5]).accept
+    (True, False)
+    """
+    g = np.asarray(gains_db, dtype=np.float64).ravel()
+    g = np.where(np.isnan(g), -math.inf, g)
+    n = len(g)
+    wins, losses = int((g > TIE_DB).sum()), int((g < -TIE_DB).sum())
+    if n == 0:
+        return Verdict(False, "reuse: no held-out samples", 0, 0, math.nan, math.nan)
+    finite = np.isfinite(g).all()
+    mean = float(g.mean()) if finite else -math.inf
+    se = float(g.std(ddof=1) / math.sqrt(n)) if n > 1 and finite else math.inf
+    if n < MIN_HELD_OUT:
+        if float(g.min()) >= FEW_GAIN_DB:
+            return Verdict(True, f"accepted: few samples ({n}), every gain >= {FEW_GAIN_DB:g} dB", wins, losses, mean, se)
+        return Verdict(False, f"reuse: few samples ({n}), a gain below {FEW_GAIN_DB:g} dB", wins, losses, mean, se)
+    p = sign_test(wins, n)
+    if p > SIGN_ALPHA:
+        return Verdict(False, f"reuse: {wins} of {n} held-out samples gain (sign test p = {p:.3f} > {SIGN_ALPHA:g})",
+                       wins, losses, mean, se)
+    if not mean > max(SPREAD_Z * se, TIE_DB):
+        return Verdict(False, f"reuse: mean gain {mean:.3f} dB within {SPREAD_Z:g} x {se:.3f} dB (the spread)",
+                       wins, losses, mean, se)
+    return Verdict(True, f"accepted: {wins} of {n} held-out samples gain, mean {mean:.3f} dB > {SPREAD_Z:g} x {se:.3f} dB",
+                   wins, losses, mean, se)
+
+
+def lower_bound(gains_db: Sequence[float]) -> float:
+    """``mean - SPREAD_Z * standard error`` of the gains (one gain: itself; none: -inf): what a choice among options
+    maximises, so that a large mean made of a few large gains and a few large losses does not win.
+
+    >>> lower_bound([2.0, 4.0]), lower_bound([3.0]), lower_bound([])
+    (1.0, 3.0, -inf)
+    """
+    g = np.asarray(gains_db, dtype=np.float64).ravel()
+    if len(g) == 0 or np.isnan(g).any():
+        return -math.inf
+    return float(g.mean() - (SPREAD_Z * g.std(ddof=1) / math.sqrt(len(g)) if len(g) > 1 else 0.0))
+
+
+def pick(verdicts: Sequence[Verdict]) -> int | None:
+    """The accepted verdict with the largest lower bound ``mean_db - SPREAD_Z * stderr_db`` (the first of equals: list
+    simpler options first), or None (reuse) when none is accepted.
+
+    >>> yes, safer, no = Verdict(True, "", 8, 0, 2.0, 0.5), Verdict(True, "", 8, 0, 1.5, 0.1), Verdict(False, "", 2, 6, 5.0, 4.0)
+    >>> pick([no, yes, safer, safer]), pick([no])
+    (2, None)
+    """
+    best, best_bound = None, -math.inf
+    for i, v in enumerate(verdicts):
+        bound = v.mean_db - SPREAD_Z * (v.stderr_db if math.isfinite(v.stderr_db) else 0.0)
+        if v.accept and (best is None or bound > best_bound):
+            best, best_bound = i, bound
+    return best
+
+
+def kfold(samples: int, folds: int = KFOLDS) -> list[list[int]]:
+    """The held-out samples of each fold: ``folds`` interleaved folds (sample ``s`` in fold ``s % folds``) when
+    there are at least ``MIN_HELD_OUT`` samples, else leave one out; none for one sample (nothing to hold out).
+
+    >>> kfold(8), kfold(6), kfold(3), kfold(1)
+    ([[0, 4], [1, 5], [2, 6], [3, 7]], [[0, 4], [1, 5], [2], [3]], [[0], [1], [2]], [])
+    """
+    if samples < 2:
+        return []
+    k = min(max(2, folds), samples) if samples >= MIN_HELD_OUT else samples
+    return [list(range(f, samples, k)) for f in range(k)]
+
+
+def shrink(params: CacheParams, factor: float) -> CacheParams:
+    """``params`` with every forecast weight times ``factor`` (toward reuse).
+
+    >>> p = CacheParams(skip_mode="custom", full_steps=(0, 1), forecast="linear", forecast_weights=(0, 0, 0.5, -0.2))
+    >>> shrink(p, 0.5).forecast_weights
+    (0.0, 0.0, 0.25, -0.1)
+    """
+    weights = tuple(float(w) * factor for w in params.forecast_weights or ())
+    return dataclasses.replace(params, forecast_weights=weights)

@@ -1,8 +1,10 @@
-"""``calibrate(K, forecast=True)`` on a tiny pipeline: the replay measures what it says (against an independent
-computation), the choice is a valid forecast schedule (or calibrated reuse), the call's noise is rewound."""
+"""``calibrate(K, forecast=True)`` on a tiny pipeline: the replay measures what it says per sample (against an
+independent computation), the choice is a valid forecast schedule (or calibrated reuse), the call's noise is rewound;
+and the pure held-out rule, branch by branch."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 
 from DeepCache import DeepCacheSDHelper
 from DeepCache import forecast_calibration as fc
+from DeepCache import forecast_heldout as fh
 from DeepCache import forecast_refine as fr
 from DeepCache.calibration import _sample, recording, reuse_errors
 from DeepCache.engine import boundary_module, relative_l1
@@ -21,9 +24,15 @@ from .tiny import prompt_kwargs, tiny_sd_pipe
 STEPS = 7
 
 
-def _call() -> dict:
+def _call(batch: int = 2) -> dict:
     return dict(num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
-                generator=torch.Generator().manual_seed(0), **prompt_kwargs(batch=2))
+                generator=torch.Generator().manual_seed(0), **prompt_kwargs(batch=batch))
+
+
+def _per_sample_l1(out: torch.Tensor, ref: torch.Tensor, s: int, samples: int) -> float:
+    """Independent: the relative L1 of the rows of sample ``s`` (CFG: rows s and s + samples)."""
+    rows = [i for i in range(out.shape[0]) if i % samples == s]
+    return relative_l1(out[rows], ref[rows])
 
 
 def test_the_replay_measures_the_forecast_it_describes() -> None:
@@ -31,9 +40,10 @@ def test_the_replay_measures_the_forecast_it_describes() -> None:
     unet, branch = pipe.unet, 2
     with recording(pipe, unet) as rec, torch.no_grad():
         pipe(**_call())
-    measured = fc.forecast_errors(unet, rec, branch, candidates=(0.0, 0.5, 1.25), max_gap=2, max_span=2)
-    # reuse through a ForecastFeature (coefficient 0) is reuse bit for bit
-    np.testing.assert_array_equal(np.array(measured.reuse), np.array(reuse_errors(unet, rec, branch)))
+    measured = fc.forecast_errors(unet, rec, branch, candidates=(0.0, 0.5, 1.25), max_gap=2, max_span=2, samples=2)
+    # reuse through a ForecastFeature (coefficient 0) is reuse; all samples pooled: the batch's relative L1
+    np.testing.assert_allclose(np.array(measured.reuse), np.array(reuse_errors(unet, rec, branch)), rtol=1e-5)
+    assert measured.samples == 2 and measured.sample_errors.shape == (2, STEPS, STEPS, STEPS, 3)
     boundary = boundary_module(unet, branch)
     features = {}
     with torch.no_grad():
@@ -47,24 +57,34 @@ def test_the_replay_measures_the_forecast_it_describes() -> None:
             for a in range(p + 1, STEPS):
                 for k in range(a + 1, STEPS):
                     for j, w in enumerate(measured.candidates):
-                        got = measured.errors[p, a, k, j]
+                        got = measured.sample_errors[:, p, a, k, j]
                         if a - p > 2 or k - a > 2:
-                            assert got == math.inf
+                            assert (got == math.inf).all() and measured.errors[p, a, k, j] == math.inf
                             continue
                         if w == 0.0:
-                            assert got == measured.reuse[a][k]
+                            assert (got == measured.sample_reuse[:, a, k]).all()
                             continue
                         line = features[a] + w * (k - a) * (features[a] - features[p]) / (a - p)
                         h = boundary.register_forward_hook(lambda m, i, o: (line, *o[1:]) if isinstance(o, tuple) else line)
                         args, kwargs = rec.calls[k]
                         out = _sample(unet(*args, **kwargs))
                         h.remove()
-                        expected = relative_l1(out, rec.outputs[k]) * rec.sensitivity[k]
-                        assert got == pytest.approx(expected, rel=1e-4), (p, a, k, w)
+                        for sample in range(2):
+                            expected = _per_sample_l1(out, rec.outputs[k], sample, 2) * rec.sensitivity[k]
+                            assert got[sample] == pytest.approx(expected, rel=1e-4), (p, a, k, w, sample)
+                        pooled = relative_l1(out, rec.outputs[k]) * rec.sensitivity[k]
+                        assert measured.errors[p, a, k, j] == pytest.approx(pooled, rel=1e-4)
                         checked += 1
     assert checked == 2 * sum(1 for p in range(STEPS) for a in range(p + 1, min(STEPS, p + 3))
                               for k in range(a + 1, min(STEPS, a + 3)))
     assert measured.evaluations == (STEPS, STEPS * (STEPS - 1) // 2 + checked)
+    one = measured.subset([1])  # fitting on part of the batch: that sample's own errors, no model run
+    np.testing.assert_allclose(np.array(one.reuse), measured.sample_reuse[1], rtol=1e-12)
+    np.testing.assert_allclose(one.errors, measured.sample_errors[1], rtol=1e-12)
+    both = measured.subset([0, 1])
+    np.testing.assert_allclose(both.errors, measured.errors, rtol=1e-12)
+    with pytest.raises(ValueError, match="at least one sample"):
+        measured.subset([])
 
 
 def test_calibrate_with_forecast_returns_and_sets_a_valid_schedule_and_rewinds_the_noise() -> None:
@@ -72,7 +92,8 @@ def test_calibrate_with_forecast_returns_and_sets_a_valid_schedule_and_rewinds_t
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_branch_id=1)
     call = _call()
-    params = helper.calibrate(3, forecast=True, **call)
+    with pytest.warns(UserWarning, match="2 calibration sample"):
+        params = helper.calibrate(3, forecast=True, **call)
     assert helper.params == params and params.skip_mode == "custom" and params.cache_branch_id == 1
     assert len(params.full_steps) == 3 and params.full_steps[0] == 0
     if params.forecast is not None:
@@ -94,6 +115,8 @@ def test_the_closed_loop_keeps_reuse_when_it_is_best_and_scores_by_final_latents
         uncached = CacheParams()  # every step full: exactly the recorded call
         scores = fc.closed_loop_errors(pipe, pipe.unet, [uncached, measured.reuse_params(3)], final, rewind, call)
     assert scores[0] == math.log10(1e-20) and scores[1] > scores[0]  # the same noise: uncached reproduces the call
+    per = fc.closed_loop_sample_errors(pipe, pipe.unet, [measured.reuse_params(3)], final, rewind, call)
+    assert per.shape == (1, 2) and per[0].mean() == pytest.approx(scores[1])
     assert fc.latent_error(torch.ones(2, 3), torch.zeros(2, 3)) == 0.0
     assert fc.candidate_params(measured, 3)[0] == measured.reuse_params(3)
     assert all(p.forecast == "linear" for p in fc.candidate_params(measured, 3)[1:])
@@ -104,6 +127,8 @@ def test_calibrate_rejects_bad_values() -> None:
     helper = DeepCacheSDHelper(pipe=pipe)
     with pytest.raises(ValueError, match="forecast must be True or False"):
         helper.calibrate(3, forecast="linear", **_call())
+    with pytest.raises(ValueError, match="does not split into 3 samples"):
+        fc.sample_l1(torch.ones(4, 2), torch.ones(4, 2), 3)
     with pytest.raises(ValueError, match=r"integer in \[1, 7\]"):
         helper.calibrate(8, forecast=True, **_call())
     with pytest.raises(ValueError, match=r"integer in \[1, 7\]"):
@@ -168,12 +193,122 @@ def test_refine_keeps_a_change_only_if_it_gains_the_margin(gain: float) -> None:
     assert got_score == (1.0 - gain if moved else 1.0)
 
 
-def test_choose_is_never_worse_in_closed_loop_than_its_best_candidate() -> None:
+@pytest.mark.parametrize("batch", [1, 4])
+def test_choose_fits_on_other_samples_and_refits_the_kept_option_on_all(batch: int, monkeypatch) -> None:
     pipe = tiny_sd_pipe()
-    call = _call()
+    call = _call(batch)
+    runs: dict = {}  # every closed-loop run, by its parameters: the checks below rerun none
+    run = fh.closed_loop_sample_errors
+
+    def cached(pipeline, unet, candidates, reference, rewind, call_kwargs):
+        for p in candidates:
+            if p not in runs:
+                runs[p] = run(pipeline, unet, [p], reference, rewind, call_kwargs)[0]
+        return np.stack([runs[p] for p in candidates])
+
+    monkeypatch.setattr(fh, "closed_loop_sample_errors", cached)
     with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
-        measured = fc.forecast_errors(pipe.unet, rec, 0, max_gap=3, max_span=2)
-        chosen, candidates, scores = fc.choose(pipe, pipe.unet, measured, 2, final, rewind, call)
-        again = fc.closed_loop_errors(pipe, pipe.unet, [chosen], final, rewind, call)[0]
-    assert again <= min(scores) + 1e-6
-    assert chosen == candidates[0] or (chosen.forecast == "linear" and any(chosen.forecast_weights))
+        measured = fc.forecast_errors(pipe.unet, rec, 0, max_gap=3, max_span=2, samples=batch)
+        if batch < fr.MIN_HELD_OUT:
+            with pytest.warns(UserWarning, match="too few"):
+                choice = fh.choose(pipe, pipe.unet, measured, 2, final, rewind, call)
+        else:
+            choice = fh.choose(pipe, pipe.unet, measured, 2, final, rewind, call)
+        assert choice.runs == len(runs)
+        score = lambda p: cached(pipe, pipe.unet, [p], final, rewind, call)[0]  # noqa: E731
+        # the held-out gains are what the options fitted without each fold score on it
+        for held in fr.kfold(batch) or [[0]]:
+            train = [s for s in range(batch) if s not in held] or [0]
+            options = fh.fit_options(score, measured, 2, train, refined=batch > 1)
+            for name, gains in choice.gains.items():
+                expected = 10.0 * (score(options["reuse"])[held] - score(options[name])[held])
+                np.testing.assert_allclose(gains[held], expected, rtol=1e-9, atol=1e-9)
+        assert set(choice.verdicts) == set(fh.OPTIONS if batch > 1 else fh.OPTIONS[:1])
+        expected = fr.pick([choice.verdicts[name] for name in choice.verdicts])
+        if expected is None:
+            assert choice.option == "reuse" and choice.params == measured.reuse_params(2)
+        else:
+            option = list(choice.verdicts)[expected]
+            refit = fh.fit_options(score, measured, 2, range(batch), refined="refined" in option)[option]
+            assert choice.option in (option, "reuse") and choice.params in (refit, measured.reuse_params(2))
+        assert len(runs) == choice.runs  # the checks reran nothing
+
+
+# -- the held-out rule (pure) ----------------------------------------------------------------------------------
+
+
+def test_kfold_holds_every_sample_out_once() -> None:
+    assert fr.kfold(0) == fr.kfold(1) == []
+    assert fr.kfold(2) == [[0], [1]] and fr.kfold(3) == [[0], [1], [2]]  # leave one out
+    assert fr.kfold(4) == [[0], [1], [2], [3]] and fr.kfold(5) == [[0, 4], [1], [2], [3]]
+    for n in range(2, 20):
+        folds = fr.kfold(n)
+        assert sorted(s for f in folds for s in f) == list(range(n)) and len(folds) == min(n, fr.KFOLDS)
+
+
+def test_sign_test_is_the_binomial_tail() -> None:
+    assert fr.sign_test(0, 5) == 1.0 and fr.sign_test(5, 5) == 1 / 32 and fr.sign_test(4, 5) == 6 / 32
+    # the fewest wins the rule accepts: 4 of 4, 5 of 5, 5 of 6, 6 of 7, 6 of 8, 7 of 9, 8 of 10
+    least = {n: min(w for w in range(n + 1) if fr.sign_test(w, n) <= fr.SIGN_ALPHA) for n in range(4, 11)}
+    assert least == {4: 4, 5: 5, 6: 5, 7: 6, 8: 6, 9: 7, 10: 8}
+
+
+def test_held_out_rule_accepts_a_clear_majority_beyond_the_spread() -> None:
+    v = fr.held_out_verdict([1.0, 1.1, 0.9, 1.2, 1.0, 0.8, -0.5, -0.2])  # 6 of 8 win, mean 0.66 > 2 x 0.21
+    assert v.accept and (v.wins, v.losses) == (6, 2) and v.reason.startswith("accepted: 6 of 8")
+    assert v.mean_db == pytest.approx(0.6625) and v.stderr_db == pytest.approx(np.std(
+        [1.0, 1.1, 0.9, 1.2, 1.0, 0.8, -0.5, -0.2], ddof=1) / math.sqrt(8))
+
+
+def test_held_out_rule_rejects_without_a_clear_majority() -> None:
+    v = fr.held_out_verdict([5.0, 5.0, 5.0, 5.0, 5.0, -0.1, -0.1, -0.1])  # 5 of 8: p = 0.36, however large the mean
+    assert not v.accept and "5 of 8" in v.reason and "sign test" in v.reason
+    assert not fr.held_out_verdict([1.0, 1.0, 1.0, -1.0]).accept  # 3 of 4
+
+
+def test_held_out_rule_rejects_a_mean_within_the_spread() -> None:
+    v = fr.held_out_verdict([0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 3.0, -3.0])  # 7 of 8 win, mean 0.04 < 2 SE
+    assert not v.accept and "spread" in v.reason and v.wins == 7
+    # the spread test alone: all win, mean 0.26, SE 0.2
+    assert not fr.held_out_verdict([0.02, 0.02, 0.02, 1.0]).accept
+
+
+def test_held_out_rule_counts_ties_and_nans_against_the_forecast() -> None:
+    ties = fr.held_out_verdict([0.0] * 8)
+    assert not ties.accept and (ties.wins, ties.losses) == (0, 0)
+    near = fr.held_out_verdict([fr.TIE_DB] * 4 + [1.0] * 4)  # a gain of exactly TIE_DB is a tie: 4 of 8
+    assert not near.accept and near.wins == 4
+    assert not fr.held_out_verdict([1.0, 1.1, 0.9, float("nan")]).accept  # 3 of 4 win
+    assert not fr.held_out_verdict([]).accept and fr.held_out_verdict([]).reason == "reuse: no held-out samples"
+
+
+@pytest.mark.parametrize("gains, accept", [
+    ([3.0], True), ([2.99], False), ([10.0, 3.0], True), ([10.0, 2.9], False), ([4.0, 4.0, 4.0], True),
+    ([4.0, 4.0, -1.0], False), ([0.0, 0.0, 0.0], False),
+])
+def test_held_out_rule_with_1_to_3_samples_needs_a_large_gain_on_each(gains: list[float], accept: bool) -> None:
+    v = fr.held_out_verdict(gains)
+    assert v.accept is accept and f"few samples ({len(gains)})" in v.reason
+
+
+def test_pick_keeps_the_accepted_option_with_the_largest_lower_bound_first_on_ties() -> None:
+    def verdict(accept: bool, mean: float, se: float = 0.0) -> fr.Verdict:
+        return fr.Verdict(accept, "", 0, 0, mean, se)
+
+    assert fr.pick([]) is None and fr.pick([verdict(False, 9.0)]) is None
+    assert fr.pick([verdict(True, 1.0), verdict(False, 9.0), verdict(True, 2.0)]) == 2
+    assert fr.pick([verdict(True, 2.0), verdict(True, 2.0)]) == 0
+    assert fr.pick([verdict(True, 3.0, 1.0), verdict(True, 1.5, 0.2)]) == 1  # 3 - 2 x 1 < 1.5 - 2 x 0.2
+
+
+def test_lower_bound_is_the_mean_less_two_standard_errors() -> None:
+    assert fr.lower_bound([1.0, 3.0, 2.0, 2.0]) == pytest.approx(2.0 - 2 * np.std([1, 3, 2, 2], ddof=1) / 2)
+    assert fr.lower_bound([0.0] * 5) == 0.0 and fr.lower_bound([7.0]) == 7.0
+    assert fr.lower_bound([]) == fr.lower_bound([1.0, float("nan")]) == -math.inf
+
+
+def test_shrink_scales_every_weight_toward_reuse() -> None:
+    p = CacheParams(skip_mode="custom", full_steps=(0, 2), forecast="linear", forecast_weights=(0, 0, 0, 0.6, -0.4))
+    assert fr.shrink(p, 0.5).forecast_weights == (0.0, 0.0, 0.0, 0.3, -0.2)
+    assert fr.shrink(p, 0.0).forecast_weights == (0.0,) * 5 and fr.shrink(p, 1.0) == dataclasses.replace(
+        p, forecast_weights=(0.0, 0.0, 0.0, 0.6, -0.4))

@@ -1,14 +1,18 @@
-"""Evidence for the calibrated forecast (issue 19) on the embedded demo model: docs/schedules.md.
+"""Evidence for the calibrated forecast (issues 19, 25) on the embedded demo model: docs/schedules.md.
 
-For budgets K = ceil(25/N), N = 2..8, at one branch: PSNR/SSIM of held-out prompts against their uncached images for
-uniform reuse (interval N), calibrated reuse (``helper.calibrate(K)``) and calibrated forecast
-(``helper.calibrate(K, forecast=True)``), all calibrated on one recording of a separate calibration set (measured
-once, solved for every K, as ``deepcache tune`` does). Also the cost of each calibration stage. Offline, CPU:
+For budgets K = ceil(25/N), N = 2..8, at one branch and for each of several disjoint prompt sets: PSNR/SSIM of
+held-out prompts against their uncached images for uniform reuse (interval N), calibrated reuse
+(``helper.calibrate(K)``) and calibrated forecast (``helper.calibrate(K, forecast=True)``, the held-out choice of
+:mod:`DeepCache.forecast_heldout`), all calibrated on one recording of the set's calibration prompts (measured once,
+solved for every K, as ``deepcache tune`` does). Also the cost of each calibration stage. Offline, CPU:
 
-    python tools/forecast_evidence.py --branch 0 --out docs/forecast-b0.json --markdown /tmp/forecast-b0.md
+    python tools/forecast_evidence.py --branch 0 --prompt-seeds 1,2,3 --threads 1 --out docs/forecast-b0-sets.json
 
-With ``--replay-cache FILE`` the replay's measurements are kept in (or loaded from) FILE, so a rerun after a change
-to the choice costs only the closed-loop runs and the held-out images.
+The prompt sets are disjoint: set ``i`` is the first ``calibration + held-out`` captions of
+``embedded_prompts(720, seed=seeds[i])`` not in an earlier set (calibration first). ``--only SEED`` runs one set
+of the list (the same prompts as in the full run; run sets in parallel, then ``--merge`` their JSON files). With
+``--replay-cache DIR`` the replay's measurements are kept in (or loaded from) ``DIR/b{branch}-s{seed}.pkl``, so a
+rerun after a change to the choice costs only the closed-loop runs and the held-out images.
 """
 
 from __future__ import annotations
@@ -29,87 +33,129 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DeepCache import CacheParams, DeepCacheSDHelper  # noqa: E402
 from DeepCache import forecast_calibration as fc  # noqa: E402
+from DeepCache import forecast_heldout as fh  # noqa: E402
 from DeepCache.tools.metrics import psnr, ssim  # noqa: E402
 from DeepCache.tools.prompts import embedded_prompts  # noqa: E402
 from schedule_evidence import GUIDANCE, STEPS, images, load  # noqa: E402
+
+SCHEDULES = ("uniform", "calibrated reuse", "calibrated forecast")
+
+
+def disjoint_sets(seeds: list[int], count: int) -> list[list[str]]:
+    """``count`` prompts per seed, no prompt in two sets (a later seed skips the earlier sets' prompts)."""
+    used: set[str] = set()
+    sets = []
+    for seed in seeds:
+        got = [p for p in embedded_prompts(720, seed=seed) if p not in used][:count]
+        used.update(got)
+        sets.append(got)
+    return sets
+
+
+def run_set(pipe, seed: int, prompts: list[str], args) -> dict:
+    calib, held = prompts[: args.calibration], prompts[args.calibration :]
+    held_seeds = [1000 + i for i in range(len(held))]
+    helper = DeepCacheSDHelper(pipe=pipe)
+    reference, _ = images(pipe, held, held_seeds)
+    call = dict(prompt=calib, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent",
+                generator=[torch.Generator().manual_seed(s) for s in range(len(calib))])
+    rows, costs, scored = [], {}, {}
+    cache = args.replay_cache / f"b{args.branch}-s{seed}.pkl" if args.replay_cache else None
+    t = time.perf_counter()
+    with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
+        costs["record_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if cache and cache.exists():
+            measured = pickle.loads(cache.read_bytes())
+        else:
+            measured = fc.forecast_errors(pipe.unet, rec, args.branch, max_gap=args.max_gap, max_span=args.max_span,
+                                          samples=len(calib))
+            if cache:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_bytes(pickle.dumps(measured))
+        costs["replay_s"], costs["replay_evaluations"] = time.perf_counter() - t, measured.evaluations
+        print(json.dumps({"seed": seed, **costs}), flush=True)
+        for n in (int(x) for x in args.intervals.split(",")):
+            k = math.ceil(STEPS / n)
+            if (k, "choice") not in scored:
+                t = time.perf_counter()
+                choice = fh.choose(pipe, pipe.unet, measured, k, final, rewind, call)
+                scored[k, "choice"] = dict(
+                    option=choice.option, closed_loop_runs=choice.runs, choose_s=time.perf_counter() - t,
+                    verdicts={name: v.reason for name, v in choice.verdicts.items()},
+                    held_out_gains_db={name: g.tolist() for name, g in choice.gains.items()})
+                scored[k, "params"] = {"calibrated reuse": measured.reuse_params(k), "calibrated forecast": choice.params}
+            for name in SCHEDULES:
+                key = (n if name == "uniform" else k, name)
+                if key not in scored:
+                    params = CacheParams(cache_interval=n, cache_branch_id=args.branch) if name == "uniform" \
+                        else scored[k, "params"][name]
+                    got, fulls = images(pipe, held, held_seeds, helper, params)
+                    per = psnr(got, reference)
+                    scored[key] = {"full_steps_mean": float(np.mean(fulls)), "psnr": float(np.mean(per)),
+                                   "psnr_per_prompt": per.tolist(), "ssim": float(np.mean(ssim(got, reference))),
+                                   "params": json.loads(params.to_json())}
+                row = {"seed": seed, "N": n, "K": k, "schedule": name, **scored[key]}
+                if name == "calibrated forecast":
+                    row.update(scored[k, "choice"])
+                rows.append(row)
+                print(json.dumps({key2: v for key2, v in row.items() if key2 not in ("params", "psnr_per_prompt",
+                                                                                       "held_out_gains_db")}), flush=True)
+    return {"seed": seed, "calibration": calib, "held_out": held, "costs": costs, "rows": rows}
+
+
+def summary(sets: list[dict]) -> list[str]:
+    """A markdown table: per set and N, uniform / reuse / forecast PSNR and forecast - reuse (mean, and the spread:
+    the standard deviation over the held-out prompts of the per-prompt difference)."""
+    lines = ["| seed | N | K | uniform | calibrated reuse | calibrated forecast | forecast − reuse (± sd over prompts) | kept |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for s in sets:
+        by = {(r["N"], r["schedule"]): r for r in s["rows"]}
+        for n in sorted({r["N"] for r in s["rows"]}):
+            u, r, f = (by[n, name] for name in SCHEDULES)
+            d = np.asarray(f["psnr_per_prompt"]) - np.asarray(r["psnr_per_prompt"])
+            lines.append(f"| {s['seed']} | {n} | {r['K']} | {u['psnr']:.2f} | {r['psnr']:.2f} | {f['psnr']:.2f} | "
+                         f"{d.mean():+.2f} ± {d.std(ddof=1):.2f} | {f['option']} |")
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--branch", type=int, default=0)
-    parser.add_argument("--calibration", type=int, default=8, help="calibration prompts")
-    parser.add_argument("--held-out", type=int, default=16, help="held-out prompts")
+    parser.add_argument("--calibration", type=int, default=8, help="calibration prompts per set")
+    parser.add_argument("--held-out", type=int, default=8, help="held-out prompts per set")
+    parser.add_argument("--prompt-seeds", default="1,2,3", help="one disjoint prompt set per seed")
+    parser.add_argument("--only", type=int, help="run only the set of this seed (of --prompt-seeds)")
     parser.add_argument("--intervals", default="2,3,4,5,6,7,8")
     parser.add_argument("--max-gap", type=int, default=fc.MAX_GAP)
     parser.add_argument("--max-span", type=int, default=fc.MAX_SPAN)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--markdown", type=Path)
-    parser.add_argument("--replay-cache", type=Path,
-                        help="pickle of the replay's measurements: loaded if it exists (same prompts, branch and bounds), "
-                             "else written")
+    parser.add_argument("--replay-cache", type=Path, help="folder of the replays' measurements (loaded if there)")
+    parser.add_argument("--merge", type=Path, nargs="*", help="merge these JSON results (their sets) into --out")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    pipe = load()
-    prompts = embedded_prompts(args.calibration + args.held_out, seed=0)  # the sets of tools/schedule_evidence.py
-    calib, held = prompts[: args.calibration], prompts[args.calibration :]
-    held_seeds = [1000 + i for i in range(args.held_out)]
-    helper = DeepCacheSDHelper(pipe=pipe)
-    reference, _ = images(pipe, held, held_seeds)
-    call = dict(prompt=calib, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent",
-                generator=[torch.Generator().manual_seed(s) for s in range(args.calibration)])
-    rows, costs = [], {}
-    t = time.perf_counter()
-    with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
-        costs["record_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if args.replay_cache and args.replay_cache.exists():
-            measured = pickle.loads(args.replay_cache.read_bytes())
-        else:
-            measured = fc.forecast_errors(pipe.unet, rec, args.branch, max_gap=args.max_gap, max_span=args.max_span)
-            if args.replay_cache:
-                args.replay_cache.write_bytes(pickle.dumps(measured))
-        costs["replay_s"], costs["replay_evaluations"] = time.perf_counter() - t, measured.evaluations
-        print(json.dumps(costs), flush=True)
-        scored: dict = {}  # (K, schedule) -> the row's measurements: budgets shared by two N are run once
-        for n in (int(x) for x in args.intervals.split(",")):
-            k = math.ceil(STEPS / n)
-            if (k, "calibrated forecast") not in scored:
-                t = time.perf_counter()
-                chosen, candidates, scores = fc.choose(pipe, pipe.unet, measured, k, final, rewind, call)
-                scored[k, "choice"] = dict(closed_loop_scores=scores, chosen=candidates.index(chosen)
-                                           if chosen in candidates else "refined", choose_s=time.perf_counter() - t)
-            schedules = {
-                "uniform": CacheParams(cache_interval=n, cache_branch_id=args.branch),
-                "calibrated reuse": None,
-                "calibrated forecast": None,
-            }
-            for name in schedules:
-                if (k, name) not in scored:
-                    params = schedules[name] or {"calibrated reuse": candidates[0], "calibrated forecast": chosen}[name]
-                    got, fulls = images(pipe, held, held_seeds, helper, params)
-                    result = {"full_steps_mean": float(np.mean(fulls)), "psnr": float(np.mean(psnr(got, reference))),
-                              "ssim": float(np.mean(ssim(got, reference))), "params": json.loads(params.to_json())}
-                    if name == "uniform":
-                        rows.append({"N": n, "K": k, "schedule": name, **result})
-                        print(json.dumps({key: v for key, v in rows[-1].items() if key != "params"}), flush=True)
-                        continue
-                    scored[k, name] = result
-                row = {"N": n, "K": k, "schedule": name, **scored[k, name]}
-                if name == "calibrated forecast":
-                    row.update(scored[k, "choice"])
-                rows.append(row)
-                print(json.dumps({key: v for key, v in row.items() if key != "params"}), flush=True)
-    result = {"steps": STEPS, "guidance": GUIDANCE, "branch": args.branch, "max_gap": args.max_gap,
-              "max_span": args.max_span, "candidates": list(measured.candidates), "caps": list(fc.COEFFICIENT_CAPS),
-              "costs": costs, "rows": rows, "seconds": time.perf_counter() - start, "torch": torch.__version__}
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        result = {**parts[0], "sets": [s for p in parts for s in p["sets"]], "seconds": sum(p["seconds"] for p in parts)}
+    else:
+        torch.set_num_threads(args.threads)
+        seeds = [int(x) for x in args.prompt_seeds.split(",")]
+        pipe = load()
+        sets = [run_set(pipe, seed, prompts, args)
+                for seed, prompts in zip(seeds, disjoint_sets(seeds, args.calibration + args.held_out))
+                if args.only is None or seed == args.only]
+        result = {"steps": STEPS, "guidance": GUIDANCE, "branch": args.branch, "max_gap": args.max_gap,
+                  "max_span": args.max_span, "prompt_seeds": seeds, "calibration": args.calibration,
+                  "held_out": args.held_out, "sets": sets, "seconds": time.perf_counter() - start,
+                  "threads": args.threads, "torch": torch.__version__}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = "\n".join(summary(result["sets"])) + "\n"
+    print(table)
     if args.markdown:
-        lines = ["| N | K | schedule | PSNR dB | SSIM |", "|---|---|---|---|---|"]
-        lines += [f"| {r['N']} | {r['K']} | {r['schedule']} | {r['psnr']:.2f} | {r['ssim']:.4f} |" for r in rows]
-        args.markdown.write_text("\n".join(lines) + "\n")
+        args.markdown.write_text(table)
     return 0
 
 
