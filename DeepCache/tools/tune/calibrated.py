@@ -26,7 +26,7 @@ import torch
 
 from ... import calibration
 from ... import forecast_calibration as fc
-from ... import forecast_refine
+from ... import forecast_heldout
 from ...params import CacheParams
 from ...schedule import optimal_full_steps
 from ..settings import Setting
@@ -54,28 +54,14 @@ def reuse_within(errors: Sequence[Sequence[float]], max_gap: int) -> list[list[f
 
 def forecast_choice(pipe: Any, measured: fc.ForecastErrors, budget: int, reference: torch.Tensor,
                     rewind: Callable[[], None], call: dict[str, Any]) -> CacheParams | None:
-    """THE ONE CALL SITE of the library's forecast choice for ``deepcache tune`` (issue 25, items 1-4: switch this
-    function to the library's held-out rule when it lands, nothing else in tune chooses a forecast).
-
-    Today: ``helper.calibrate(K, forecast=True)``'s closed-loop choice on the calibration prompts
-    (:func:`DeepCache.forecast_calibration.candidate_params`: each coefficient cap's forecast and the calibrated
-    reuse steps with fitted weights; the one whose final latents are closest to the uncached ones, first on ties),
-    less its reuse option (calibrated reuse is a candidate of its own), refined in closed loop
-    (:func:`DeepCache.forecast_refine.refine`). ``None`` when no forecast weight is left nonzero. Whatever it
-    picks is judged by tune on the judging prompts, never on the calibration prompts it was chosen on.
+    """THE ONE CALL SITE of the library's forecast choice for ``deepcache tune``: the held-out rule of
+    ``helper.calibrate(K, forecast=True)`` (:func:`DeepCache.forecast_heldout.choose`: options fitted on part of the
+    calibration samples, judged on the others, a forecast kept only when it beat calibrated reuse there). ``None``
+    when the rule keeps reuse (calibrated reuse is a candidate of its own). Whatever it picks is judged by tune on
+    the judging prompts, never on the calibration prompts it was chosen on.
     """
-    options = [p for p in fc.candidate_params(measured, budget) if p.forecast is not None]
-    if not options:
-        return None
-    scores = fc.closed_loop_errors(pipe, pipe.unet, options, reference, rewind, call)
-    best = min(range(len(options)), key=lambda i: (scores[i], i))
-
-    def score(params: CacheParams) -> float:
-        return fc.closed_loop_errors(pipe, pipe.unet, [params], reference, rewind, call)[0]
-
-    refined, _, _ = forecast_refine.refine(score, forecast_refine.as_forecast(options[best], measured.num_steps),
-                                           scores[best])
-    return refined if any(refined.forecast_weights) else None
+    choice = forecast_heldout.choose(pipe, pipe.unet, measured, budget, reference, rewind, call)
+    return None if choice.option == "reuse" else choice.params
 
 
 class Calibration:
@@ -124,8 +110,9 @@ class Calibration:
         if branch not in self._measured:
             rec = self._recording()[0]
             self.on_stage(f"calibration: forecast replay B={branch}")
+            samples = self._recording()[1].shape[0]  # per-sample errors: the held-out choice splits them
             self._measured[branch] = fc.forecast_errors(self.pipe.unet, rec, branch, max_gap=FORECAST_MAX_GAP,
-                                                        max_span=FORECAST_MAX_SPAN)
+                                                        max_span=FORECAST_MAX_SPAN, samples=samples)
         return self._measured[branch]
 
     def calibrated(self, branch: int, budget: int) -> Setting:
