@@ -16,9 +16,9 @@ from .helper import DeepCacheSDHelper  # noqa: E402
 
 #: The same helper under a family-neutral name (U-Nets and transformers alike).
 DeepCacheHelper = DeepCacheSDHelper
-from .layout import UNetLayout, branch_table, retrieval_plan  # noqa: E402
-from .params import CacheParams  # noqa: E402
-from .schedule import non_uniform_full_steps, schedule_pattern  # noqa: E402
+from .engine.unet.layout import UNetLayout, branch_table, retrieval_plan  # noqa: E402
+from .schedules.params import CacheParams  # noqa: E402
+from .schedules.schedule import non_uniform_full_steps, schedule_pattern  # noqa: E402
 
 __all__ = [
     "DeepCacheHelper",

@@ -31,9 +31,9 @@ from torch import nn
 
 from . import attach, engine
 from .helper_calibrate import CalibrateMixin
-from .engine.dit_layout import DiTLayout
-from .layout import UNetLayout
-from .params import CacheParams
+from .engine.transformer.layout import DiTLayout
+from .engine.unet.layout import UNetLayout
+from .schedules.params import CacheParams
 
 __all__ = ["DeepCacheSDHelper"]
 
@@ -117,7 +117,7 @@ class DeepCacheSDHelper(CalibrateMixin):
                 once per U-Net evaluation for the whole batch (the mean over all prompts of the batch).
             forecast: ``None`` (retrieval steps reuse the cached feature) or ``"linear"``: step ``k`` after full
                 steps ``a' < a`` hands out ``F_a + w*(k-a)*(F_a - F_a')/(a - a')`` (reuse until the generation
-                has two full steps); one more feature map per generation. See :mod:`DeepCache.forecast`.
+                has two full steps); one more feature map per generation. See :mod:`DeepCache.schedules.forecast`.
             forecast_weight: the weight ``w`` of ``"linear"`` (>= 0; 0 = reuse, 1 = the straight line).
             forecast_weights: ``w`` per U-Net evaluation (e.g. from ``calibrate(K, forecast=True)``); evaluations
                 past its end use ``forecast_weight``.

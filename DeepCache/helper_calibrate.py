@@ -2,9 +2,9 @@
 user's own pipeline and calls, and set them on the helper.
 
 :class:`CalibrateMixin` gives :class:`~DeepCache.helper.DeepCacheSDHelper` its :meth:`~CalibrateMixin.calibrate`.
-The measuring lives elsewhere: the reuse errors in :mod:`DeepCache.calibration` (then the exact dynamic programme
-:func:`~DeepCache.schedule.optimal_full_steps`), the forecast replay and its closed-loop choice in
-:mod:`DeepCache.forecast_calibration`. This module runs one or the other with the helper disabled (and enabled
+The measuring lives elsewhere: the reuse errors in :mod:`DeepCache.schedules.calibration` (then the exact dynamic programme
+:func:`~DeepCache.schedules.schedule.optimal_full_steps`), the forecast replay and its closed-loop choice in
+:mod:`DeepCache.schedules.forecast_calibration`. This module runs one or the other with the helper disabled (and enabled
 again if it was), and sets the result.
 
 Example::
@@ -19,8 +19,8 @@ from typing import Any
 
 from . import engine
 from .attach import resolve
-from .params import CacheParams
-from .schedule import optimal_full_steps
+from .schedules.params import CacheParams
+from .schedules.schedule import optimal_full_steps
 
 
 class CalibrateMixin:
@@ -38,7 +38,7 @@ class CalibrateMixin:
         ``cache_branch_id`` (replaying the recorded U-Net inputs: one full and the retrieval evaluations per
         ``a``; about 2-4 pipeline calls' worth of U-Net work for branch 0 with every gap allowed). The full steps
         (step 0 included) that minimise the total error are chosen by an exact dynamic programme
-        (:func:`~DeepCache.schedule.optimal_full_steps`). The enabled state is left as it was.
+        (:func:`~DeepCache.schedules.schedule.optimal_full_steps`). The enabled state is left as it was.
 
         With ``forecast=True`` retrieval steps may forecast the feature (``forecast="linear"``) instead: the replay
         also measures, for each pair of full steps ``a' < a`` (at most 4 apart), each step ``k`` at most ``max_gap``
@@ -47,7 +47,7 @@ class CalibrateMixin:
         weight 0, wins ties). A few such choices (caps on ``w*(k-a)/(a-a')``) run through the pipeline with the
         same noise (closed loop), and the best is possibly refined in closed loop (one weight per segment of at
         least 5 retrieval steps, possibly negative). **The result is chosen on samples it was not fitted on**
-        (:mod:`DeepCache.forecast_heldout`): the calibration batch (prompts x images per prompt) is split into 4
+        (:mod:`DeepCache.schedules.forecast_heldout`): the calibration batch (prompts x images per prompt) is split into 4
         folds (leave one out for 2-3 samples); for each fold the options (the best closed-loop candidate, its
         refinement, and both with weights halved) are fitted on the other folds and scored against the calibrated
         reuse schedule of the same folds on the held-out one. An option is accepted only if it gains on a clear
@@ -69,7 +69,7 @@ class CalibrateMixin:
 
             params = helper.calibrate(num_full_steps=9, prompt=calibration_prompts, num_inference_steps=25)
         """
-        from . import calibration
+        from .schedules import calibration
 
         pipeline, unet = resolve(self.pipe)
         if pipeline is None:
@@ -87,8 +87,8 @@ class CalibrateMixin:
             self.disable()
             try:
                 if forecast:
-                    from .forecast_calibration import MAX_GAP
-                    from .forecast_heldout import calibrate_forecast
+                    from .schedules.forecast_calibration import MAX_GAP
+                    from .schedules.forecast_heldout import calibrate_forecast
 
                     gap = MAX_GAP if max_gap is None else max_gap
                     params, _ = calibrate_forecast(pipeline, unet, branch, num_full_steps, max_gap=gap,

@@ -8,7 +8,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from DeepCache import CacheParams, DeepCacheSDHelper
-from DeepCache.schedule import format_pattern, schedule_pattern
+from DeepCache.schedules.schedule import format_pattern, schedule_pattern
 
 from . import tiny_pipelines as tp
 from .tiny import prompt_kwargs, run, tiny_sd_pipe, tiny_sdxl_pipe

@@ -72,7 +72,7 @@ def _command(module: str) -> str | None:
 
 def test_the_library_never_imports_the_tools() -> None:
     library = {m: deps for m, deps in GRAPH.items() if not m.startswith("DeepCache.tools")}
-    assert "DeepCache.helper" in library and "DeepCache.schedule" in library
+    assert "DeepCache.helper" in library and "DeepCache.schedules.schedule" in library
     offenders = {m: sorted(d for d in deps if d.startswith("DeepCache.tools")) for m, deps in library.items()
                  if m != "DeepCache.__main__"}  # `python -m DeepCache` is the command line's door
     assert {m: d for m, d in offenders.items() if d} == {}
@@ -82,7 +82,7 @@ def test_no_command_imports_another_command() -> None:
     assert {_command(m) for m in GRAPH} >= set(COMMANDS)
     assert {"DeepCache.tools.quality", "DeepCache.tools.runs"} <= GRAPH["DeepCache.tools.demo"]  # the graph is read
     assert {"DeepCache.tools.tune.calibrated", "DeepCache.tools.runs"} <= GRAPH["DeepCache.tools.tune.search"]
-    assert {"DeepCache.calibration", "DeepCache.forecast_calibration"} <= GRAPH["DeepCache.tools.tune.calibrated"]
+    assert {"DeepCache.schedules.calibration", "DeepCache.schedules.forecast_calibration"} <= GRAPH["DeepCache.tools.tune.calibrated"]
     crossings = sorted((m, d) for m, deps in GRAPH.items() for d in deps
                        if _command(m) and _command(d) and _command(m) != _command(d))
     assert crossings == []
@@ -110,3 +110,11 @@ def test_no_import_cycles() -> None:
     # a package's __init__ re-exporting its own modules is not a cycle between modules
     cycles = [c for c in cycles if not (len(c) == 3 and c[0] == c[2] and c[1].startswith(c[0] + "."))]
     assert cycles == []
+
+
+def test_the_library_keeps_at_most_eight_modules_at_its_top() -> None:
+    """Grow by rooms: the schedule cluster and each denoiser family are packages, not more top-level modules."""
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 8, top
+    for package in ("schedules", "engine", "engine/unet", "engine/transformer", "tools"):
+        assert (PACKAGE / package / "__init__.py").is_file(), package

@@ -21,7 +21,7 @@ from diffusers import EulerAncestralDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache.schedule import format_pattern
+from DeepCache.schedules.schedule import format_pattern
 
 from . import tiny_pipelines as tp
 from .reference import OriginalRule

@@ -16,9 +16,9 @@ import weakref
 import pytest
 import torch
 
-from DeepCache.engine.dit_discovery import MIN_DIFFUSERS, _diffusers_version
+from DeepCache.engine.transformer.discovery import MIN_DIFFUSERS, _diffusers_version
 from DeepCache import CacheParams, DeepCacheHelper, DeepCacheSDHelper
-from DeepCache.engine.dit_layout import SUPPORTED_TRANSFORMERS
+from DeepCache.engine.transformer.layout import SUPPORTED_TRANSFORMERS
 
 from .dit_reference import ReferenceBranch, block_lists
 from .tiny import tiny_sd_unet

@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from DeepCache.engine.dit_discovery import MIN_DIFFUSERS, _diffusers_version
+from DeepCache.engine.transformer.discovery import MIN_DIFFUSERS, _diffusers_version
 from DeepCache import DeepCacheHelper
 
 from .dit_reference import ReferenceBranch
@@ -137,7 +137,7 @@ def test_wan22_counts_steps_across_its_two_transformers() -> None:
 def test_calibrated_reuse_errors_equal_the_reference_summed_over_cfg_branches(name) -> None:
     import math
 
-    from DeepCache import calibration
+    from DeepCache.schedules import calibration
 
     pipe, kwargs = built(name)
     model = pipe.transformer

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from DeepCache.engine.dit_discovery import MIN_DIFFUSERS, _diffusers_version
+from DeepCache.engine.transformer.discovery import MIN_DIFFUSERS, _diffusers_version
 from DeepCache.tools import cli
 from DeepCache.tools.kinds import TransformerKind, UNetKind, default_batch_size, kind_of, load_kind
 from DeepCache.tools.kinds.embeddings import SEEDED_LABEL, require_spec

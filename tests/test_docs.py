@@ -13,7 +13,7 @@ import pytest
 import DeepCache
 from DeepCache.engine import unet_layout
 from DeepCache.tools.cli import main
-from DeepCache.layout import branch_table_markdown
+from DeepCache.engine.unet.layout import branch_table_markdown
 from DeepCache.tools.metrics import psnr
 
 from .tiny import tiny_sd_unet, tiny_sdxl_unet

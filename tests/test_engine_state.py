@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from DeepCache.engine.state import Generation, ReuseFeature, AdaptiveState
-from DeepCache.layout import Action
-from DeepCache.schedule import CacheParams, format_pattern, schedule_pattern
+from DeepCache.engine.unet.layout import Action
+from DeepCache.schedules.schedule import CacheParams, format_pattern, schedule_pattern
 
 KEY = ((1, 4, 8, 8), torch.float32, torch.device("cpu"))
 ACTIONS = (Action.RUN, Action.SKIP, Action.BOUNDARY, Action.RUN)

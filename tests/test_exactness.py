@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache.schedule import CacheParams, schedule_pattern
+from DeepCache.schedules.schedule import CacheParams, schedule_pattern
 
 from .reference import LayerProbe, OriginalRule
 from .tiny import run, tiny_sd_pipe, tiny_sd_unet, tiny_sdxl_pipe, tiny_sdxl_unet, unet_loop

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from DeepCache.forecast import (
+from DeepCache.schedules.forecast import (
     CANDIDATE_WEIGHTS,
     coefficient,
     extrapolate,
@@ -21,7 +21,7 @@ from DeepCache.forecast import (
     schedule_error,
     step_weights,
 )
-from DeepCache.schedule import CacheParams, as_params
+from DeepCache.schedules.schedule import CacheParams, as_params
 
 # -- the formula -----------------------------------------------------------------------------------------------
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache import forecast_calibration as fc
-from DeepCache import forecast_heldout as fh
-from DeepCache import forecast_refine as fr
-from DeepCache.calibration import _sample, recording, reuse_errors
+from DeepCache.schedules import forecast_calibration as fc
+from DeepCache.schedules import forecast_heldout as fh
+from DeepCache.schedules import forecast_refine as fr
+from DeepCache.schedules.calibration import _sample, recording, reuse_errors
 from DeepCache.engine import boundary_module, relative_l1
-from DeepCache.schedule import CacheParams
+from DeepCache.schedules.schedule import CacheParams
 
 from .tiny import prompt_kwargs, tiny_sd_pipe
 

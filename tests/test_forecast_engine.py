@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from DeepCache import DeepCacheSDHelper
 from DeepCache.engine import boundary_module
-from DeepCache.schedule import CacheParams
+from DeepCache.schedules.schedule import CacheParams
 
 from . import tiny_pipelines as tp
 from .reference import OriginalRule

@@ -3,7 +3,7 @@
 Guards docs/schedules.md (25 DDIM steps, guidance 4, branch 0; calibrated forecast - calibrated reuse on prompts never
 used for calibration, at least +5.9 dB at N = 3 on every prompt set measured) with margins, on 8 held-out prompts,
 both calibrated on the same 8 other prompts: >= +3 dB at N = 3, and not worse than reuse - 0.1 dB at N = 3, 5 and 8
-(the held-out choice of :mod:`DeepCache.forecast_heldout` keeps reuse where a forecast does not clearly win). One
+(the held-out choice of :mod:`DeepCache.schedules.forecast_heldout` keeps reuse where a forecast does not clearly win). One
 recording and one replay, solved for each budget (as ``deepcache tune`` and tools/forecast_evidence.py do). About 2-3
 min on 2 idle CPU cores.
 """
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache import forecast_calibration as fc
-from DeepCache import forecast_heldout as fh
+from DeepCache.schedules import forecast_calibration as fc
+from DeepCache.schedules import forecast_heldout as fh
 from DeepCache.tools.metrics import psnr
 from DeepCache.tools.prompts import embedded_prompts
 

@@ -17,7 +17,7 @@ from DeepCache.tools.distributed import process_info, shard
 from DeepCache.tools.generate import STOP_AFTER_VARIABLE, check_finished, pending_batches, setting_from_args
 from DeepCache.tools.image_store import ImageStore, read_records
 from DeepCache.tools.prompts import PromptItem, embedded_prompts, read_prompt_file, seeded_items
-from DeepCache.schedule import CacheParams
+from DeepCache.schedules.schedule import CacheParams
 from DeepCache.tools.settings import Setting
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from diffusers import (
 )
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache.schedule import format_pattern
+from DeepCache.schedules.schedule import format_pattern
 
 from .reference import OriginalRule
 from .tiny import prompt_kwargs, run, tiny_sd_pipe, tiny_sd_unet, tiny_sdxl_unet, unet_inputs, unet_loop

@@ -2,14 +2,14 @@
 
 Expectations are written from the SD 1.x/2.x skip numbering by hand (down block ``i`` layer ``j`` produces skip
 ``1 + 3i + j``, its downsampler ``3 + 3i``; up block ``u`` layer ``j`` consumes ``11 - 3u - j``), independently
-of ``DeepCache.layout``'s own bookkeeping.
+of ``DeepCache.engine.unet.layout``'s own bookkeeping.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from DeepCache.layout import (
+from DeepCache.engine.unet.layout import (
     Action,
     ModuleKey,
     Site,

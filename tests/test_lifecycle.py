@@ -17,7 +17,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache.schedule import format_pattern
+from DeepCache.schedules.schedule import format_pattern
 
 from . import tiny_pipelines as tp
 from .tiny import prompt_kwargs, tiny_sd_pipe, tiny_sd_unet, unet_loop

@@ -23,7 +23,7 @@ from diffusers import (
 )
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache.schedule import CacheParams, format_pattern, schedule_pattern
+from DeepCache.schedules.schedule import CacheParams, format_pattern, schedule_pattern
 
 from . import support_matrix
 from . import tiny_pipelines as tp

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from DeepCache.schedule import (
+from DeepCache.schedules.schedule import (
     CacheParams,
     adaptive_is_full_step,
     as_params,

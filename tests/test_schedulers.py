@@ -21,7 +21,7 @@ from diffusers import (
 )
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache.schedule import CacheParams, schedule_pattern
+from DeepCache.schedules.schedule import CacheParams, schedule_pattern
 
 from .reference import OriginalRule
 from .tiny import run, tiny_sd_pipe

@@ -21,8 +21,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 
 from DeepCache import DeepCacheSDHelper, DeepCacheWarning
 from DeepCache import engine
-from DeepCache.engine import discovery
-from DeepCache.schedule import CacheParams, format_pattern, schedule_pattern
+from DeepCache.engine.unet import discovery
+from DeepCache.schedules.schedule import CacheParams, format_pattern, schedule_pattern
 
 from . import tiny_pipelines as tp
 from .tiny import prompt_kwargs, tiny_sd_pipe, tiny_sd_unet, tiny_sdxl_pipe, unet_inputs, unet_loop

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from DeepCache import DeepCacheSDHelper
-from DeepCache.schedule import CacheParams, schedule_pattern
+from DeepCache.schedules.schedule import CacheParams, schedule_pattern
 from DeepCache.tools.settings import BASELINE, Setting, applied, setting_grid
 
 from .tiny import tiny_sd_unet, unet_inputs

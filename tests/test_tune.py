@@ -193,7 +193,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import contextlib
     import io
 
-    from DeepCache import forecast_calibration as fc
+    from DeepCache.schedules import forecast_calibration as fc
     from DeepCache.tools.tune import judge, search
 
     out = tmp_path_factory.mktemp("tune")
@@ -316,7 +316,7 @@ def test_tune_tries_every_kind_and_prunes_only_what_cannot_win(tuned: dict[str, 
 
 @needs_model
 def test_forecast_candidates_are_the_calibrated_forecast_and_linear_at_small_intervals(tuned: dict[str, Any]) -> None:
-    from DeepCache.forecast_heldout import calibrate_forecast
+    from DeepCache.schedules.forecast_heldout import calibrate_forecast
 
     report = json.loads(tuned["json"].read_text())
     meta, candidates = report["meta"], report["rows"][1:]

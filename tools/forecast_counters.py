@@ -23,7 +23,7 @@ start-up and full steps never enter a number:
   spread on this machine).
 
 It also counts the pieces the forecast adds (item ``components`` of the JSON), on the live feature of a
-generation: ``prepare`` of a retrieval step (weight, :func:`~DeepCache.forecast.coefficient`, the 0-d ``fill_``),
+generation: ``prepare`` of a retrieval step (weight, :func:`~DeepCache.schedules.forecast.coefficient`, the 0-d ``fill_``),
 ``handout`` (the ``addcmul``) against reuse's, and the bare ``torch.addcmul`` / ``fill_``.
 
 Run (about an hour on this project's shared 2-core machine: under valgrind torch's import alone takes minutes and

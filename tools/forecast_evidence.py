@@ -3,7 +3,7 @@
 For budgets K = ceil(25/N), N = 2..8, at one branch and for each of several disjoint prompt sets: PSNR/SSIM of
 held-out prompts against their uncached images for uniform reuse (interval N), calibrated reuse
 (``helper.calibrate(K)``) and calibrated forecast (``helper.calibrate(K, forecast=True)``, the held-out choice of
-:mod:`DeepCache.forecast_heldout`), all calibrated on one recording of the set's calibration prompts (measured once,
+:mod:`DeepCache.schedules.forecast_heldout`), all calibrated on one recording of the set's calibration prompts (measured once,
 solved for every K, as ``deepcache tune`` does). Also the cost of each calibration stage. Offline, CPU:
 
     python tools/forecast_evidence.py --branch 0 --prompt-seeds 1,2,3 --threads 1 --out docs/forecast-b0-sets.json
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DeepCache import CacheParams, DeepCacheSDHelper  # noqa: E402
-from DeepCache import forecast_calibration as fc  # noqa: E402
-from DeepCache import forecast_heldout as fh  # noqa: E402
+from DeepCache.schedules import forecast_calibration as fc
+from DeepCache.schedules import forecast_heldout as fh
 from DeepCache.tools.metrics import psnr, ssim  # noqa: E402
 from DeepCache.tools.prompts import embedded_prompts  # noqa: E402
 from schedule_evidence import GUIDANCE, STEPS, images, load  # noqa: E402

@@ -1,7 +1,7 @@
 """How much can a linear forecast gain at all, for a given budget? An upper bound on the embedded demo model.
 
 Issue 19 asks calibrated forecast to beat calibrated reuse by >= 1 dB at N = 5 and 6 (K = 5 full steps of 25). The
-calibration (``DeepCache/forecast_calibration.py``) kept reuse there. This script asks whether *any* weights of the
+calibration (``DeepCache/schedules/forecast_calibration.py``) kept reuse there. This script asks whether *any* weights of the
 forecast ``F_a + w*(k-a)*(F_a - F_a')/(a - a')`` on the calibrated reuse full steps would have done better: one
 weight per segment between full steps (K - 1 free weights; the first segment has a single full step and reuses),
 chosen by coordinate descent in closed loop (each trial runs the pipeline, the same noise, and scores its final
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DeepCache import CacheParams, DeepCacheSDHelper  # noqa: E402
-from DeepCache import forecast_calibration as fc  # noqa: E402
-from DeepCache.calibration import reuse_errors  # noqa: E402
-from DeepCache.schedule import optimal_full_steps  # noqa: E402
+from DeepCache.schedules import forecast_calibration as fc
+from DeepCache.schedules.calibration import reuse_errors  # noqa: E402
+from DeepCache.schedules.schedule import optimal_full_steps  # noqa: E402
 from DeepCache.tools.metrics import psnr  # noqa: E402
 from DeepCache.tools.prompts import embedded_prompts  # noqa: E402
 from schedule_evidence import GUIDANCE, STEPS, images, load  # noqa: E402

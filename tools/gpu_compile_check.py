@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from DeepCache import DeepCacheSDHelper  # noqa: E402
 from DeepCache.tools.bench.models import build_pipeline, make_inputs  # noqa: E402
-from DeepCache.schedule import format_pattern  # noqa: E402
+from DeepCache.schedules.schedule import format_pattern  # noqa: E402
 
 
 def main() -> int:

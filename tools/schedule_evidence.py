@@ -76,7 +76,7 @@ def signal_study(pipe, prompts, seeds, branch: int) -> dict[str, float]:
     """Which cheap signal predicts the reuse error (relative L1 of the cached feature vs the true one)?"""
     unet = pipe.unet
     layout_modules = engine.unet_modules(unet)
-    from DeepCache.layout import Action, retrieval_action, retrieval_plan
+    from DeepCache.engine.unet.layout import Action, retrieval_action, retrieval_plan
 
     plan = retrieval_plan(engine.unet_layout(unet), branch)
     first = next(m for k, m in layout_modules if retrieval_action(plan, k) is not Action.RUN)

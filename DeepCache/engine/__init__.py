@@ -1,4 +1,4 @@
-"""The engine: wire the pure retrieval plan (:mod:`DeepCache.layout`) and schedules (:mod:`DeepCache.schedule`)
+"""The engine: wire the pure retrieval plan (:mod:`DeepCache.engine.unet.layout`) and schedules (:mod:`DeepCache.schedules.schedule`)
 into live diffusers modules. One room per concern:
 
 * :mod:`.discovery` -- which modules of a U-Net / ControlNet are wrapped, supported classes, the layout;
@@ -33,9 +33,9 @@ the U-Net or a ControlNet, a full or a retrieval step, the main thread or a work
 The locks and shared variables, what each protects and who may wait for whom: ``docs/design.md``.
 """
 
-from .controlnet import ControlNetPatch, acquire_controlnet
+from .unet.controlnet import ControlNetPatch, acquire_controlnet
 from .families import acquire, check_params, check_supported, denoiser_of, extra_denoisers, layout_of, transformer_patch_of
-from .discovery import (
+from .unet.discovery import (
     SUPPORTED_UNETS,
     boundary_module,
     check_supported_unet,
@@ -49,9 +49,9 @@ from .discovery import (
 from .lifecycle import DeepCacheWarning, Lease, running
 from .state import Generation, Mode
 from .tensors import NAN_PLACEHOLDERS_ENV, relative_l1
-from .dit_discovery import is_transformer
-from .transformer import TransformerPatch
-from .unet import UNetPatch, warn_view_with_other_unet
+from .transformer.discovery import is_transformer
+from .transformer.patch import TransformerPatch
+from .unet.patch import UNetPatch, warn_view_with_other_unet
 
 __all__ = [
     "NAN_PLACEHOLDERS_ENV",

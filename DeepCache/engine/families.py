@@ -1,6 +1,6 @@
 """The denoiser families DeepCache caches, and the one place that tells them apart.
 
-A U-Net (:mod:`.unet`: skip connections, :mod:`DeepCache.layout`) or a diffusion transformer (:mod:`.transformer`:
+A U-Net (:mod:`.unet`: skip connections, :mod:`DeepCache.engine.unet.layout`) or a diffusion transformer (:mod:`.transformer`:
 a block stack, :mod:`.dit_layout`). Everything above the engine (the helper, calibration) asks here, never checks
 a class itself.
 """
@@ -11,14 +11,14 @@ from typing import Any
 
 from torch import nn
 
-from ..layout import UNetLayout, retrieval_plan
-from ..params import CacheParams
-from .discovery import SUPPORTED_UNETS, check_supported_unet, unet_layout, unwrap_unet
-from .dit_layout import SUPPORTED_TRANSFORMERS, DiTLayout
+from .unet.layout import UNetLayout, retrieval_plan
+from ..schedules.params import CacheParams
+from .unet.discovery import SUPPORTED_UNETS, check_supported_unet, unet_layout, unwrap_unet
+from .transformer.layout import SUPPORTED_TRANSFORMERS, DiTLayout
 from .lifecycle import Lease
-from .dit_discovery import check_supported_transformer, dit_layout, is_transformer
-from .transformer import TransformerPatch, acquire_transformer
-from .unet import acquire as acquire_unet
+from .transformer.discovery import check_supported_transformer, dit_layout, is_transformer
+from .transformer.patch import TransformerPatch, acquire_transformer
+from .unet.patch import acquire as acquire_unet
 
 #: The attributes of a pipeline that hold its denoiser, in the order they are looked for.
 DENOISER_ATTRIBUTES = ("unet", "transformer")

@@ -2,7 +2,7 @@
 
 It plugs in where :class:`~DeepCache.engine.state.ReuseFeature` does (the generation's ``feature``) and keeps one
 more feature map: the difference ``F_a - F_a'`` of the generation's last two full steps ``a' < a``. A retrieval
-step ``k`` hands out ``F_a + c*(F_a - F_a')`` with ``c = w_k*(k - a)/(a - a')`` (:func:`DeepCache.forecast.coefficient`),
+step ``k`` hands out ``F_a + c*(F_a - F_a')`` with ``c = w_k*(k - a)/(a - a')`` (:func:`DeepCache.schedules.forecast.coefficient`),
 one fused multiply-add; until the generation has two full steps the difference is zero (reuse, bit for bit).
 
 Compiled graphs: ``c`` is a 0-d tensor on the feature's device, filled before each retrieval step outside any graph
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from ..forecast import coefficient, extrapolate
+from ..schedules.forecast import coefficient, extrapolate
 from .state import ReuseFeature
 from .tensors import nbytes
 
@@ -47,7 +47,7 @@ def _difference(value: Any, previous: Any) -> Any:
 class ForecastFeature(ReuseFeature):
     """The cached feature of the last full step ``a``, extrapolated along the line from the full step ``a'`` before it.
 
-    ``weight_at(k)`` is the weight of evaluation ``k`` (:meth:`DeepCache.schedule.CacheParams.weight_at`).
+    ``weight_at(k)`` is the weight of evaluation ``k`` (:meth:`DeepCache.schedules.schedule.CacheParams.weight_at`).
     """
 
     weight_at: Callable[[int], float] = lambda step: 1.0

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from .state import Generation
 
 if TYPE_CHECKING:
-    from .controlnet import ControlNetPatch
-    from .unet import UNetPatch
+    from .unet.controlnet import ControlNetPatch
+    from .unet.patch import UNetPatch
 
 
 class DeepCacheWarning(UserWarning):

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..params import CacheParams
+from ..schedules.params import CacheParams
 from .forecast_feature import ForecastFeature
 from .lifecycle import EvaluationGuard, Lease, current_lease_generation, generations, locked
 from .state import Generation, Mode, ReuseFeature

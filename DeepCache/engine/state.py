@@ -29,9 +29,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..layout import Action
-from ..params import CacheParams
-from ..schedule import adaptive_is_full_step, is_full_step
+from .unet.layout import Action
+from ..schedules.params import CacheParams
+from ..schedules.schedule import adaptive_is_full_step, is_full_step
 from .tensors import Spec, clone, nbytes, versions
 
 
@@ -154,9 +154,9 @@ class Generation:
     """The state of one generation. It belongs to its caller (a pipeline call, or a bare-U-Net helper);
     dropping it frees everything it holds."""
 
-    owner: Any  # the U-Net patch this generation runs on (see DeepCache.engine.unet)
+    owner: Any  # the U-Net patch this generation runs on (see DeepCache.engine.unet.patch)
     params: CacheParams
-    actions: tuple[Action, ...]  # per wrapped U-Net module, on a retrieval step (see DeepCache.layout)
+    actions: tuple[Action, ...]  # per wrapped U-Net module, on a retrieval step (see DeepCache.engine.unet.layout)
     num_steps: Callable[[], int | None] = lambda: None  # U-Net evaluations in the generation, if known
     poison: bool = False  # NaN placeholders (DEEPCACHE_NAN_PLACEHOLDERS)
     feature: ReuseFeature = field(default_factory=ReuseFeature)

@@ -1,6 +1,6 @@
 """The wrappers: each wrapped module's ``forward``, and the root wrapper around one whole evaluation.
 
-A patch (:class:`Patched`: :class:`~DeepCache.engine.unet.UNetPatch`, :class:`~DeepCache.engine.controlnet.ControlNetPatch`)
+A patch (:class:`Patched`: :class:`~DeepCache.engine.unet.patch.UNetPatch`, :class:`~DeepCache.engine.unet.controlnet.ControlNetPatch`)
 replaces the ``forward`` of its wrapped modules with ``functools.partial(module_forward, patch, index, original)``
 and the root module's ``forward`` with ``partial(evaluate, patch, original)``. :func:`evaluate` decides the
 evaluation (outside any ``torch.compile`` graph), runs the original forward (compiled, if the model is), and
@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..layout import ModuleKey
+from .unet.layout import ModuleKey
 from .lifecycle import EvaluationGuard
 from .state import Mode
 

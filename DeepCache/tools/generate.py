@@ -45,7 +45,7 @@ from .kinds import PipelineKind, default_batch_size, kind_of, load_kind
 from .pipelines import resolve_dtype
 from .prompts import PROMPT_FILE_FORMATS, PromptItem, read_prompt_file, seeded_items
 from .runs import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from ..params import CacheParams
+from ..schedules.params import CacheParams
 from .settings import Setting, applied
 
 __all__ = ["DEFAULT_SETTING", "STOP_AFTER_VARIABLE", "check_finished", "generate_items", "pending_batches",

@@ -1,4 +1,4 @@
-"""One DeepCache setting for every tool: a :class:`~DeepCache.params.CacheParams` with a parser and a label.
+"""One DeepCache setting for every tool: a :class:`~DeepCache.schedules.params.CacheParams` with a parser and a label.
 
 ``deepcache bench``, ``eval``, ``demo`` and ``generate`` take ``--variant I,B[,SCHEDULE[,KEY=VALUE...]]``, and
 every tool, ``tune`` too, prints the same label for a setting. :class:`Setting` *is* a
@@ -36,7 +36,7 @@ import contextlib
 import dataclasses
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..params import CacheParams
+from ..schedules.params import CacheParams
 
 __all__ = ["BASELINE", "BASELINE_LABEL", "Setting", "applied", "baseline_first", "setting_grid"]
 

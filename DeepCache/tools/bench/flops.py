@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ...schedule import schedule_pattern
+from ...schedules.schedule import schedule_pattern
 from ..flops import FlopCache, PatternFlops
 from ..kinds.dit_flops import DiTFlopCache
 from ..kinds.transformer import TransformerKind

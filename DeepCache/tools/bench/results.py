@@ -27,7 +27,7 @@ import torch
 from .scenarios import TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario
 from ..flops import PatternFlops
 from ..report import json_document
-from ...schedule import format_pattern
+from ...schedules.schedule import format_pattern
 
 __all__ = ["TIMED", "BenchReport", "ScenarioResult", "Timing", "report_settings"]
 

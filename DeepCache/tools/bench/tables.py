@@ -159,7 +159,7 @@ def render_markdown(report: BenchReport) -> str:
     """Header lines, the documented-layout table and the detailed table (or the FLOP table)."""
     if report.settings.get("flops_only"):
         s = report.settings
-        head = (f"- FLOPs only (nothing timed): {s['model_name']}, {s['steps']} steps (step pattern from DeepCache.schedule, one U-Net evaluation per step), "
+        head = (f"- FLOPs only (nothing timed): {s['model_name']}, {s['steps']} steps (step pattern from DeepCache.schedules.schedule, one U-Net evaluation per step), "
                 f"guidance {s['guidance_scale']} (U-Net batch = 2 x batch); counted on the meta device with "
                 f"torch.utils.flop_counter (matmuls, convolutions, attention); torch {report.env['torch']}, "
                 f"diffusers {report.env['diffusers']}.")

@@ -8,7 +8,7 @@ uncached 1-step pipeline call with ``bench``'s random embeddings, counted per mo
 * ``full`` = everything the transformer did in the step, **every CFG branch included** (a batched CFG is one call on
   2× the batch; Flux true CFG, Wan, CogView4 call twice: both calls are in the step);
 * ``retrieval`` = ``full`` minus the blocks a retrieval step skips: the middle of the split ``(front, back)``
-  (:meth:`DeepCache.engine.dit_layout.DiTLayout.split`; ``cache_branch_id=b`` is ``(b, b)``), block ``i`` of the
+  (:meth:`DeepCache.engine.transformer.layout.DiTLayout.split`; ``cache_branch_id=b`` is ``(b, b)``), block ``i`` of the
   stack being ``<Transformer class>.<list name>.<index>`` in the counter;
 * the VAE decode, done once per generation: the rest of the same call (no text encoder runs).
 

@@ -1,5 +1,5 @@
 """The transformer kind: diffusion-transformer pipelines (PixArt, Sana, SD3, Flux, Wan, ...; every class DeepCache
-caches, :data:`DeepCache.engine.dit_layout.SUPPORTED_TRANSFORMERS`), loaded from a local folder or a cached hub id.
+caches, :data:`DeepCache.engine.transformer.layout.SUPPORTED_TRANSFORMERS`), loaded from a local folder or a cached hub id.
 
 * **call**: with a text encoder in the folder, prompts go to the pipeline as for a U-Net; without one, prompt
   embeddings seeded by each prompt's text (:mod:`.embeddings`, labelled in every report);

@@ -6,7 +6,7 @@ each budget K is solved only when its candidate can still win (:mod:`.plan`):
 
 * ``calibrated``: the reuse errors (gaps up to ``reuse_gap``), then the exact programme for K: the full steps
   :meth:`DeepCacheSDHelper.calibrate` picks;
-* ``forecast``: the forecast errors (:func:`DeepCache.forecast_calibration.forecast_errors`: forecasts at most
+* ``forecast``: the forecast errors (:func:`DeepCache.schedules.forecast_calibration.forecast_errors`: forecasts at most
   :data:`FORECAST_MAX_GAP` evaluations past their full step, from full steps at most :data:`FORECAST_MAX_SPAN` apart;
   farther steps reuse), then the library's forecast choice for K (:func:`forecast_choice`, the one place it is
   made). ``None`` for a K where no forecast weight is left nonzero (it would be reuse).
@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from ... import calibration
-from ... import forecast_calibration as fc
-from ... import forecast_heldout
-from ...params import CacheParams
-from ...schedule import optimal_full_steps
+from ...schedules import calibration
+from ...schedules import forecast_calibration as fc
+from ...schedules import forecast_heldout
+from ...schedules.params import CacheParams
+from ...schedules.schedule import optimal_full_steps
 from ..settings import Setting
 
 __all__ = ["CALIBRATED_KINDS", "FORECAST_MAX_GAP", "FORECAST_MAX_SPAN", "LINEAR_MAX_INTERVAL", "Calibration",
@@ -55,7 +55,7 @@ def reuse_within(errors: Sequence[Sequence[float]], max_gap: int) -> list[list[f
 def forecast_choice(pipe: Any, measured: fc.ForecastErrors, budget: int, reference: torch.Tensor,
                     rewind: Callable[[], None], call: dict[str, Any]) -> CacheParams | None:
     """THE ONE CALL SITE of the library's forecast choice for ``deepcache tune``: the held-out rule of
-    ``helper.calibrate(K, forecast=True)`` (:func:`DeepCache.forecast_heldout.choose`: options fitted on part of the
+    ``helper.calibrate(K, forecast=True)`` (:func:`DeepCache.schedules.forecast_heldout.choose`: options fitted on part of the
     calibration samples, judged on the others, a forecast kept only when it beat calibrated reuse there). ``None``
     when the rule keeps reuse (calibrated reuse is a candidate of its own). Whatever it picks is judged by tune on
     the judging prompts, never on the calibration prompts it was chosen on.

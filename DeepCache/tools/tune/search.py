@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ...params import CacheParams
-from ...schedule import schedule_pattern
+from ...schedules.params import CacheParams
+from ...schedules.schedule import schedule_pattern
 from ..cli_common import Progress
 from ..pipelines import pipeline_device, run_meta
 from ..prompts import PromptItem

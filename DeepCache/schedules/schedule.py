@@ -4,12 +4,12 @@ A *full step* runs the whole U-Net and refreshes the cache; a *retrieval step* r
 shallow branch and reuses the deep feature cached at the last full step. Steps are counted
 per generation from 0: step ``k`` is the ``k``-th U-Net evaluation of the current pipeline call
 (a second-order scheduler such as Heun evaluates the U-Net about twice per denoising step, and
-each evaluation counts). The parameters, :class:`~DeepCache.params.CacheParams` (validation, JSON), are
-:mod:`DeepCache.params`; ``from DeepCache.schedule import CacheParams`` works as well.
+each evaluation counts). The parameters, :class:`~DeepCache.schedules.params.CacheParams` (validation, JSON), are
+:mod:`DeepCache.schedules.params`; ``from DeepCache.schedules.schedule import CacheParams`` works as well.
 
 Example::
 
-    >>> from DeepCache.schedule import CacheParams, schedule_pattern
+    >>> from DeepCache.schedules.schedule import CacheParams, schedule_pattern
     >>> p = CacheParams(cache_interval=3)
     >>> "".join("F" if full else "r" for full in schedule_pattern(p, 10))
     'FrrFrrFrrF'
@@ -21,7 +21,7 @@ import functools
 import math
 from typing import Iterable, Sequence
 
-# CacheParams and as_params are re-exported: `from DeepCache.schedule import CacheParams` is how users and docs name it
+# CacheParams and as_params are re-exported: `from DeepCache.schedules.schedule import CacheParams` is how users and docs name it
 from .params import FORECASTS, SKIP_MODES, CacheParams, _is_int, as_params  # noqa: F401
 
 

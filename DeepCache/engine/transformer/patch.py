@@ -28,14 +28,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..params import CacheParams
-from .dit_discovery import dit_layout, transformer_blocks
-from .dit_layout import Kind, Role, roles
-from .lifecycle import DeepCacheWarning, Lease
-from .model_patch import ModelPatch, acquire_patch, decide_adaptive, feature_for
-from .state import AdaptiveState, Generation, Mode
-from .tensors import hidden_states, input_key, nan_placeholders
-from .wrappers import plain
+from ...schedules.params import CacheParams
+from .discovery import dit_layout, transformer_blocks
+from .layout import Kind, Role, roles
+from ..lifecycle import DeepCacheWarning, Lease
+from ..model_patch import ModelPatch, acquire_patch, decide_adaptive, feature_for
+from ..state import AdaptiveState, Generation, Mode
+from ..tensors import hidden_states, input_key, nan_placeholders
+from ..wrappers import plain
 
 #: More CFG branches than this in one generation means the conditioning is a new tensor at every call.
 _MAX_BRANCHES = 8

@@ -2,12 +2,12 @@
 
 What :meth:`DeepCacheSDHelper.set_params` accepts and ``helper.calibrate`` returns, as one frozen dataclass: every
 field is checked on construction (a ``ValueError`` names the valid values), and ``to_json``/``from_json`` ship a
-calibrated schedule. Which steps the parameters make full is :mod:`DeepCache.schedule`; what a forecast does is
-:mod:`DeepCache.forecast`.
+calibrated schedule. Which steps the parameters make full is :mod:`DeepCache.schedules.schedule`; what a forecast does is
+:mod:`DeepCache.schedules.forecast`.
 
 Example::
 
-    >>> from DeepCache.params import CacheParams, as_params
+    >>> from DeepCache.schedules.params import CacheParams, as_params
     >>> p = as_params(CacheParams(cache_interval=3), skip_mode="custom", full_steps=[8, 0, 4, 4])
     >>> p.full_steps                       # sorted, duplicates dropped
     (0, 4, 8)
@@ -64,7 +64,7 @@ class CacheParams:
         forecast: ``None`` (a retrieval step reuses the cached feature verbatim) or ``"linear"`` (it
             extrapolates from the generation's last two full steps ``a' < a``:
             ``F_a + w*(k-a)*(F_a - F_a')/(a - a')`` at step ``k``; reuse until there are two full steps).
-            See :mod:`DeepCache.forecast`.
+            See :mod:`DeepCache.schedules.forecast`.
         forecast_weight: linear only; the weight ``w`` (finite; 0 = reuse, 1 = the straight line, < 0 = back along
             it, for features that turn back over long gaps).
         forecast_weights: linear only; ``w`` per U-Net evaluation (index = step), e.g. from

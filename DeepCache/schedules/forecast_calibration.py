@@ -1,15 +1,15 @@
 """Calibrated forecast (``helper.calibrate(K, forecast=True)``): measure what forecasting would cost, choose the full
 steps and a weight per U-Net evaluation, and check the choice in closed loop.
 
-1. :func:`forecast_errors` replays the evaluations recorded by :func:`DeepCache.calibration.recording` through
+1. :func:`forecast_errors` replays the evaluations recorded by :func:`DeepCache.schedules.calibration.recording` through
    DeepCache with a :class:`~DeepCache.engine.forecast_feature.ForecastFeature`: for every full step ``a`` one full
    evaluation, then for every later step ``k`` the retrieval evaluation that reuses ``F_a`` and, for every earlier
    full step ``a'`` (at most ``max_span`` before ``a``), every ``k`` at most ``max_gap`` after ``a`` and every
    candidate weight, the retrieval evaluation that hands out ``F_a + w*(k-a)*(F_a - F_a')/(a - a')``. Each is judged like reuse in
-   :func:`~DeepCache.calibration.reuse_errors`: the relative L1 error of the U-Net output times the scheduler's
+   :func:`~DeepCache.schedules.calibration.reuse_errors`: the relative L1 error of the U-Net output times the scheduler's
    sensitivity at ``k`` (the latent error). Pairs and gaps outside the bounds are left to reuse.
-2. :func:`~DeepCache.forecast.fit_weights` keeps the best weight per ``(a', a, k)`` (reuse wins ties) and
-   :func:`~DeepCache.forecast.optimal_forecast_full_steps` the best full steps (exact DP over the last two).
+2. :func:`~DeepCache.schedules.forecast.fit_weights` keeps the best weight per ``(a', a, k)`` (reuse wins ties) and
+   :func:`~DeepCache.schedules.forecast.optimal_forecast_full_steps` the best full steps (exact DP over the last two).
 3. The replay judges each step with the *recorded* inputs. In the real run a forecast's error reaches the next full
    steps' features, and so the next line (measured on the demo model: the one-step judgement over-trusts long
    forecasts from 4 full steps in 25 down). So :func:`candidate_params` solves the DP for a few caps on the
@@ -18,14 +18,14 @@ steps and a weight per U-Net evaluation, and check the choice in closed loop.
    distance to the uncached ones.
 4. Over long gaps the replay cannot see what a weight does to the *next* full steps (stepping *back* along the line
    after a long gap, a negative weight, can damp the error that the next full steps inherit), so
-   :func:`~DeepCache.forecast_refine.refine` can go on from the best candidate in closed loop: one weight per segment
+   :func:`~DeepCache.schedules.forecast_refine.refine` can go on from the best candidate in closed loop: one weight per segment
    of at least ``REFINE_MIN_LENGTH`` retrieval steps, coordinate descent over ``SEGMENT_WEIGHTS``.
 5. Steps 3 and 4 fitted on the calibration prompts and judged on the same prompts overfit them (issue 25: up to
    3.9 dB worse than calibrated reuse on other prompts). Every measurement here is therefore kept per sample of the
    calibration batch (:attr:`ForecastErrors.sample_errors`, :meth:`ForecastErrors.subset`), and
-   :mod:`DeepCache.forecast_heldout` fits steps 3-4 on some samples and judges them on the others (k-fold), keeping
+   :mod:`DeepCache.schedules.forecast_heldout` fits steps 3-4 on some samples and judges them on the others (k-fold), keeping
    a forecast only when it clearly beat calibrated reuse on samples it was not fitted on
-   (:func:`~DeepCache.forecast_refine.held_out_verdict`); otherwise calibrated reuse (``forecast=None``).
+   (:func:`~DeepCache.schedules.forecast_refine.held_out_verdict`); otherwise calibrated reuse (``forecast=None``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from . import engine
+from .. import engine
 from .calibration import Recording, _generators, _prev_sample, _sample, recording
 from .forecast import CANDIDATE_WEIGHTS, fit_weights, optimal_forecast_full_steps, step_weights
 from .params import CacheParams
@@ -80,7 +80,7 @@ class ForecastErrors:
     def subset(self, samples: Sequence[int]) -> "ForecastErrors":
         """The same measurements over ``samples`` only (fit on part of the batch, no model run): each error pooled as
         the relative L1 of those samples together (weighted by their outputs' mean magnitude, so all samples give
-        the batch's own relative L1, what :func:`~DeepCache.calibration.reuse_errors` measures)."""
+        the batch's own relative L1, what :func:`~DeepCache.schedules.calibration.reuse_errors` measures)."""
         if self.sample_reuse is None or self.sample_errors is None:
             raise ValueError("these forecast errors were not measured per sample: pass samples= to forecast_errors.")
         idx = list(samples)
@@ -128,7 +128,7 @@ def forecast_errors(unet: nn.Module, rec: Recording, branch: int, candidates: Se
     samples of the batch (:func:`sample_l1`; 1: the batch as one).
 
     Cost for ``n`` evaluations: ``n`` full evaluations, ``n(n-1)/2`` reuse retrievals (every gap, as
-    :func:`~DeepCache.calibration.reuse_errors`) and about ``n*g*s*c`` forecast retrievals, with ``g = max_gap``,
+    :func:`~DeepCache.schedules.calibration.reuse_errors`) and about ``n*g*s*c`` forecast retrievals, with ``g = max_gap``,
     ``s = max_span`` and ``c`` the nonzero candidates (25 steps, defaults: 25 full and about 300 + 2,200 shallow
     evaluations).
     """
@@ -323,7 +323,7 @@ def candidate_params(measured: ForecastErrors, num_full: int,
 
 @contextlib.contextmanager
 def recorded(pipeline: Any, unet: nn.Module, call_kwargs: dict) -> Iterator[tuple[Recording, torch.Tensor, Callable[[], None]]]:
-    """Run the call once uncached under :func:`~DeepCache.calibration.recording`; yield the recording, its final
+    """Run the call once uncached under :func:`~DeepCache.schedules.calibration.recording`; yield the recording, its final
     latents and ``rewind()`` (the same noise again for closed-loop runs inside the block)."""
     with warnings.catch_warnings(), _same_noise(call_kwargs) as rewind:
         warnings.simplefilter("ignore", engine.DeepCacheWarning)  # uncached on purpose

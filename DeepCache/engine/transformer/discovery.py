@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from .dit_layout import BLOCK_RETURNS, LONG_SKIPS, TRANSFORMER_STACKS, BlockList, DiTLayout
+from .layout import BLOCK_RETURNS, LONG_SKIPS, TRANSFORMER_STACKS, BlockList, DiTLayout
 
 
 def _block_class(block: nn.Module) -> str:

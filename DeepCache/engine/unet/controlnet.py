@@ -3,7 +3,7 @@
 A ControlNet computes one residual per U-Net skip connection plus one for the mid block, before the U-Net runs.
 On a retrieval step with branch ``b`` the U-Net consumes the residuals of skips ``0..b`` (and the mid one only at
 the deepest branch, where the cached feature is the mid block's output), so the rest of the ControlNet returns
-placeholders (:func:`~DeepCache.layout.controlnet_retrieval_action`). The step's kind is decided once, ahead of the
+placeholders (:func:`~DeepCache.engine.unet.layout.controlnet_retrieval_action`). The step's kind is decided once, ahead of the
 U-Net (:meth:`~DeepCache.engine.state.Generation.peek`), and the U-Net keeps that decision.
 """
 
@@ -15,13 +15,13 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..layout import Action, controlnet_retrieval_action, retrieval_plan
+from .layout import Action, controlnet_retrieval_action, retrieval_plan
 from . import discovery
-from .lifecycle import DeepCacheWarning, EvaluationGuard, Lease, locked
-from .state import ControlNetState, Mode
-from .tensors import input_key, placeholder, tensor_spec
-from .unet import UNetPatch
-from .wrappers import Patched, Wrapping, plain
+from ..lifecycle import DeepCacheWarning, EvaluationGuard, Lease, locked
+from ..state import ControlNetState, Mode
+from ..tensors import input_key, placeholder, tensor_spec
+from .patch import UNetPatch
+from ..wrappers import Patched, Wrapping, plain
 
 
 class ControlNetPatch(Patched):

@@ -1,9 +1,9 @@
 """Which modules of a U-Net or ControlNet DeepCache wraps, and which U-Nets it supports.
 
 Pure reading of a model's structure: nothing here changes a module. :func:`unet_layout` turns a U-Net into the
-:class:`~DeepCache.layout.UNetLayout` the retrieval plan is computed on; :func:`unet_modules` and
-:func:`controlnet_modules` list the wrapped modules under their :class:`~DeepCache.layout.ModuleKey`, in the
-order the tables of actions (:func:`~DeepCache.layout.retrieval_action`) are indexed.
+:class:`~DeepCache.engine.unet.layout.UNetLayout` the retrieval plan is computed on; :func:`unet_modules` and
+:func:`controlnet_modules` list the wrapped modules under their :class:`~DeepCache.engine.unet.layout.ModuleKey`, in the
+order the tables of actions (:func:`~DeepCache.engine.unet.layout.retrieval_action`) are indexed.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from ..layout import Action, ModuleKey, Site, UNetLayout, retrieval_action, retrieval_plan
+from .layout import Action, ModuleKey, Site, UNetLayout, retrieval_action, retrieval_plan
 
-# U-Net classes whose forward follows the skip-connection model of DeepCache.layout and that the
+# U-Net classes whose forward follows the skip-connection model of DeepCache.engine.unet.layout and that the
 # test-suite covers. Others get a clear error instead of a silent no-op.
 SUPPORTED_UNETS = (
     "UNet2DConditionModel",  # SD 1.x/2.x, SDXL (+ img2img, inpaint, refiner, ControlNet, T2I-Adapter, IP-Adapter)

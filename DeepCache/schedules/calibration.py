@@ -6,13 +6,13 @@ evaluation. :func:`reuse_errors` then replays the recorded inputs through DeepCa
 candidate full step ``a`` one full evaluation, then retrieval evaluations at the inputs of steps ``a+1, ...``,
 so ``errors[a][k]`` is the *latent* error of step ``k`` reusing the feature of step ``a`` (the relative L1
 error of the U-Net output times the scheduler's sensitivity to it). The choice of steps is the exact dynamic
-programme :func:`~DeepCache.schedule.optimal_full_steps`.
+programme :func:`~DeepCache.schedules.schedule.optimal_full_steps`.
 
 Example (tiny random pipeline, offline)::
 
     >>> import torch
     >>> from DeepCache import DeepCacheSDHelper
-    >>> from DeepCache.calibration import recording, reuse_errors
+    >>> from DeepCache.schedules.calibration import recording, reuse_errors
     >>> # helper.calibrate(num_full_steps=4, prompt=..., num_inference_steps=10) does all of this
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import engine
+from .. import engine
 from .params import CacheParams
 
 

@@ -17,7 +17,7 @@ the full step, as the residual includes it.
 
 Example (Flux-like: 2 dual blocks, then 4 single blocks)::
 
-    >>> from DeepCache.engine.dit_layout import DiTLayout, BlockList, roles
+    >>> from DeepCache.engine.transformer.layout import DiTLayout, BlockList, roles
     >>> flux = DiTLayout((BlockList("transformer_blocks", 2, "eh"), BlockList("single_transformer_blocks", 4, "eh")))
     >>> flux.num_blocks, flux.num_branches
     (6, 4)

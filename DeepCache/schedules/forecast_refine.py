@@ -1,4 +1,4 @@
-"""The closed-loop refinement of a calibrated forecast (step 4 of :mod:`DeepCache.forecast_calibration`): one weight
+"""The closed-loop refinement of a calibrated forecast (step 4 of :mod:`DeepCache.schedules.forecast_calibration`): one weight
 per long segment between full steps, by coordinate descent on a score that runs the pipeline.
 
 Pure: the score is a callable (``CacheParams -> float``, lower is better), so the search is tested without a model.

@@ -1,24 +1,24 @@
 """The held-out choice of ``helper.calibrate(K, forecast=True)``: a forecast is returned only when it beat calibrated
 reuse on calibration samples it was not fitted on; otherwise the calibrated reuse schedule (``forecast=None``).
 
-Fitting a forecast (the caps' closed-loop choice and the refinement of :mod:`DeepCache.forecast_calibration`) and
+Fitting a forecast (the caps' closed-loop choice and the refinement of :mod:`DeepCache.schedules.forecast_calibration`) and
 judging it on the same prompts overfits them: on other prompts such a forecast lost up to 3.9 dB against calibrated
 reuse (issue 25). The replay and every closed-loop run already process the whole calibration batch at once, and
-they are scored per sample (:func:`~DeepCache.forecast_calibration.sample_l1`,
-:func:`~DeepCache.forecast_calibration.latent_errors`), so fitting on part of the batch is an average over those
+they are scored per sample (:func:`~DeepCache.schedules.forecast_calibration.sample_l1`,
+:func:`~DeepCache.schedules.forecast_calibration.latent_errors`), so fitting on part of the batch is an average over those
 samples with no extra replay; each closed-loop run scores every sample at once.
 
 The rule (:func:`choose`):
 
 1. Split the ``S`` samples of the calibration batch (prompts x images per prompt) into folds
-   (:func:`~DeepCache.forecast_refine.kfold`: 4 interleaved folds for ``S >= 4``, leave one out for 2-3).
+   (:func:`~DeepCache.schedules.forecast_refine.kfold`: 4 interleaved folds for ``S >= 4``, leave one out for 2-3).
 2. For each fold, on the other folds' samples only: the calibrated reuse schedule, the closed-loop candidate whose
    per-sample gains over it have the largest lower bound, mean - 2 standard errors (``"fitted"``), its closed-loop refinement (``"refined"``), and both with every weight halved (``", shrunk"``,
    toward reuse). Score each on the fold's samples: gain = 10 x (reuse - option) latent error (dB).
-3. Each option's held-out gains (one per sample) go to :func:`~DeepCache.forecast_refine.held_out_verdict`: with 4
+3. Each option's held-out gains (one per sample) go to :func:`~DeepCache.schedules.forecast_refine.held_out_verdict`: with 4
    or more samples a clear majority by a sign test (p <= 0.15: 6 of 8, 5 of 6, 4 of 4) and a mean gain above twice
    its standard error; with 1-3 samples every gain must reach 3 dB (and a warning says few samples are risky);
-   ties are reuse. :func:`~DeepCache.forecast_refine.pick` keeps the accepted option with the largest lower bound
+   ties are reuse. :func:`~DeepCache.schedules.forecast_refine.pick` keeps the accepted option with the largest lower bound
    (mean - 2 standard errors of its held-out gains).
 4. The kept option is fitted again on all the samples and returned; none accepted: calibrated reuse.
 
@@ -66,7 +66,7 @@ def fit_options(score: Callable[[CacheParams], np.ndarray], measured: ForecastEr
     per-sample latent error of a closed-loop run (lower is better), of which only ``train`` is looked at.
 
     ``"fitted"`` is the closed-loop candidate whose per-sample gains over reuse have the largest lower bound
-    (:func:`~DeepCache.forecast_refine.lower_bound`: mean - 2 standard errors; reuse itself scores 0 and wins ties),
+    (:func:`~DeepCache.schedules.forecast_refine.lower_bound`: mean - 2 standard errors; reuse itself scores 0 and wins ties),
     not the largest mean: on the demo model the best mean was often a candidate that gained much on most samples and
     lost 10-20 dB on one, and it generalized worst."""
     train = list(train)
@@ -126,7 +126,7 @@ def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: i
 
 def calibrate_forecast(pipeline: Any, unet: nn.Module, branch: int, num_full: int, max_gap: int | None = MAX_GAP,
                        max_span: int = MAX_SPAN, **call_kwargs: Any) -> tuple[CacheParams, dict]:
-    """The calibrated forecast (:mod:`DeepCache.forecast_calibration`, chosen as in this module's docstring): the
+    """The calibrated forecast (:mod:`DeepCache.schedules.forecast_calibration`, chosen as in this module's docstring): the
     parameters and what was measured (``measured``, ``choice``)."""
     with recorded(pipeline, unet, call_kwargs) as (rec, reference, rewind):
         n = len(rec.calls)

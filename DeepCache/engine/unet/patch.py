@@ -1,5 +1,5 @@
 """The patch on one U-Net: per evaluation, ask the caller's generation (:mod:`.state`) for the step kind, and make
-each wrapped module do what :func:`~DeepCache.layout.retrieval_action` says for it.
+each wrapped module do what :func:`~DeepCache.engine.unet.layout.retrieval_action` says for it.
 
 On a retrieval step a skipped module returns a placeholder of the shape it had at the last full step
 (uninitialised, or NaN under ``DEEPCACHE_NAN_PLACEHOLDERS=1``: its value must never reach the output), and the
@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from ..layout import Action, ModuleKey, retrieval_action, retrieval_plan
-from ..params import CacheParams
+from .layout import Action, ModuleKey, retrieval_action, retrieval_plan
+from ...schedules.params import CacheParams
 from .discovery import unet_layout, unet_modules, unwrap_unet
-from .lifecycle import DeepCacheWarning, Lease, caller_self
-from .model_patch import ModelPatch, acquire_patch, decide_adaptive, feature_for
-from .state import AdaptiveState, Generation, Mode
-from .tensors import hidden_states, input_key, nan_placeholders, placeholder, tensor_spec
-from .wrappers import plain
+from ..lifecycle import DeepCacheWarning, Lease, caller_self
+from ..model_patch import ModelPatch, acquire_patch, decide_adaptive, feature_for
+from ..state import AdaptiveState, Generation, Mode
+from ..tensors import hidden_states, input_key, nan_placeholders, placeholder, tensor_spec
+from ..wrappers import plain
 
 if TYPE_CHECKING:
     from .controlnet import ControlNetPatch

@@ -9,7 +9,7 @@ skip ``b`` from the cache filled at the last full step.
 
 Example (Stable Diffusion 1.x/2.x: 4 down blocks, 2 layers each, 3 downsamplers)::
 
-    >>> from DeepCache.layout import UNetLayout, retrieval_plan
+    >>> from DeepCache.engine.unet.layout import UNetLayout, retrieval_plan
     >>> sd = UNetLayout.from_counts(down=[(2, True)] * 3 + [(2, False)], up=[(3, True)] * 3 + [(3, False)])
     >>> sd.num_branches
     12

@@ -1,0 +1,1 @@
+"""The transformer family: its block stack, which blocks are wrapped, the patch."""
