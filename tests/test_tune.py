@@ -325,20 +325,26 @@ def test_forecast_candidates_are_the_calibrated_forecast_and_linear_at_small_int
     assert Setting(**_params(linear[0])) == Setting(2, 0, forecast="linear")  # weight 1
     assert linear[0]["setting"] == "I=2, B=0, forecast=linear" and linear[0]["full_steps"] == 5
     forecasts = {r["budget"]: r for r in candidates if r["kind"] == "forecast" and r["status"] != "pruned"}
-    assert forecasts, "the forecasts that could win were built and judged"
+    pruned = {r["budget"] for r in candidates if r["kind"] == "forecast" and r["status"] == "pruned"}  # never built
+    budgets = sorted({r["budget"] for r in candidates if r["kind"] == "calibrated" and r["status"] != "pruned"} - pruned)
+    assert budgets, "calibrated candidates were judged"
     pipe = load_pipeline()
-    for budget, row in forecasts.items():
-        params = CacheParams(**_params(row))
-        assert row["budget"] == budget == len(params.full_steps) == row["full_steps"]
-        assert (params.skip_mode, params.forecast, len(params.forecast_weights)) == ("custom", "linear", STEPS)
-        assert Setting.parse(row["setting"]) == Setting.of(params)  # the label parses back to the parameters run
-        # independently: helper.calibrate(K, forecast=True)'s held-out choice on the calibration prompts; tune keeps
-        # exactly the forecast it accepted (calibrated reuse is the calibrated candidate, judged on the judging prompts)
+    for budget in budgets:
+        # independently: helper.calibrate(K, forecast=True)'s held-out choice on the calibration prompts; tune has a
+        # forecast at K exactly when the rule accepts one, and it is that forecast
         best, info = calibrate_forecast(
             pipe, pipe.unet, 0, budget, prompt=meta["calibration_prompts"], num_inference_steps=STEPS,
             guidance_scale=meta["guidance"], output_type="latent",
             generator=[torch.Generator().manual_seed(int(s)) for s in meta["calibration_seeds"]])
-        assert info["choice"].option != "reuse" and params == best
+        assert (budget in forecasts) == (info["choice"].option != "reuse"), budget
+        if budget not in forecasts:
+            continue
+        row = forecasts[budget]
+        params = CacheParams(**_params(row))
+        assert row["budget"] == budget == len(params.full_steps) == row["full_steps"]
+        assert (params.skip_mode, params.forecast, len(params.forecast_weights)) == ("custom", "linear", STEPS)
+        assert Setting.parse(row["setting"]) == Setting.of(params)  # the label parses back to the parameters run
+        assert params == best
         assert any(w > 0 for w in params.forecast_weights) or any(w != 0 for w in params.forecast_weights)
 
 
@@ -348,17 +354,18 @@ def test_tune_with_only_forecast_candidates_saves_a_forecast_that_reproduces_its
     from DeepCache import DeepCacheSDHelper
 
     save, report = tmp_path / "params.json", tmp_path / "report.json"
-    argv = ["tune", "--min-psnr", "0", "--kinds", "forecast", "--intervals", "2,3", "--branches", "0",
-            "--num-prompts", "2", "--num-calibration-prompts", "1", "--steps", "8", "--repeats", "1", "--no-progress",
+    # 4 calibration prompts and 25 steps: enough for the held-out rule to accept a forecast at N = 3 (K = 9)
+    argv = ["tune", "--min-psnr", "0", "--kinds", "forecast", "--intervals", "3", "--branches", "0",
+            "--num-prompts", "2", "--num-calibration-prompts", "4", "--steps", "25", "--repeats", "1", "--no-progress",
             "--save", str(save), "--plot", str(tmp_path / "plot.png"), "--json", str(report)]
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     data = json.loads(report.read_text())
-    assert [(r["kind"], r["budget"]) for r in data["rows"]] == [("original", 8), ("forecast", 4), ("forecast", 3)]
+    assert [(r["kind"], r["budget"]) for r in data["rows"]] == [("original", 25), ("forecast", 9)]
     chosen = data["chosen"]
     assert chosen["kind"] == "forecast"
     saved = CacheParams.from_json(save.read_text())
-    assert saved == CacheParams(**_params(chosen)) and saved.forecast == "linear" and len(saved.forecast_weights) == 8
+    assert saved == CacheParams(**_params(chosen)) and saved.forecast == "linear" and len(saved.forecast_weights) == 25
     assert any(w > 0 for w in saved.forecast_weights)
     printed = re.search(r"^    (helper\.set_params\(.*\))$", out, re.M)
     assert printed and 'forecast="linear"' in printed.group(1) and "forecast_weights=[" in printed.group(1)
@@ -373,7 +380,7 @@ def test_tune_with_only_forecast_candidates_saves_a_forecast_that_reproduces_its
     assert f"fastest setting that meets it: forecast {Setting.of(saved).label}: " in out
     # the saved JSON reproduces the images tune scored; the forecast changed them (the same full steps reusing differ)
     pipe, meta = load_pipeline(), data["meta"]
-    helper, spec = DeepCacheSDHelper(pipe=pipe), RunSpec(8, meta["guidance"], 1, meta["batch_size"])
+    helper, spec = DeepCacheSDHelper(pipe=pipe), RunSpec(25, meta["guidance"], 1, meta["batch_size"])
     items = [PromptItem(p, s) for p, s in zip(meta["prompts"], meta["seeds"])]
     reference = generate_batch(pipe, helper, BASELINE, items, spec)[0]
     images = generate_batch(pipe, helper, Setting.of(saved), items, spec)[0]
@@ -423,7 +430,8 @@ def test_tune_saves_a_pareto_plot(tuned: dict[str, Any]) -> None:
     # the legend, bottom left: one entry per kind in KINDS order (its marker in its colour), then the Pareto front
     report = json.loads(tuned["json"].read_text())
     kinds = [k for k in KINDS if any(r["kind"] == k and r["status"] != "pruned" for r in report["rows"])]
-    assert kinds == list(KINDS)
+    # every kind but the forecast, which the held-out rule rejects on 2 calibration prompts (reuse is kept)
+    assert kinds == [k for k in KINDS if k != "forecast"]
     top = 500 - 50 - 6 - 16 * (len(kinds) + 1)
     for i, kind in enumerate(kinds):
         entry = pixels[top + 16 * i + 3:top + 16 * i + 12, 70 + 8:70 + 8 + 11].reshape(-1, 3)
