@@ -286,7 +286,9 @@ def test_tune_tries_every_kind_and_prunes_only_what_cannot_win(tuned: dict[str, 
     assert meta["repeats"] == 3  # the CPU default
     judged = [r for r in candidates if r["status"] != "pruned"]
     pruned = [r for r in candidates if r["status"] == "pruned"]
-    assert (len(judged), len(pruned)) == (meta["judged"], meta["pruned"]) and pruned, "the small run prunes"
+    # whether a slot is pruned depends on the speed measured for the best one so far (a loaded machine measures less,
+    # and prunes less): the counts must agree and every pruned row must have been unable to win
+    assert (len(judged), len(pruned)) == (meta["judged"], meta["pruned"])
     best = credible_speedup(chosen)
     assert chosen["timings"] == 3 and chosen["seconds"] == sorted(chosen["seconds_all"])[1]
     for r in pruned:  # could not have won: its FLOP bound is below what the choice reached

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # Files whose frames sit between a pipeline and the U-Net's forward (torch's module call, accelerate's hooks, us).
 _MACHINERY = tuple(os.path.dirname(os.path.abspath(m.__file__)) for m in (torch,)) + (
     functools.__file__,
-    os.path.dirname(os.path.abspath(__file__)),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # the whole engine (wrappers, model_patch, ...)
 )
 try:  # accelerate's offload hooks wrap forward too
     import accelerate as _accelerate
