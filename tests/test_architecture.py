@@ -12,7 +12,8 @@ import DeepCache
 PACKAGE = Path(DeepCache.__file__).parent
 #: The commands of ``deepcache``: a module, or every module under a subpackage.
 COMMANDS = ("DeepCache.tools.bench", "DeepCache.tools.demo", "DeepCache.tools.evaluate", "DeepCache.tools.generate",
-            "DeepCache.tools.tune", "DeepCache.tools.demo_model.train")
+            "DeepCache.tools.tune", "DeepCache.tools.demo_model.train",
+            "DeepCache.tools.demo_model.train_dit")
 
 
 def _name(path: Path) -> str:

@@ -42,7 +42,7 @@ def test_version_flag(capsys) -> None:
     assert capsys.readouterr().out.strip() == f"DeepCache {DeepCache.__version__}"
 
 
-SUBCOMMANDS = ["bench", "demo", "eval", "generate", "tune", "train-demo-model"]
+SUBCOMMANDS = ["bench", "demo", "eval", "generate", "tune", "train-demo-model", "train-demo-dit"]
 
 
 def test_console_script_help_lists_exactly_the_subcommands() -> None:

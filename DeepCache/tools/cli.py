@@ -21,7 +21,7 @@ from .. import __version__
 # One entry per subcommand module; each exposes ``add_parser(subparsers)``.
 _COMMAND_MODULES: tuple[str, ...] = ("DeepCache.tools.bench", "DeepCache.tools.demo", "DeepCache.tools.evaluate", "DeepCache.tools.generate",
                                      "DeepCache.tools.tune",
-                                     "DeepCache.tools.demo_model.train")
+                                     "DeepCache.tools.demo_model.train", "DeepCache.tools.demo_model.train_dit")
 
 
 def build_parser() -> argparse.ArgumentParser:
