@@ -1,4 +1,4 @@
-"""DeepCache: training-free acceleration of diffusers U-Net pipelines by caching deep features.
+"""DeepCache: training-free acceleration of diffusers U-Net and transformer pipelines by caching deep features.
 
 Example (see :class:`DeepCacheSDHelper` for ``enable()``/``disable()``)::
 

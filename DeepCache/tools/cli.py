@@ -27,7 +27,7 @@ _COMMAND_MODULES: tuple[str, ...] = ("DeepCache.tools.bench", "DeepCache.tools.d
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepcache",
-        description="DeepCache: training-free acceleration of diffusers U-Net pipelines by caching deep features.",
+        description="DeepCache: training-free acceleration of diffusers U-Net and transformer pipelines by caching deep features.",
     )
     parser.add_argument("--version", action="version", version=f"DeepCache {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
