@@ -21,7 +21,7 @@ from DeepCache import CacheParams, DeepCacheHelper, DeepCacheSDHelper
 from DeepCache.engine.transformer.layout import SUPPORTED_TRANSFORMERS
 
 from .dit_reference import ReferenceBranch, block_lists
-from .tiny import tiny_sd_unet
+from .tiny import tiny_sd_unet, untouched
 from .tiny_dits import TINY_DITS, sample_of
 
 STEPS = 5
@@ -39,10 +39,6 @@ def built(name: str):
     cond_key = next(k for k, v in inputs(0).items() if k.startswith("encoder_hidden_states") and torch.is_tensor(v))
     negative = inputs(0)[cond_key] * -0.5  # an unconditional branch: another tensor, made once
     return model, inputs, cond_key, negative
-
-
-def untouched(model: torch.nn.Module) -> bool:
-    return all("forward" not in m.__dict__ and not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
 def num_blocks(model) -> int:

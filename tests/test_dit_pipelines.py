@@ -17,6 +17,7 @@ from DeepCache.engine.transformer.discovery import MIN_DIFFUSERS, _diffusers_ver
 from DeepCache import DeepCacheHelper
 
 from .dit_reference import ReferenceBranch
+from .tiny import untouched
 from .tiny_dit_pipelines import TINY_DIT_PIPELINES, output_of
 
 NAMES = sorted(TINY_DIT_PIPELINES)
@@ -39,10 +40,6 @@ def transformers(pipe) -> list[torch.nn.Module]:
 def call(pipe, kwargs) -> torch.Tensor:
     with torch.no_grad():
         return output_of(pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)}))
-
-
-def untouched(model) -> bool:
-    return all("forward" not in m.__dict__ and not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
 def reference_call(pipe, kwargs, interval: int, branch: int) -> tuple[torch.Tensor, dict]:

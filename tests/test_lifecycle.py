@@ -20,22 +20,13 @@ from DeepCache import DeepCacheSDHelper
 from DeepCache.schedules.schedule import format_pattern
 
 from . import tiny_pipelines as tp
-from .tiny import prompt_kwargs, tiny_sd_pipe, tiny_sd_unet, unet_loop
+from .tiny import prompt_kwargs, tiny_sd_pipe, tiny_sd_unet, unet_loop, untouched
 from .tiny_dit_pipelines import flux
 from .tiny_dits import TINY_DITS
 
 STEPS = 4
 INTERVAL = 3  # evaluation 0 is a full step, evaluation 1 a retrieval step
 JOIN = 60.0
-
-
-def untouched(*modules: torch.nn.Module) -> bool:
-    """No instance ``forward`` and no forward hook on any of their modules."""
-    return all(
-        "forward" not in m.__dict__ and not m._forward_pre_hooks and not m._forward_hooks
-        for module in modules
-        for m in module.modules()
-    )
 
 
 def in_thread(fn: Callable[[], Any]) -> Any:

@@ -155,3 +155,12 @@ def unet_loop(unet, steps: int = 6, batch: int = 2, seed: int = 1, scheduler=Non
         eps = unet(latents, t, **kwargs).sample
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents
+
+
+def untouched(*modules: torch.nn.Module) -> bool:
+    """No instance ``forward`` and no forward hook on any of their modules (nothing of DeepCache is left)."""
+    return all(
+        "forward" not in m.__dict__ and not m._forward_pre_hooks and not m._forward_hooks
+        for module in modules
+        for m in module.modules()
+    )

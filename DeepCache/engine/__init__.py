@@ -34,7 +34,7 @@ The locks and shared variables, what each protects and who may wait for whom: ``
 """
 
 from .unet.controlnet import ControlNetPatch, acquire_controlnet
-from .families import acquire, check_params, check_supported, denoiser_of, extra_denoisers, layout_of, transformer_patch_of
+from .families import acquire, check_params, check_supported, denoiser_of, extra_denoisers, layout_of, conditioning_reader_of
 from .unet.discovery import (
     SUPPORTED_UNETS,
     boundary_module,
@@ -67,11 +67,11 @@ __all__ = [
     "acquire_controlnet",
     "check_params",
     "check_supported",
+    "conditioning_reader_of",
     "denoiser_of",
     "extra_denoisers",
     "is_transformer",
     "layout_of",
-    "transformer_patch_of",
     "boundary_module",
     "check_supported_unet",
     "controlnet_modules",

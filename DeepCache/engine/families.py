@@ -16,8 +16,8 @@ from ..schedules.params import CacheParams
 from .unet.discovery import SUPPORTED_UNETS, check_supported_unet, unet_layout, unwrap_unet
 from .transformer.layout import SUPPORTED_TRANSFORMERS, DiTLayout
 from .lifecycle import Lease
-from .transformer.discovery import check_supported_transformer, dit_layout, is_transformer
-from .transformer.patch import TransformerPatch, acquire_transformer
+from .transformer.discovery import check_supported_transformer, conditioning_reader, dit_layout, is_transformer
+from .transformer.patch import acquire_transformer
 from .unet.patch import acquire as acquire_unet
 
 #: The attributes of a pipeline that hold its denoiser, in the order they are looked for.
@@ -73,10 +73,10 @@ def check_params(model: nn.Module, params: CacheParams) -> None:
     retrieval_plan(layout, params.cache_branch_id)
 
 
-def transformer_patch_of(model: nn.Module) -> Any:
-    """A (new, uninstalled) :class:`~.transformer.TransformerPatch` for reading a transformer's calls (its
-    conditioning), or None for a U-Net."""
-    return TransformerPatch(model) if is_transformer(model) else None
+def conditioning_reader_of(model: nn.Module) -> Any:
+    """For a transformer, ``read(args, kwargs)`` -> a call's conditioning tensor (its CFG branch's key); None for a
+    U-Net (one branch)."""
+    return conditioning_reader(model) if is_transformer(model) else None
 
 
 def acquire(model: nn.Module) -> Lease:

@@ -121,12 +121,12 @@ def recording(pipeline: Any, unet: nn.Module) -> Iterator[Recording]:
         return type(scheduler).step(scheduler, model_output, *args, **kwargs)
 
     conditions: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a branch's conditioning, its one copy)
-    patch = engine.transformer_patch_of(unet)
+    read_conditioning = engine.conditioning_reader_of(unet)
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
         branch = 0
-        if patch is not None:
-            cond = patch.conditioning(args, kwargs)
+        if read_conditioning is not None:
+            cond = read_conditioning(args, kwargs)
             index = next((i for i, (c, _) in enumerate(conditions) if c is cond), None)
             if index is None and torch.is_tensor(cond):
                 conditions.append((cond, cond.detach().clone()))

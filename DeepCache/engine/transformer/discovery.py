@@ -6,7 +6,8 @@ computed on; :func:`transformer_blocks` lists the wrapped blocks in forward orde
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 from torch import nn
 
@@ -73,3 +74,27 @@ def transformer_blocks(model: nn.Module) -> list[tuple[tuple[str, int], nn.Modul
     """((list name, index), block) for every block of the cached stack, in forward order."""
     return [((name, i), block) for name in TRANSFORMER_STACKS[_stack_name(model)]
             for i, block in enumerate(getattr(model, name, None) or ())]
+
+
+def _position(fn: Callable, prefix: str) -> int | None:
+    """The positional index (without ``self``) of the first parameter of ``fn`` whose name starts with ``prefix``."""
+    try:
+        names = [p.name for p in inspect.signature(fn).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+    return next((i for i, n in enumerate(names) if n.startswith(prefix)), None)
+
+
+def conditioning_reader(model: nn.Module) -> Callable[[tuple, dict], Any]:
+    """``read(args, kwargs)``: the conditioning tensor of a call of ``model`` (a CFG branch's key): its first
+    ``encoder_hidden_states*`` argument, by keyword or at its position in ``model.forward``."""
+    position = _position(model.forward, "encoder_hidden_states")
+
+    def read(args: tuple, kwargs: dict) -> Any:
+        cond = next((v for k, v in kwargs.items() if k.startswith("encoder_hidden_states")), None)
+        if cond is None and position is not None and len(args) > position:
+            cond = args[position]
+        return cond
+
+    return read

@@ -19,7 +19,6 @@ inputs plus its residual (or the cached output).
 
 from __future__ import annotations
 
-import inspect
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ...schedules.params import CacheParams
-from .discovery import dit_layout, transformer_blocks
+from .discovery import _position, conditioning_reader, dit_layout, transformer_blocks
 from .layout import Kind, Role, roles
 from ..lifecycle import DeepCacheWarning, Lease
 from ..model_patch import ModelPatch, acquire_patch, decide_adaptive, feature_for
@@ -39,16 +38,6 @@ from ..wrappers import plain
 
 #: More CFG branches than this in one generation means the conditioning is a new tensor at every call.
 _MAX_BRANCHES = 8
-
-
-def _position(fn: Callable, prefix: str) -> int | None:
-    """The positional index (without ``self``) of the first parameter of ``fn`` whose name starts with ``prefix``."""
-    try:
-        names = [p.name for p in inspect.signature(fn).parameters.values()
-                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        return None
-    return next((i for i, n in enumerate(names) if n.startswith(prefix)), None)
 
 
 @dataclass(eq=False)
@@ -113,7 +102,7 @@ class TransformerPatch(ModelPatch):
         self.layout = dit_layout(model)
         self._roles: dict[tuple[int, int], tuple[Role, ...]] = {}
         self.text_positions: tuple[int | None, ...] = ()  # per block: the positional index of its text stream
-        self._cond_position = _position(model.forward, "encoder_hidden_states")
+        self.conditioning = conditioning_reader(model)  # (args, kwargs) -> the call's CFG branch key
 
     def roles_for(self, params: CacheParams) -> tuple[Role, ...]:
         split = self.layout.split(params.cache_branch_id, params.front_blocks, params.back_blocks)
@@ -137,14 +126,6 @@ class TransformerPatch(ModelPatch):
         blocks = transformer_blocks(model)
         self.text_positions = tuple(_position(b.forward, "encoder_hidden_states") for _, b in blocks)
         return blocks
-
-    def conditioning(self, args: tuple, kwargs: dict) -> Any:
-        """The conditioning tensor of a call (its CFG branch's key): the first ``encoder_hidden_states*`` argument."""
-        cond = next((v for k, v in kwargs.items() if k.startswith("encoder_hidden_states")), None)
-        position = self._cond_position
-        if cond is None and position is not None and len(args) > position:
-            cond = args[position]
-        return cond
 
     def _begin(self, args: tuple, kwargs: dict) -> None:
         gen = self.current_generation()
