@@ -298,9 +298,11 @@ def test_tune_tries_every_kind_and_prunes_only_what_cannot_win(tuned: dict[str, 
         if r["kind"] != "adaptive":  # adaptive keeps the budget on the calibration prompts, on average
             assert r["full_steps"] == r["budget"]
         # timings: the contenders (they meet the bound and their FLOP bound reaches the choice) get all three
-        # repeats, rotated, their median counts; every other judged candidate one, from its judging run
+        # repeats, rotated, their median counts; every other judged candidate one, from its judging run, or three if
+        # it met the bound and was a contender while the best so far was lower (a later, faster median raised it)
         contender = r["meets"] and r["ideal_speedup"] >= best
-        assert r["timings"] == len(r["seconds_all"]) == (3 if contender else 1)
+        assert r["timings"] == len(r["seconds_all"])
+        assert r["timings"] == 3 if contender else r["timings"] in ((1, 3) if r["meets"] else (1,))
         assert r["seconds"] == sorted(r["seconds_all"])[len(r["seconds_all"]) // 2]
         assert r["speedup"] == pytest.approx(rows[0]["seconds"] / r["seconds"])
         if r["meets"] and not contender:  # timed once: could not have won, more timings or not
