@@ -108,5 +108,9 @@ def model_name(meta: dict[str, Any]) -> str:
 
     >>> model_name({"embedded": True, "model": "x"}), model_name({"embedded": False, "model": "./sd15"})
     ('embedded demo model (offline)', './sd15')
+    >>> model_name({"embedded": True, "model": "x", "family": "transformer"})
+    'embedded demo DiT (offline)'
     """
-    return "embedded demo model (offline)" if meta["embedded"] else meta["model"]
+    if not meta["embedded"]:
+        return meta["model"]
+    return "embedded demo DiT (offline)" if meta.get("family") == "transformer" else "embedded demo model (offline)"

@@ -117,7 +117,8 @@ class EvalResult:
         """One line: which model, steps, prompts, guidance, threads, device."""
         m = self.meta
         processes = f", {m['processes']} processes" if m.get("processes", 1) > 1 else ""
-        return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps, {len(m['prompts'])} prompts, guidance "
+        guidance = "true CFG" if "guidance_mode" in m else "guidance"
+        return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps, {len(m['prompts'])} prompts, {guidance} "
                 f"{m['guidance']}, {m['torch_threads']} CPU thread(s), {m['device']} {m['dtype']}{processes}"
                 + (f"; prompt embeddings: {m['prompt_embeddings']}" if "prompt_embeddings" in m else ""))
 
@@ -157,8 +158,8 @@ def evaluate(pipe: Any, settings: Sequence[Setting], items: Sequence[PromptItem]
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_prompts: int, default_variants: str,
                          default_repeats: int = 1) -> None:
     """Options shared by ``deepcache eval`` and ``deepcache demo``."""
-    add_model_option(parser, "local folder or hub id of an SD/SDXL or diffusion-transformer pipeline (default: the "
-                     "embedded demo model, offline)")
+    add_model_option(parser, "local folder or hub id of an SD/SDXL or diffusion-transformer pipeline, or embedded-dit "
+                     "(the shipped tiny Flux DiT, offline) (default: the embedded demo model, offline)")
     add_variant_option(parser, default_help=default_variants)
     add_prompt_options(parser, default_count=default_prompts)
     add_generation_arguments(parser, default_repeats=default_repeats)

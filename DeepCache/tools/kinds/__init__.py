@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..demo_model import resolve_model
 from .base import PipelineKind
 from .transformer import TransformerKind
 from .unet import UNetKind
@@ -49,6 +50,7 @@ def kind_of(pipe: Any) -> PipelineKind:
 
 
 def _folder_kind(model: str | Path | None) -> type[PipelineKind]:
+    model = resolve_model(model)
     if model is not None:
         for cls in KINDS:
             if cls.claims_folder(Path(model).expanduser()):
@@ -58,12 +60,13 @@ def _folder_kind(model: str | Path | None) -> type[PipelineKind]:
 
 def load_kind(model: str | None = None, device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None) -> PipelineKind:
-    """Load ``model`` (``None``: the embedded demo model, offline; else a local folder or a cached hub id) as its kind.
+    """Load ``model`` (``None``: the embedded demo model, offline; ``"embedded-dit"``: the shipped tiny Flux DiT,
+    offline; else a local folder or a cached hub id) as its kind.
 
     A local folder is read with ``local_files_only``; ``dtype`` (default: the weights' own) is passed as
     ``torch_dtype``. The progress bar of generation is switched off.
     """
-    return _folder_kind(model).load(model, device, dtype)
+    return _folder_kind(model).load(resolve_model(model), device, dtype)
 
 
 def default_batch_size(model: Any) -> int:
@@ -74,5 +77,5 @@ def default_batch_size(model: Any) -> int:
     (16, 1)
     """
     if model is None or isinstance(model, (str, Path)):
-        return _folder_kind(model).folder_batch_size(model)
+        return _folder_kind(model).folder_batch_size(resolve_model(model))
     return kind_of(model).default_batch_size

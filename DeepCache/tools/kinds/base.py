@@ -124,6 +124,10 @@ class PipelineKind(ABC):
         """The pipeline keywords that carry the classifier-free guidance scale."""
         return {"guidance_scale": scale}
 
+    def call_defaults(self) -> dict[str, Any]:
+        """Pipeline keywords every call of this model needs (a tiny demo model's size); the caller's win."""
+        return {}
+
     def call(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
              negative_prompts: Sequence[str | None] | None = None, output_type: str = "np",
              height: int | None = None, width: int | None = None) -> Any:
@@ -141,7 +145,8 @@ class PipelineKind(ABC):
         size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
         return self.pipe(**self.prompt_kwargs(prompts, negatives),
                          generator=[torch.Generator().manual_seed(int(s)) for s in seeds], num_inference_steps=steps,
-                         **self.guidance_kwargs(guidance), output_type=output_type, **size).images
+                         **self.guidance_kwargs(guidance), output_type=output_type,
+                         **{**self.call_defaults(), **size}).images
 
     @abstractmethod
     def bench_inputs(self, batch_size: int, device: str | torch.device, dtype: torch.dtype,
