@@ -2,11 +2,13 @@
 
 :meth:`DeepCacheSDHelper.calibrate` runs the pipeline once uncached under :func:`recording`, which keeps every
 U-Net evaluation's inputs and output and how strongly the scheduler's step reacts to the model output at that
-evaluation. :func:`reuse_errors` then replays the recorded inputs through DeepCache itself: for every
-candidate full step ``a`` one full evaluation, then retrieval evaluations at the inputs of steps ``a+1, ...``,
-so ``errors[a][k]`` is the *latent* error of step ``k`` reusing the feature of step ``a`` (the relative L1
-error of the U-Net output times the scheduler's sensitivity to it). The choice of steps is the exact dynamic
-programme :func:`~DeepCache.schedules.schedule.optimal_full_steps`.
+evaluation. :func:`reuse_errors` then replays the recorded inputs through DeepCache itself (:func:`replaying`: a
+:class:`BranchReplay` per CFG branch of a transformer, one for a U-Net; the forecast replay of
+:mod:`DeepCache.schedules.forecast_calibration` runs in it too): for every candidate full step ``a`` one full
+evaluation, then retrieval evaluations at the inputs of steps ``a+1, ...``, so ``errors[a][k]`` is the *latent*
+error of step ``k`` reusing the feature of step ``a`` (the relative L1 error of the model output times the
+scheduler's sensitivity to it, summed over the branches). The choice of steps is the exact dynamic programme
+:func:`~DeepCache.schedules.schedule.optimal_full_steps`.
 
 Example (tiny random pipeline, offline)::
 
@@ -149,6 +151,12 @@ def recording(pipeline: Any, unet: nn.Module) -> Iterator[Recording]:
             del scheduler.step
 
 
+def require_steps(rec: Recording) -> None:
+    """Raise unless the recorded call ran at least two denoising steps (nothing to calibrate otherwise)."""
+    if rec.num_steps < 2:
+        raise ValueError("calibration saw fewer than two denoising steps: pass num_inference_steps >= 2.")
+
+
 def step_scales(rec: Recording) -> list[float]:
     """The scheduler's sensitivity at each step (what turns a model output's relative error into a latent error);
     all 1.0 when some step's could not be measured."""
@@ -249,6 +257,5 @@ def measure_reuse_errors(pipeline: Any, unet: nn.Module, branch: int, max_gap: i
         warnings.simplefilter("ignore", engine.DeepCacheWarning)  # uncached on purpose
         with recording(pipeline, unet) as rec:
             pipeline(**call_kwargs)
-    if rec.num_steps < 2:
-        raise ValueError("calibration saw fewer than two denoising steps: pass num_inference_steps >= 2.")
+    require_steps(rec)
     return reuse_errors(unet, rec, branch, max_gap)

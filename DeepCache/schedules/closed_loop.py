@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import engine
-from .calibration import Recording, _generators, _prev_sample, recording
+from .calibration import Recording, _generators, _prev_sample, recording, require_steps
 from .params import CacheParams
 
 
@@ -129,6 +129,5 @@ def recorded(pipeline: Any, unet: nn.Module, call_kwargs: dict) -> Iterator[tupl
         warnings.simplefilter("ignore", engine.DeepCacheWarning)  # uncached on purpose
         with recording(pipeline, unet) as rec, _final_latents(pipeline.scheduler) as final:
             pipeline(**call_kwargs)
-        if rec.num_steps < 2:
-            raise ValueError("calibration saw fewer than two denoising steps: pass num_inference_steps >= 2.")
+        require_steps(rec)
         yield rec, final[-1], rewind
