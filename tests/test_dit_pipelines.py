@@ -173,8 +173,6 @@ def test_calibrate_on_a_transformer_pipeline_sets_a_custom_schedule() -> None:
     with helper:
         call(pipe, kwargs)
         assert helper.last_steps == tuple(j in params.full_steps for j in range(4))
-    with pytest.raises(TypeError, match="does not calibrate a transformer's forecast yet"):
-        helper.calibrate(2, forecast=True, **kwargs)
 @pytest.mark.parametrize("exc_type", [KeyboardInterrupt, RuntimeError])
 @pytest.mark.parametrize("at", [0, 3])  # the first call (full, cond), the fourth (step 1, uncond: a retrieval step)
 def test_an_exception_inside_a_pipeline_call_leaves_the_next_call_exact(exc_type, at) -> None:

@@ -2,11 +2,13 @@
 
 :meth:`DeepCacheSDHelper.calibrate` runs the pipeline once uncached under :func:`recording`, which keeps every
 U-Net evaluation's inputs and output and how strongly the scheduler's step reacts to the model output at that
-evaluation. :func:`reuse_errors` then replays the recorded inputs through DeepCache itself: for every
-candidate full step ``a`` one full evaluation, then retrieval evaluations at the inputs of steps ``a+1, ...``,
-so ``errors[a][k]`` is the *latent* error of step ``k`` reusing the feature of step ``a`` (the relative L1
-error of the U-Net output times the scheduler's sensitivity to it). The choice of steps is the exact dynamic
-programme :func:`~DeepCache.schedules.schedule.optimal_full_steps`.
+evaluation. :func:`reuse_errors` then replays the recorded inputs through DeepCache itself (:func:`replaying`: a
+:class:`BranchReplay` per CFG branch of a transformer, one for a U-Net; the forecast replay of
+:mod:`DeepCache.schedules.forecast_calibration` runs in it too): for every candidate full step ``a`` one full
+evaluation, then retrieval evaluations at the inputs of steps ``a+1, ...``, so ``errors[a][k]`` is the *latent*
+error of step ``k`` reusing the feature of step ``a`` (the relative L1 error of the model output times the
+scheduler's sensitivity to it, summed over the branches). The choice of steps is the exact dynamic programme
+:func:`~DeepCache.schedules.schedule.optimal_full_steps`.
 
 Example (tiny random pipeline, offline)::
 
@@ -149,34 +151,88 @@ def recording(pipeline: Any, unet: nn.Module) -> Iterator[Recording]:
             del scheduler.step
 
 
+def require_steps(rec: Recording) -> None:
+    """Raise unless the recorded call ran at least two denoising steps (nothing to calibrate otherwise)."""
+    if rec.num_steps < 2:
+        raise ValueError("calibration saw fewer than two denoising steps: pass num_inference_steps >= 2.")
+
+
+def step_scales(rec: Recording) -> list[float]:
+    """The scheduler's sensitivity at each step (what turns a model output's relative error into a latent error);
+    all 1.0 when some step's could not be measured."""
+    n = rec.num_steps
+    ok = len(rec.sensitivity) == n and all(map(math.isfinite, rec.sensitivity))
+    return list(rec.sensitivity) if ok else [1.0] * n
+
+
+@dataclass
+class BranchReplay:
+    """The recorded evaluations of one CFG branch (``calls[k]``: its step ``k``) replayed through DeepCache in the
+    branch's generation ``gen`` (:func:`replaying`)."""
+
+    model: nn.Module
+    rec: Recording
+    calls: list[int]
+    gen: Any
+
+    def output(self, k: int) -> torch.Tensor:
+        """The recorded (uncached) output of step ``k``."""
+        return self.rec.outputs[self.calls[k]]
+
+    def full(self, a: int) -> None:
+        """Forget the cache and run step ``a`` as a full step (its feature becomes the cached one)."""
+        self.gen.reset()
+        self.gen.step = a
+        self._run(a)
+
+    def retrieve(self, k: int) -> torch.Tensor:
+        """Step ``k`` as a retrieval step of the last full step (the generation's clock set to ``k``)."""
+        self.gen.step = k
+        out = self._run(k)
+        if self.gen.steps[-1]:
+            raise RuntimeError("calibration replay: a retrieval evaluation ran as a full step (the cache was not usable)")
+        return out
+
+    def _run(self, k: int) -> torch.Tensor:
+        args, kwargs = self.rec.calls[self.calls[k]]
+        return _sample(self.model(*args, **kwargs))
+
+
+@contextlib.contextmanager
+def replaying(model: nn.Module, rec: Recording, params: CacheParams) -> Iterator[list[BranchReplay]]:
+    """A generation of ``params`` on ``model`` in this thread (concurrent requests on the same model are untouched),
+    and a :class:`BranchReplay` per CFG branch of ``rec`` (a U-Net: one). What :func:`reuse_errors` and the forecast
+    replay (:func:`DeepCache.schedules.forecast_calibration.forecast_errors`) run their evaluations in."""
+    lease = engine.acquire(model)
+    try:
+        gen = lease.unet_patch.new_generation(params)
+        with engine.running(gen), torch.no_grad():
+            yield [BranchReplay(model, rec, calls, replay_generation(gen, lease, rec, calls))
+                   for calls in rec.branch_calls()]
+    finally:
+        lease.release()
+
+
 def reuse_errors(unet: nn.Module, rec: Recording, branch: int, max_gap: int | None = None) -> list[list[float]]:
     """``errors[a][k]``: the latent error of step ``k`` reusing the cached feature of full step ``a``, summed over
     the CFG branches a transformer was evaluated for (a U-Net: its evaluations are the steps).
 
-    Replays the recorded inputs in a generation of this thread (concurrent requests on the same model are
-    untouched): one full and up to ``max_gap`` retrieval evaluations per ``a`` and branch (``None``: every later step).
+    Replays the recorded inputs (:func:`replaying`): one full and up to ``max_gap`` retrieval evaluations per ``a``
+    and branch (``None``: every later step).
     """
     n = rec.num_steps
-    weights = rec.sensitivity if len(rec.sensitivity) == n and all(map(math.isfinite, rec.sensitivity)) else [1.0] * n
+    scale = step_scales(rec)
     gap = n - 1 if max_gap is None else max(1, max_gap)
     errors = [[math.inf] * n for _ in range(n)]
-    lease = engine.acquire(unet)
-    try:
-        gen = lease.unet_patch.new_generation(CacheParams(skip_mode="custom", full_steps=(0,), cache_branch_id=branch))
-        with engine.running(gen), torch.no_grad():
-            for calls in rec.branch_calls():
-                target = replay_generation(gen, lease, rec, calls)
-                for a in range(len(calls)):
-                    target.reset()
-                    errors[a][a] = 0.0
-                    for k in range(a, min(len(calls), a + gap + 1)):
-                        args, kwargs = rec.calls[calls[k]]
-                        out = _sample(unet(*args, **kwargs))
-                        if k > a:
-                            e = engine.relative_l1(out, rec.outputs[calls[k]]) * weights[k]
-                            errors[a][k] = e if errors[a][k] == math.inf else errors[a][k] + e
-    finally:
-        lease.release()
+    with replaying(unet, rec, CacheParams(skip_mode="custom", full_steps=(0,), cache_branch_id=branch)) as replays:
+        for replay in replays:
+            m = len(replay.calls)
+            for a in range(m):
+                errors[a][a] = 0.0
+                replay.full(a)
+                for k in range(a + 1, min(m, a + gap + 1)):
+                    e = engine.relative_l1(replay.retrieve(k), replay.output(k)) * scale[k]
+                    errors[a][k] = e if errors[a][k] == math.inf else errors[a][k] + e
     return errors
 
 
@@ -201,6 +257,5 @@ def measure_reuse_errors(pipeline: Any, unet: nn.Module, branch: int, max_gap: i
         warnings.simplefilter("ignore", engine.DeepCacheWarning)  # uncached on purpose
         with recording(pipeline, unet) as rec:
             pipeline(**call_kwargs)
-    if rec.num_steps < 2:
-        raise ValueError("calibration saw fewer than two denoising steps: pass num_inference_steps >= 2.")
+    require_steps(rec)
     return reuse_errors(unet, rec, branch, max_gap)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ...schedules import calibration
+from ...schedules import calibration, closed_loop
 from ...schedules import forecast_calibration as fc
 from ...schedules import forecast_heldout
 from ...schedules.params import CacheParams
@@ -91,7 +91,7 @@ class Calibration:
     def _recording(self) -> tuple[Any, torch.Tensor, Callable[[], None]]:
         if self._recorded is None:
             self.on_stage("calibration: recording the uncached run")
-            self._recorded = self._stack.enter_context(fc.recorded(self.pipe, self.pipe.unet, self.call))
+            self._recorded = self._stack.enter_context(closed_loop.recorded(self.pipe, self.pipe.unet, self.call))
             self.runs += 1
         return self._recorded
 
