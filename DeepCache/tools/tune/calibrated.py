@@ -1,8 +1,8 @@
 """``deepcache tune``'s calibrated candidates: one recording on the calibration prompts, solved for any branch and K.
 
 The calibration prompts run once uncached (recorded; the denoiser's inputs, a U-Net's or a transformer's, do not
-depend on the branch, so one recording serves every branch). Each branch's replay runs the first time a candidate of that branch is built, and
-each budget K is solved only when its candidate can still win (:mod:`.plan`):
+depend on the branch, so one recording serves every branch). Each branch's replay runs the first time a candidate of
+that branch is built, and each budget K is solved only when its candidate can still win (:mod:`.plan`):
 
 * ``calibrated``: the reuse errors (gaps up to ``reuse_gap``), then the exact programme for K: the full steps
   :meth:`DeepCacheSDHelper.calibrate` picks;
