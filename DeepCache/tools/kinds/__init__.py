@@ -32,7 +32,8 @@ from .base import PipelineKind
 from .transformer import TransformerKind
 from .unet import UNetKind
 
-__all__ = ["KINDS", "PipelineKind", "TransformerKind", "UNetKind", "default_batch_size", "kind_of", "load_kind"]
+__all__ = ["KINDS", "PipelineKind", "TransformerKind", "UNetKind", "default_batch_size", "denoiser_name", "kind_of",
+           "load_kind"]
 
 #: Every kind, in the order :func:`kind_of` asks them (the first that claims a pipeline or folder wins).
 KINDS: tuple[type[PipelineKind], ...] = (TransformerKind, UNetKind)
@@ -47,6 +48,16 @@ def kind_of(pipe: Any) -> PipelineKind:
             return cls(pipe)
     raise ValueError(f"the tools run U-Net and transformer pipelines; a {type(pipe).__name__} has neither a `unet` "
                      "nor a `transformer`.")
+
+
+def denoiser_name(family: str | None) -> str:
+    """How reports name a kind's denoiser (:attr:`PipelineKind.family`; ``None``: a U-Net, as reports written before
+    transformers, whose meta has no family).
+
+    >>> denoiser_name("unet"), denoiser_name("transformer"), denoiser_name(None)
+    ('U-Net', 'transformer', 'U-Net')
+    """
+    return "transformer" if family == TransformerKind.family else "U-Net"
 
 
 def _folder_kind(model: str | Path | None) -> type[PipelineKind]:

@@ -5,9 +5,11 @@ Four groups of questions, one object:
 * **load**: :meth:`~PipelineKind.claims` / :meth:`~PipelineKind.claims_folder` (is this mine?), :meth:`~PipelineKind.load`,
   :meth:`~PipelineKind.folder_batch_size`;
 * **call**: :meth:`~PipelineKind.call` (seeded prompts in, images out: the one way ``eval``, ``demo``, ``tune`` and
-  ``generate`` call a pipeline), :meth:`~PipelineKind.prompt_kwargs`, :meth:`~PipelineKind.guidance_kwargs`,
-  :meth:`~PipelineKind.bench_inputs` (``bench``'s random prompt embeddings);
-* **count**: :meth:`~PipelineKind.flop_counter` (FLOPs per step, full and retrieval, and the FLOP-ideal speedup);
+  ``generate`` call a pipeline; :meth:`~PipelineKind.call_kwargs`, its keywords),
+  :meth:`~PipelineKind.prompt_kwargs`, :meth:`~PipelineKind.guidance_kwargs`, :meth:`~PipelineKind.bench_inputs`
+  (``bench``'s random prompt embeddings);
+* **count**: :meth:`~PipelineKind.flop_counter` (FLOPs per step, full and retrieval, the VAE decode's, and the
+  FLOP-ideal speedup);
 * **score and report**: :attr:`~PipelineKind.embedded` (captions checkable), :meth:`~PipelineKind.classifier_path`,
   :meth:`~PipelineKind.describe` (what a report adds about the prompts), :attr:`~PipelineKind.denoiser`,
   :attr:`~PipelineKind.device`, :attr:`~PipelineKind.dtype`.
@@ -128,10 +130,10 @@ class PipelineKind(ABC):
         """Pipeline keywords every call of this model needs (a tiny demo model's size); the caller's win."""
         return {}
 
-    def call(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
-             negative_prompts: Sequence[str | None] | None = None, output_type: str = "np",
-             height: int | None = None, width: int | None = None) -> Any:
-        """One pipeline call for a batch of prompts; returns its ``images``.
+    def call_kwargs(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
+                    negative_prompts: Sequence[str | None] | None = None, output_type: str = "np",
+                    height: int | None = None, width: int | None = None) -> dict[str, Any]:
+        """The keywords of :meth:`call`'s one pipeline call (``pipe(**kwargs)``): what ``tune``'s calibration records.
 
         Each prompt's noise comes from its own CPU ``torch.Generator`` seeded with its seed, so an image does not
         depend on the device, or on which other prompts share its batch. ``negative_prompts``: one per prompt
@@ -143,10 +145,17 @@ class PipelineKind(ABC):
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts; pass one per prompt.")
         size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-        return self.pipe(**self.prompt_kwargs(prompts, negatives),
-                         generator=[torch.Generator().manual_seed(int(s)) for s in seeds], num_inference_steps=steps,
-                         **self.guidance_kwargs(guidance), output_type=output_type,
-                         **{**self.call_defaults(), **size}).images
+        return {**self.prompt_kwargs(prompts, negatives),
+                "generator": [torch.Generator().manual_seed(int(s)) for s in seeds], "num_inference_steps": steps,
+                **self.guidance_kwargs(guidance), "output_type": output_type, **{**self.call_defaults(), **size}}
+
+    def call(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
+             negative_prompts: Sequence[str | None] | None = None, output_type: str = "np",
+             height: int | None = None, width: int | None = None) -> Any:
+        """One pipeline call for a batch of prompts (:meth:`call_kwargs`); returns its ``images``."""
+        return self.pipe(**self.call_kwargs(prompts, seeds, steps=steps, guidance=guidance,
+                                            negative_prompts=negative_prompts, output_type=output_type, height=height,
+                                            width=width)).images
 
     @abstractmethod
     def bench_inputs(self, batch_size: int, device: str | torch.device, dtype: torch.dtype,
@@ -156,5 +165,6 @@ class PipelineKind(ABC):
     # -- count ---------------------------------------------------------------------------------------
     @abstractmethod
     def flop_counter(self) -> Any:
-        """FLOP counts per shape: an object with ``for_pattern(...)`` and ``latent_size(h, w)``
+        """FLOP counts per shape: an object with ``step_costs(...)`` (one step's full and retrieval FLOPs and the VAE
+        decode's), ``for_pattern(...)`` (a generation's, and its FLOP-ideal speedups) and ``latent_size(h, w)``
         (:class:`DeepCache.tools.flops.FlopCache` and :class:`~.dit_flops.DiTFlopCache`)."""
