@@ -10,6 +10,12 @@ A **kind** wraps one loaded diffusers pipeline and answers every question the co
   Flux, ...). A folder without a text encoder gets prompt embeddings seeded by each prompt's text
   (:mod:`.embeddings`), labelled as such in every report.
 
+**Decided once, passed down.** :func:`load_kind` decides the kind where the pipeline is loaded (``--model``: by the
+folder, before loading it) and the commands hand that kind on; the modules below them (``quality``, ``runs``,
+``scoring``, ``report``) take it and never ask again. :func:`kind_of` is the door for code that holds a bare
+pipeline (``deepcache tune``, library callers of ``evaluate(pipe, ...)``): it decides the kind of a loaded pipeline,
+and returns a kind as it is.
+
 A new family is one more module here with one more class: :func:`kind_of` and :func:`load_kind` pick it.
 
 Example::
@@ -38,7 +44,7 @@ KINDS: tuple[type[PipelineKind], ...] = (TransformerKind, UNetKind)
 
 
 def kind_of(pipe: Any) -> PipelineKind:
-    """The kind of a loaded pipeline (a kind is returned as is)."""
+    """The kind of a loaded pipeline (a kind is returned as is): the door for code that holds a bare pipeline."""
     if isinstance(pipe, PipelineKind):
         return pipe
     for cls in KINDS:
