@@ -5,8 +5,8 @@ A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int`` a
 The options every tool spells the same way are added here: ``--model``, ``--device``/``--dtype``,
 ``--threads``, ``--variant``, ``--prompt``/``--num-prompts``, ``--seed``/``--steps``/``--guidance``/``--repeats``,
 ``--out``, ``--json``, ``--table`` and ``--verbose``; :func:`kind_from_args` loads the pipeline they name as its kind
-(decided once, here) and picks the prompts. A ``ValueError`` raised by ``run`` is printed as ``deepcache NAME: error: ...`` with exit
-status 2, like argparse's own errors.
+(decided once, here) and picks the prompts. A ``ValueError`` raised by ``run`` is printed as
+``deepcache NAME: error: ...`` with exit status 2, like argparse's own errors.
 
 Example::
 
