@@ -43,7 +43,10 @@ def script() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def traced(script: ModuleType) -> tuple[Any, int, str]:
-    return script.traced()
+    """The smallest eval, traced; LPIPS off, as on a machine without its weights (with them, scoring adds moves)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("DeepCache.tools.scoring.lpips_model", lambda: None)
+        return script.traced()
 
 
 def test_back_up_and_sideways_are_told_by_the_dotted_depth(script: ModuleType) -> None:

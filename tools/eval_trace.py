@@ -18,7 +18,8 @@ The trace starts with the parsed arguments (``args.func(args)``; building the pa
 Module bodies running at import (``<module>`` frames) and what they call are not counted, so the counts do not depend
 on which modules an earlier import already loaded. Calls into the library (``DeepCache.helper``, the engine),
 diffusers or torch are not counted either: this measures the tools' own plumbing. The counts are deterministic for
-given arguments (no times); ``tests/test_tools_trace.py`` bounds them.
+given arguments (no times), on a machine without LPIPS weights (with them, scoring calls a few more functions);
+``tests/test_tools_trace.py`` bounds them, with LPIPS switched off.
 
 Example::
 
