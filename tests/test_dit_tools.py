@@ -82,7 +82,7 @@ def folder(tmp_path_factory):
 def test_the_folder_is_a_transformer_kind(folder) -> None:
     kind = load_kind(str(folder))
     assert isinstance(kind, TransformerKind) and kind.family == "transformer" and not kind.embedded
-    assert kind.classifier_path() is None and kind.default_batch_size == default_batch_size(str(folder)) == 1
+    assert kind.classifier is None and kind.default_batch_size == default_batch_size(str(folder)) == 1
     assert kind.describe() == {"family": "transformer", "prompt_embeddings": SEEDED_LABEL}
     assert kind_of(kind) is kind and kind_of(kind.pipe).denoiser is kind.pipe.transformer
     assert isinstance(load_kind(None), UNetKind) and default_batch_size(None) == 16

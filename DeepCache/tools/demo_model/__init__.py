@@ -14,8 +14,8 @@ Example::
     >>> from DeepCache.tools.demo_model import EMBEDDED_MODEL, is_demo_pipeline_dir
     >>> is_demo_pipeline_dir(EMBEDDED_MODEL)
     True
-    >>> resolve_model("embedded-dit") == EMBEDDED_DIT, is_demo_dit_dir(EMBEDDED_DIT)
-    (True, True)
+    >>> is_demo_dit_dir(EMBEDDED_DIT)
+    True
 """
 
 from __future__ import annotations
@@ -52,10 +52,3 @@ def is_demo_dit_dir(path: str | Path) -> bool:
     """Whether ``path`` is a DiT pipeline folder written by ``deepcache train-demo-dit``."""
     return (Path(path) / DIT_MARKER).is_file()
 
-
-def resolve_model(model: str | Path | None) -> str | Path | None:
-    """``--model`` as the loaders take it: :data:`EMBEDDED_DIT_NAME` is the shipped DiT's folder (unless a folder of
-    that name exists here); anything else as given (``None``: the embedded U-Net)."""
-    if model is not None and str(model) == EMBEDDED_DIT_NAME and not Path(model).exists():
-        return EMBEDDED_DIT
-    return model

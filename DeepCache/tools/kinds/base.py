@@ -1,5 +1,9 @@
 """The interface every pipeline kind shares (:class:`PipelineKind`), and what all kinds do the same way.
 
+A kind is decided once, where the pipeline is loaded (:func:`DeepCache.tools.kinds.load_kind`), and the commands pass
+it down: what it is (:attr:`~PipelineKind.source`, :attr:`~PipelineKind.embedded`, :attr:`~PipelineKind.classifier`,
+:attr:`~PipelineKind.default_batch_size`) is settled when it is made, so nothing further down asks again.
+
 Four groups of questions, one object:
 
 * **load**: :meth:`~PipelineKind.claims` / :meth:`~PipelineKind.claims_folder` (is this mine?), :meth:`~PipelineKind.load`,
@@ -10,9 +14,9 @@ Four groups of questions, one object:
   (``bench``'s random prompt embeddings);
 * **count**: :meth:`~PipelineKind.flop_counter` (FLOPs per step, full and retrieval, the VAE decode's, and the
   FLOP-ideal speedup);
-* **score and report**: :attr:`~PipelineKind.embedded` (captions checkable), :meth:`~PipelineKind.classifier_path`,
-  :meth:`~PipelineKind.describe` (what a report adds about the prompts), :attr:`~PipelineKind.denoiser`,
-  :attr:`~PipelineKind.device`, :attr:`~PipelineKind.dtype`.
+* **score and report**: :attr:`~PipelineKind.embedded` (captions checkable), :attr:`~PipelineKind.classifier`,
+  :meth:`~PipelineKind.run_meta` (what a report says about the run), :meth:`~PipelineKind.describe` (what it adds
+  about the prompts), :attr:`~PipelineKind.denoiser`, :attr:`~PipelineKind.device`, :attr:`~PipelineKind.dtype`.
 """
 
 from __future__ import annotations
@@ -50,8 +54,17 @@ class PipelineKind(ABC):
     #: The pipeline attribute that holds the denoiser DeepCache caches.
     denoiser_attribute: ClassVar[str]
 
+    #: Whether the pipeline is a demo model whose captions the shipped classifier can check.
+    embedded: bool = False
+    #: The attribute classifier that scores this pipeline's images against their prompts, if any.
+    classifier: Path | None = None
+    #: Images per pipeline call when the user does not say.
+    default_batch_size: int = 1
+
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
+        #: The folder or hub id the pipeline was loaded from (``""`` if built in memory).
+        self.source: str = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
 
     # -- load ----------------------------------------------------------------------------------------
     @classmethod
@@ -91,27 +104,28 @@ class PipelineKind(ABC):
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
 
-    @property
-    def source(self) -> str:
-        """The folder or hub id the pipeline was loaded from (``""`` if built in memory)."""
-        return str(getattr(getattr(self.pipe, "config", None), "_name_or_path", "") or "")
-
-    @property
-    def embedded(self) -> bool:
-        """Whether the pipeline is a demo model whose captions the shipped classifier can check."""
-        return False
-
-    @property
-    def default_batch_size(self) -> int:
-        return 1
-
-    def classifier_path(self) -> Path | None:
-        """The attribute classifier that scores this pipeline's images against their prompts, if any."""
-        return None
-
     def describe(self) -> dict[str, Any]:
         """What a report adds about this kind (nothing for a U-Net, so U-Net reports stay as they were)."""
         return {}
+
+    def run_meta(self, steps: int, guidance: float, prompts: Sequence[str], seeds: Sequence[int],
+                 **more: Any) -> dict[str, Any]:
+        """What a report says about the run (model, steps, scheduler, prompts, seeds, threads, device, dtype), and
+        ``more``; a transformer also its family and where its prompt embeddings came from (:meth:`describe`)."""
+        return {
+            "model": self.source,
+            "embedded": self.embedded,
+            **self.describe(),
+            "steps": steps,
+            "guidance": guidance,
+            "scheduler": type(self.pipe.scheduler).__name__,
+            "prompts": list(prompts),
+            "seeds": list(seeds),
+            **more,
+            "torch_threads": torch.get_num_threads(),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
 
     def attention_processors(self) -> list[str]:
         """The class names of the denoiser's attention processors (for the report's environment)."""

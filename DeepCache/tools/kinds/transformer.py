@@ -68,21 +68,14 @@ class TransformerKind(PipelineKind):
         return getattr(self.pipe, "text_encoder", None) is not None
 
     # -- the demo DiT --------------------------------------------------------------------------------
-    @property
-    def embedded(self) -> bool:
-        """Loaded from a folder written by ``deepcache train-demo-dit`` (captions checkable)."""
-        return bool(self.source) and is_demo_dit_dir(self.source)
-
-    @property
-    def default_batch_size(self) -> int:
-        return 16 if self.embedded else 1
-
-    def classifier_path(self) -> Path | None:
-        """The demo classifier beside the demo DiT (``../demo-classifier``), if there is one."""
-        if not self.embedded:
-            return None
-        path = Path(self.source).parent / CLASSIFIER_DIR
-        return path if path.is_dir() else None
+    def __init__(self, pipe: Any) -> None:
+        """A folder written by ``deepcache train-demo-dit`` is *embedded* (captions checkable, 16 images per call);
+        its classifier is the demo one beside it (``../demo-classifier``)."""
+        super().__init__(pipe)
+        self.embedded = bool(self.source) and is_demo_dit_dir(self.source)
+        self.default_batch_size = 16 if self.embedded else 1
+        classifier = Path(self.source).parent / CLASSIFIER_DIR if self.embedded else None
+        self.classifier = classifier if classifier is not None and classifier.is_dir() else None
 
     def call_defaults(self) -> dict[str, Any]:
         return dict(DIT_CALL_KWARGS) if self.embedded else {}
