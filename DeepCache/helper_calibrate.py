@@ -40,9 +40,11 @@ class CalibrateMixin:
         ``a``; about 2-4 pipeline calls' worth of U-Net work for branch 0 with every gap allowed). On a transformer
         the cached feature is the middle blocks' residual, and a pipeline that calls it once per CFG branch (Flux
         true CFG, Wan, Lumina2) has each branch replayed on its own, their errors summed per step (batched CFG,
-        SD3: one call per step). The full steps (step 0 included) that minimise the total error are chosen by an
-        exact dynamic programme (:func:`~DeepCache.schedules.schedule.optimal_full_steps`). The enabled state is
-        left as it was.
+        SD3: one call per step). Wan 2.2 is recorded and replayed on both transformers (each step on the one that ran
+        it); as in a cached run, no step of ``transformer_2`` reuses a feature of ``transformer``, so its first step
+        is always among the full steps (``ValueError`` if ``num_full_steps`` leaves no room for it). The full steps
+        (step 0 included) that minimise the total error are chosen by an exact dynamic programme
+        (:func:`~DeepCache.schedules.schedule.optimal_full_steps`). The enabled state is left as it was.
 
         With ``forecast=True`` retrieval steps may forecast the feature (``forecast="linear"``) instead: the replay
         also measures, for each pair of full steps ``a' < a`` (at most 4 apart), each step ``k`` at most ``max_gap``

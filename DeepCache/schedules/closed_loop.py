@@ -108,12 +108,11 @@ def closed_loop_sample_errors(pipeline: Any, unet: nn.Module, candidates: Sequen
     """Run the pipeline once per candidate (the same noise): shape ``(candidates, samples)``, the
     :func:`latent_errors` of each candidate's final latents against ``reference``."""
     scores = []
-    lease = engine.acquire(unet)
+    lease = engine.acquire_all(unet, engine.extra_denoisers(pipeline))  # Wan 2.2: transformer_2 is cached too
     try:
         for params in candidates:
             rewind()
-            gen = lease.unet_patch.new_generation(params)
-            with _final_latents(pipeline.scheduler) as final, engine.running(gen), torch.no_grad():
+            with _final_latents(pipeline.scheduler) as final, engine.running_call(lease, params), torch.no_grad():
                 pipeline(**call_kwargs)
             scores.append(latent_errors(final[-1], reference))
     finally:

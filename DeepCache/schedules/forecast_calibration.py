@@ -62,7 +62,8 @@ class ForecastErrors:
     CFG branch and sample of the calibration batch (``branch_*``: a U-Net has one branch), and their pooled sum
     (``reuse``, ``errors``: per branch the relative L1 of all samples together, summed over the branches, as
     :func:`~DeepCache.schedules.calibration.reuse_errors` measures). A step a branch does not run (Lumina2's uncond
-    calls stop late) adds 0 there; a pair or gap outside the replay's bounds is ``inf``."""
+    calls stop late) adds 0 there; a pair or gap outside the replay's bounds, or reaching across two transformers
+    (Wan 2.2: the engine gives ``transformer_2`` a cache and a line of its own), is ``inf``."""
 
     reuse: list[list[float]]  # reuse[a][k], pooled
     errors: np.ndarray  # (n, n, n, len(candidates)): errors[a', a, k, j], pooled
@@ -174,10 +175,11 @@ def _replay_branch(replay: BranchReplay, scale: Sequence[float], weights: tuple[
     """Fill ``reuse[s, a, k]`` and ``errors[s, a', a, k, j]`` of one branch (its generation forecasts: a
     :class:`~DeepCache.engine.forecast_feature.ForecastFeature` whose line and weight are set here)."""
     m = len(replay.calls)
-    feature = replay.gen.feature
     current = [0.0]
-    feature.weight_at = lambda step: current[0]
-    window: dict[int, Any] = {}  # F_p of the earlier full steps within max_span
+    for gen in replay.gens:
+        if gen is not None:
+            gen.feature.weight_at = lambda step: current[0]
+    window: dict[int, Any] = {}  # F_p of the earlier full steps within max_span (and the segment: same denoiser)
 
     def error(k: int, w: float) -> np.ndarray:
         current[0] = w
@@ -187,14 +189,15 @@ def _replay_branch(replay: BranchReplay, scale: Sequence[float], weights: tuple[
     for a in range(m):
         replay.full(a)
         counts[0] += 1
+        feature, segment = replay.generation(a).feature, replay.segment(a)
         f_a = engine.tensors.clone(feature.value)
-        window = {p: f for p, f in window.items() if p >= a - max_span}
-        for k in range(a + 1, m):
+        window = {p: f for p, f in window.items() if p >= max(a - max_span, segment.start)}
+        for k in range(a + 1, segment.stop):
             reuse[:, a, k] = error(k, 0.0)
         for p, f_p in window.items():
             feature.difference = _tree(torch.sub, f_a, f_p)
             feature.history = (p, a)
-            for k in range(a + 1, min(m, a + gap + 1)):
+            for k in range(a + 1, min(segment.stop, a + gap + 1)):
                 for j, w in enumerate(weights):
                     errors[:, p, a, k, j] = reuse[:, a, k] if w == 0.0 else error(k, w)
         window[a] = f_a
