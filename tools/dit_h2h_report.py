@@ -1,0 +1,92 @@
+"""Tables and the Pareto plot of ``tools/dit_head_to_head.py`` from its JSON (one ``mode`` per guidance setting).
+
+Example::
+
+    >>> mode = {"cfg": 1.0, "rows": [
+    ...     {"family": "ours: uniform", "label": "I=2 B=0", "status": "ok", "mac_fraction": 0.5, "mac_min": 0.5,
+    ...      "mac_max": 0.5, "psnr": 40.0, "psnr_min": 38.0, "ssim": 0.99, "task_acc": 0.8, "frechet": None}]}
+    >>> print(budget_table(mode, (0.5,)).splitlines()[4])
+    | 50 % | ours: uniform | I=2 B=0 | 0.500 | 40.00 (38.00) | 0.9900 | 0.800 | - |
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+BUDGETS: tuple[float, ...] = (0.5, 1 / 3, 0.25)
+TOLERANCE = 0.03  # a setting counts for a budget if its mean MAC fraction is at most budget + this
+
+
+def best_per_family(rows: Sequence[dict[str, Any]], budget: float) -> dict[str, dict[str, Any]]:
+    """Per family, the ok setting with the highest mean PSNR whose mean MAC fraction is within the budget."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("status") != "ok" or row["family"] == "uncached" or row["mac_fraction"] > budget + TOLERANCE:
+            continue
+        if row["family"] not in best or row["psnr"] > best[row["family"]]["psnr"]:
+            best[row["family"]] = row
+    return best
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def budget_table(mode: dict[str, Any], budgets: Sequence[float] = BUDGETS) -> str:
+    """Markdown: per budget, each family's best setting (MAC fraction with its per-image range for threshold methods)."""
+    lines = [f"CFG {'on (true_cfg_scale ' + format(mode['cfg'], 'g') + ')' if mode['cfg'] > 1 else 'off'}", "",
+             "| budget | method | setting | MACs (min-max) | PSNR dB (worst image) | SSIM | task acc | Fréchet |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for budget in budgets:
+        rows = sorted(best_per_family(mode["rows"], budget).values(), key=lambda r: -r["psnr"])
+        for row in rows:
+            spread = "" if row["mac_min"] == row["mac_max"] else f" ({row['mac_min']:.3f}-{row['mac_max']:.3f})"
+            lines.append(f"| {budget * 100:.0f} % | {row['family']} | {row['label']} | {row['mac_fraction']:.3f}{spread} "
+                         f"| {row['psnr']:.2f} ({row['psnr_min']:.2f}) | {row['ssim']:.4f} | "
+                         f"{_fmt(row.get('task_acc'), '.3f')} | {_fmt(row.get('frechet'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def failures(mode: dict[str, Any]) -> list[str]:
+    """One line per setting that failed, skipped nothing, or was not installed."""
+    return [f"{r['family']}: {r['label']}: {r['status']}" + (f" ({r['error']})" if "error" in r else "")
+            for r in mode["rows"] if r.get("status") != "ok"]
+
+
+def group_style(family: str) -> tuple[int, str]:
+    """(palette index, marker) for a family: one colour per group, one marker per family within it."""
+    from DeepCache.tools.plot import MARKERS
+
+    groups = {"ours": 3, "diffusers": 0, "cache-dit": 1, "fewer steps": 2, "uncached": 5}
+    group = family.split(":")[0]
+    index = groups.get(group, 4)
+    return index, MARKERS[abs(hash(family.split(":")[-1])) % len(MARKERS)]
+
+
+def pareto_plot(modes: Sequence[dict[str, Any]]) -> Any:
+    """MAC fraction vs mean PSNR, one series per family, one panel per guidance setting (stacked)."""
+    from PIL import Image
+
+    from DeepCache.tools.plot import MARKERS, PALETTE, Series, scatter_plot
+
+    panels = []
+    for mode in modes:
+        families: dict[str, list[tuple[float, float]]] = {}
+        for row in mode["rows"]:
+            if row.get("status") in ("ok", "no skipping") and row["family"] != "uncached":
+                families.setdefault(row["family"], []).append((row["mac_fraction"], min(row["psnr"], 60.0)))
+        series, used = [], {}
+        for family, points in families.items():
+            colour, _ = group_style(family)
+            marker = MARKERS[used.get(colour, 0) % len(MARKERS)]
+            used[colour] = used.get(colour, 0) + 1
+            series.append(Series(family, points, PALETTE[colour], marker))
+        cfg = f"true CFG {mode['cfg']:g}" if mode["cfg"] > 1 else "no CFG"
+        panels.append(scatter_plot(series, x_label="MACs / uncached (per generation)", y_label="PSNR dB vs uncached",
+                                   title=f"tiny Flux DiT, {cfg}", size=(1000, 640)))
+    out = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+    y = 0
+    for panel in panels:
+        out.paste(panel, (0, y))
+        y += panel.height
+    return out
