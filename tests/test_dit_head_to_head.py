@@ -100,3 +100,19 @@ def test_cache_dit_dbcache_runs_with_separate_cfg_and_counts(tiny_pipe) -> None:
 def test_parse_mag_ratios_reads_every_printed_list() -> None:
     printed = "\n[MagCache] Calibration Complete. Copy:\n[1.0, 0.5]\n\nnoise [x]\n[1.0, 0.25]\n"
     assert parse_mag_ratios(printed) == [[1.0, 0.5], [1.0, 0.25]]
+
+
+def test_merge_keeps_one_row_per_setting_and_an_ok_rerun_replaces_a_failure() -> None:
+    from dit_head_to_head import merge
+
+    def row(label: str, status: str, **extra: object) -> dict:
+        return {"family": "f", "label": label, "status": status, **extra}
+    first = {"modes": [{"cfg": 1.0, "rows": [row("uncached", "ok"), row("a", "failed", error="boom")],
+                        "timing_eager": {"x": {"ratio": 1.0}}}]}
+    second = {"modes": [{"cfg": 1.0, "rows": [row("uncached", "ok"), row("a", "ok"), row("b", "ok")]},
+                        {"cfg": 4.0, "rows": [row("uncached", "ok")]}]}
+    merged = merge([first, second])
+    assert [m["cfg"] for m in merged["modes"]] == [4.0, 1.0]
+    rows = merged["modes"][1]["rows"]
+    assert [(r["label"], r["status"]) for r in rows] == [("uncached", "ok"), ("a", "ok"), ("b", "ok")]
+    assert rows[1]["replaces"] == "boom" and merged["modes"][1]["timing_runs"] == [{"timing_eager": {"x": {"ratio": 1.0}}}]

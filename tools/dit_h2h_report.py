@@ -53,14 +53,11 @@ def failures(mode: dict[str, Any]) -> list[str]:
             for r in mode["rows"] if r.get("status") != "ok"]
 
 
-def group_style(family: str) -> tuple[int, str]:
-    """(palette index, marker) for a family: one colour per group, one marker per family within it."""
-    from DeepCache.tools.plot import MARKERS
-
-    groups = {"ours": 3, "diffusers": 0, "cache-dit": 1, "fewer steps": 2, "uncached": 5}
-    group = family.split(":")[0]
-    index = groups.get(group, 4)
-    return index, MARKERS[abs(hash(family.split(":")[-1])) % len(MARKERS)]
+def group_colour(family: str) -> int:
+    """The palette index of a family's group: ours, diffusers, cache-dit, cache-dit with a calibrator, fewer steps."""
+    if family.startswith("cache-dit: DBCache +"):
+        return 4
+    return {"ours": 3, "diffusers": 0, "cache-dit": 1, "fewer steps": 2}.get(family.split(":")[0], 5)
 
 
 def pareto_plot(modes: Sequence[dict[str, Any]]) -> Any:
@@ -77,7 +74,7 @@ def pareto_plot(modes: Sequence[dict[str, Any]]) -> Any:
                 families.setdefault(row["family"], []).append((row["mac_fraction"], min(row["psnr"], 60.0)))
         series, used = [], {}
         for family, points in families.items():
-            colour, _ = group_style(family)
+            colour = group_colour(family)
             marker = MARKERS[used.get(colour, 0) % len(MARKERS)]
             used[colour] = used.get(colour, 0) + 1
             series.append(Series(family, points, PALETTE[colour], marker))
@@ -90,3 +87,45 @@ def pareto_plot(modes: Sequence[dict[str, Any]]) -> Any:
         out.paste(panel, (0, y))
         y += panel.height
     return out
+
+
+def timing_table(mode: dict[str, Any]) -> str:
+    """Markdown: seconds per image and the ratio to the uncached pipeline of the same run, eager and compiled."""
+    lines = ["| run | method: setting | eager s/image | eager / uncached | compiled s/image | compiled / uncached |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for index, run in enumerate(mode.get("timing_runs", []), 1):
+        eager, compiled = run.get("timing_eager", {}), run.get("timing_compiled", {})
+        for name in eager:
+            cells = []
+            for timing in (eager.get(name, {}), compiled.get(name)):
+                if timing is None:
+                    cells += ["-", "-"]
+                elif "error" in timing:
+                    cells += [f"failed: {timing['error'][:90]}", "-"]
+                else:
+                    cells += [f"{timing['seconds']:.3f}", f"{timing['ratio']:.2f}"]
+            lines.append(f"| {index} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def goal_table(modes: Sequence[dict[str, Any]], budgets: Sequence[float] = BUDGETS) -> str:
+    """Markdown: per guidance and budget, the best of ours, of the peers (diffusers, cache-dit) and of fewer steps."""
+    lines = ["| CFG | budget | best ours | best peer | fewer steps | ours - best peer | >= +1 dB? |",
+             "|---|---|---|---|---|---:|---|"]
+    for mode in modes:
+        for budget in budgets:
+            best = best_per_family(mode["rows"], budget).values()
+            pick = {}
+            for group, test in (("ours", lambda f: f.startswith("ours")),
+                                ("peer", lambda f: f.startswith(("diffusers", "cache-dit"))),
+                                ("steps", lambda f: f == "fewer steps")):
+                rows = [r for r in best if test(r["family"])]
+                pick[group] = max(rows, key=lambda r: r["psnr"]) if rows else None
+            cells = [f"{r['family']} {r['label']}: {r['psnr']:.2f} dB at {r['mac_fraction']:.3f}" if r else "none"
+                     for r in pick.values()]
+            gap = pick["ours"]["psnr"] - pick["peer"]["psnr"] if pick["ours"] and pick["peer"] else None
+            verdict = "-" if gap is None else ("yes" if gap >= 1 else "no")
+            cfg = f"{mode['cfg']:g}" if mode["cfg"] > 1 else "off"
+            lines.append(f"| {cfg} | {budget * 100:.0f} % | " + " | ".join(cells) +
+                         f" | {_fmt(gap, '+.2f')} | {verdict} |")
+    return "\n".join(lines)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from DeepCache.tools.metrics import psnr  # noqa: E402
 from dit_h2h_core import MacCounter, count_table, generate, generate_batch, image_metrics, mac_summary, quiet  # noqa: E402
 from dit_h2h_methods import Context, Method, catalogue, uncached  # noqa: E402
-from dit_h2h_report import BUDGETS, best_per_family, budget_table, failures, pareto_plot  # noqa: E402
+from dit_h2h_report import BUDGETS, best_per_family, budget_table, failures, pareto_plot, timing_table  # noqa: E402
 
 DEMO_FLUX = Path(__file__).resolve().parents[1] / "DeepCache" / "assets" / "demo-flux"
 
@@ -183,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-modes", default="on,off", help="comma list of on/off")
     parser.add_argument("--timing-pairs", type=int, default=3, help="pairs timed per method (0: no timing)")
     parser.add_argument("--compile", action="store_true", help="also time compiled transformers")
+    parser.add_argument("--timing-from", type=Path, help="no quality run: time the per-family best settings at 33 %% "
+                        "MACs of this earlier report (its rows are copied)")
     parser.add_argument("--quick", action="store_true", help="a few methods only (the test's subset)")
-    parser.add_argument("--only", help="comma list: run only families starting with one of these (uncached always)")
+    parser.add_argument("--only", help="comma list: run only methods whose 'family: label' starts with one of these, "
+                        "in this order (uncached always, first)")
+    parser.add_argument("--timing-only", action="store_true", help="no quality run: time every (--only) method")
     parser.add_argument("--no-classifier", action="store_true", help="skip task accuracy / Fréchet")
     parser.add_argument("--batch", type=int, default=16, help="images per call for methods that do not decide per image")
     parser.add_argument("--threads", type=int, default=1)
@@ -202,24 +206,30 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     print("\n".join(line for mode in report["modes"] for line in failures(mode)))
     for mode in report["modes"]:
-        print(budget_table(mode, BUDGETS))
+        print(budget_table(mode, BUDGETS) + "\n\n" + timing_table(mode) + "\n")
     if args.plot:
         pareto_plot(report["modes"]).save(args.plot)
     return 0
 
 
 def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Reports of runs split by guidance and by method: one mode per guidance, rows in order, uncached once."""
+    """Reports of runs split by guidance and by method: one mode per guidance, rows in order, uncached once (an ok
+    row replaces a failed one of the same setting, keeping its error under ``replaces``); each
+    run's timings kept apart under ``timing_runs`` (their ratios are to that run's own uncached pipeline)."""
     modes: dict[float, dict[str, Any]] = {}
     for part in parts:
         for mode in part["modes"]:
-            if mode["cfg"] not in modes:
-                modes[mode["cfg"]] = mode
-            else:
-                seen = {(r["family"], r["label"]) for r in modes[mode["cfg"]]["rows"]}
-                modes[mode["cfg"]]["rows"] += [r for r in mode["rows"] if (r["family"], r["label"]) not in seen]
-                for key in ("timing_eager", "timing_compiled"):
-                    modes[mode["cfg"]].setdefault(key, {}).update(mode.get(key, {}))
+            timing = {k: mode.pop(k) for k in ("timing_eager", "timing_compiled") if k in mode}
+            merged = modes.setdefault(mode["cfg"], {**mode, "rows": [], "timing_runs": []})
+            index = {(r["family"], r["label"]): i for i, r in enumerate(merged["rows"])}
+            for row in mode["rows"]:
+                key = (row["family"], row["label"])
+                if key not in index:
+                    merged["rows"].append(row)
+                elif row.get("status") == "ok" and merged["rows"][index[key]].get("status") != "ok":
+                    merged["rows"][index[key]] = {**row, "replaces": merged["rows"][index[key]].get("error")}
+            if timing:
+                merged["timing_runs"].append(timing)
     return {**parts[0], "modes": sorted(modes.values(), key=lambda m: -m["cfg"])}
 
 
@@ -243,16 +253,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     methods = catalogue(table, args.steps, quick=args.quick)
     if args.only:
         wanted = tuple(args.only.split(","))
-        methods = [m for m in methods if m.family == "uncached" or m.family.startswith(wanted)]
+        order = {m.name: next((i for i, w in enumerate(wanted) if m.name.startswith(w)), -1) for m in methods}
+        methods = sorted((m for m in methods if m.family == "uncached" or order[m.name] >= 0), key=lambda m: order[m.name])
+
     def save(partial: dict[str, Any]) -> None:
         if args.json:
             args.json.write_text(json.dumps({**report, "modes": report["modes"] + [partial]}, indent=1) + "\n")
 
+    earlier = {m["cfg"]: m for m in json.loads(args.timing_from.read_text())["modes"]} if args.timing_from else {}
     for mode in args.cfg_modes.split(","):
         ctx = Context(args.steps, args.cfg if mode == "on" else 1.0, calibration)
-        result = evaluate_mode(pipe, methods, ctx, items, classifier, batch=args.batch, save=save)
+        if args.timing_only:
+            result = {"cfg": ctx.cfg, "rows": []}
+        elif args.timing_from:
+            result = {key: value for key, value in earlier[ctx.cfg].items() if not key.startswith("timing")}
+        else:
+            result = evaluate_mode(pipe, methods, ctx, items, classifier, batch=args.batch, save=save)
         if args.timing_pairs:
-            chosen = _timing_methods(methods, result["rows"], 1 / 3)
+            chosen = methods if args.timing_only else _timing_methods(methods, result["rows"], 1 / 3)
             timed = items[:args.timing_pairs]
             result["timing_eager"] = time_methods(pipe, chosen, ctx, timed, compiled=False)
             if args.compile:
