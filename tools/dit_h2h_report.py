@@ -61,23 +61,23 @@ def group_colour(family: str) -> int:
 
 
 def pareto_plot(modes: Sequence[dict[str, Any]]) -> Any:
-    """MAC fraction vs mean PSNR, one series per family, one panel per guidance setting (stacked)."""
+    """MAC fraction vs mean PSNR (capped at 60 dB), one series per family, one panel per guidance setting (stacked)."""
     from PIL import Image
 
     from DeepCache.tools.plot import MARKERS, PALETTE, Series, scatter_plot
 
+    styles: dict[str, tuple[int, str]] = {}  # one colour and marker per family, the same in every panel
+    for family in dict.fromkeys(r["family"] for mode in modes for r in mode["rows"] if r["family"] != "uncached"):
+        colour = group_colour(family)
+        styles[family] = (colour, MARKERS[sum(c == colour for c, _ in styles.values()) % len(MARKERS)])
     panels = []
     for mode in modes:
         families: dict[str, list[tuple[float, float]]] = {}
         for row in mode["rows"]:
             if row.get("status") in ("ok", "no skipping") and row["family"] != "uncached":
                 families.setdefault(row["family"], []).append((row["mac_fraction"], min(row["psnr"], 60.0)))
-        series, used = [], {}
-        for family, points in families.items():
-            colour = group_colour(family)
-            marker = MARKERS[used.get(colour, 0) % len(MARKERS)]
-            used[colour] = used.get(colour, 0) + 1
-            series.append(Series(family, points, PALETTE[colour], marker))
+        series = [Series(family, points, PALETTE[styles[family][0]], styles[family][1])
+                  for family, points in families.items()]
         cfg = f"true CFG {mode['cfg']:g}" if mode["cfg"] > 1 else "no CFG"
         panels.append(scatter_plot(series, x_label="MACs / uncached (per generation)", y_label="PSNR dB vs uncached",
                                    title=f"tiny Flux DiT, {cfg}", size=(1000, 640)))
