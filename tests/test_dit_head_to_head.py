@@ -116,3 +116,6 @@ def test_merge_keeps_one_row_per_setting_and_an_ok_rerun_replaces_a_failure() ->
     rows = merged["modes"][1]["rows"]
     assert [(r["label"], r["status"]) for r in rows] == [("uncached", "ok"), ("a", "ok"), ("b", "ok")]
     assert rows[1]["replaces"] == "boom" and merged["modes"][1]["timing_runs"] == [{"timing_eager": {"x": {"ratio": 1.0}}}]
+    again = merge([merged, {"modes": [{"cfg": 1.0, "rows": [row("c", "ok")]}]}])  # a rerun merged into the result
+    assert [r["label"] for r in again["modes"][1]["rows"]] == ["uncached", "a", "b", "c"]
+    assert again["modes"][1]["timing_runs"] == merged["modes"][1]["timing_runs"]

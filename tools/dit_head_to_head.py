@@ -221,6 +221,8 @@ def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for mode in part["modes"]:
             timing = {k: mode.pop(k) for k in ("timing_eager", "timing_compiled") if k in mode}
             merged = modes.setdefault(mode["cfg"], {**mode, "rows": [], "timing_runs": []})
+            # an earlier merged report brings its timing runs along
+            merged["timing_runs"] += [t for t in mode.get("timing_runs", []) if t not in merged["timing_runs"]]
             index = {(r["family"], r["label"]): i for i, r in enumerate(merged["rows"])}
             for row in mode["rows"]:
                 key = (row["family"], row["label"])
