@@ -1,0 +1,121 @@
+"""tools/dit_head_to_head.py's core on a tiny random Flux DiT (the demo's VAE and CLIP): the MACs it counts are
+exactly what ran, ours and a diffusers hook run through it, cache-dit is optional."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+from dit_h2h_core import MacCounter, count_table, generate  # noqa: E402
+from dit_h2h_methods import (Context, cache_dit_method, first_block_cache, ours_uniform, parse_mag_ratios,  # noqa: E402
+                             uncached)
+from dit_head_to_head import DEMO_FLUX, evaluate_mode, load_pipe  # noqa: E402
+
+PROMPT = "a large red circle on a blue background, top left"
+pytestmark = pytest.mark.skipif(not (DEMO_FLUX / "model_index.json").is_file(), reason="demo-flux is not shipped")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The demo FluxPipeline folder with a tiny random transformer (1 dual + 2 single blocks), saved and reloaded."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = load_pipe(DEMO_FLUX)
+    torch.manual_seed(0)
+    pipe.transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False, axes_dims_rope=(4, 2, 2)).eval()
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    pipe.save_pretrained(folder)
+    return load_pipe(folder)
+
+
+@pytest.mark.parametrize("cfg,branches", [(4.0, 2), (1.0, 1)])
+def test_uncached_macs_are_steps_x_branches_x_one_call(tiny_pipe, cfg: float, branches: int) -> None:
+    table = count_table(tiny_pipe)
+    assert len(table.blocks) == 3 and all(b > 0 for b in table.blocks)
+    assert set(table.attention_self) == {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn",
+                                         "single_transformer_blocks.1.attn"}
+    with MacCounter(tiny_pipe.transformer, table) as counter:
+        _, macs, _ = generate(tiny_pipe, PROMPT, 0, steps=3, cfg=cfg, counter=counter)
+        assert counter.take() == (0, 0)
+    assert macs == 3 * branches * table.per_call
+
+
+@pytest.mark.parametrize("cfg,branches", [(4.0, 2), (1.0, 1)])
+def test_uniform_interval_2_branch_0_macs_are_the_hand_count(tiny_pipe, cfg: float, branches: int) -> None:
+    table = count_table(tiny_pipe)
+    method = ours_uniform(2, 0)
+    helper = method.enable(tiny_pipe, Context(4, cfg, []))
+    try:
+        with MacCounter(tiny_pipe.transformer, table) as counter:
+            _, macs, _ = generate(tiny_pipe, PROMPT, 0, steps=4, cfg=cfg, counter=counter)
+    finally:
+        method.disable(tiny_pipe, helper)
+    # steps 0 and 2 full, 1 and 3 run all but the 3 blocks (branch 0 keeps none), per CFG branch
+    retrieval = table.per_call - sum(table.blocks)
+    assert macs == branches * (2 * table.per_call + 2 * retrieval)
+
+
+def test_core_runs_ours_and_a_diffusers_hook_and_resets_state(tiny_pipe) -> None:
+    methods = [uncached(), ours_uniform(2, 0), first_block_cache(0.05), uncached(2)]
+    items = [(PROMPT, 0), ("a small white square on a black background, bottom right", 1)]
+    out = evaluate_mode(tiny_pipe, methods, Context(4, 4.0, []), items, None, log=lambda line: None)
+    rows = {r["family"]: r for r in out["rows"]}
+    assert [r["status"] for r in out["rows"]] == ["ok", "ok", rows["diffusers: FirstBlockCache"]["status"], "ok"]
+    assert rows["uncached"]["macs"] == [out["uncached_macs"]] * 2 and rows["uncached"]["psnr"] == 100.0
+    assert out["uncached_macs"] == 4 * 2 * out["per_call_macs"]
+    retrieval = out["per_call_macs"] - sum(out["block_macs"])
+    assert rows["ours: uniform"]["macs"] == [2 * (2 * out["per_call_macs"] + 2 * retrieval)] * 2
+    assert rows["fewer steps"]["mac_fraction"] == 0.5
+    fbc = rows["diffusers: FirstBlockCache"]
+    assert fbc["status"] in ("ok", "no skipping") and out["per_call_macs"] * 8 >= max(fbc["macs"])
+    assert out["uncached_again_identical"]
+
+
+def test_cache_dit_rows_say_not_installed_without_it(tiny_pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cache_dit", None)
+    out = evaluate_mode(tiny_pipe, [uncached(), cache_dit_method(1, 0.2, 1)], Context(3, 1.0, []), [(PROMPT, 0)],
+                        None, log=lambda line: None)
+    assert out["rows"][1]["status"] == "not installed" and "cache_dit" in out["rows"][1]["error"]
+
+
+def test_cache_dit_dbcache_runs_with_separate_cfg_and_counts(tiny_pipe) -> None:
+    pytest.importorskip("cache_dit")
+    out = evaluate_mode(tiny_pipe, [uncached(), cache_dit_method(1, 10.0, 1)], Context(4, 4.0, []), [(PROMPT, 0)],
+                        None, log=lambda line: None)
+    row = out["rows"][1]
+    assert row["status"] == "ok", row
+    # warm-up step 0 full; steps 1-3 run only the first block (plus everything outside the stack), both branches
+    first_only = out["per_call_macs"] - sum(out["block_macs"][1:])
+    assert row["macs"] == [2 * (out["per_call_macs"] + 3 * first_only)]
+
+
+def test_parse_mag_ratios_reads_every_printed_list() -> None:
+    printed = "\n[MagCache] Calibration Complete. Copy:\n[1.0, 0.5]\n\nnoise [x]\n[1.0, 0.25]\n"
+    assert parse_mag_ratios(printed) == [[1.0, 0.5], [1.0, 0.25]]
+
+
+def test_merge_keeps_one_row_per_setting_and_an_ok_rerun_replaces_a_failure() -> None:
+    from dit_head_to_head import merge
+
+    def row(label: str, status: str, **extra: object) -> dict:
+        return {"family": "f", "label": label, "status": status, **extra}
+    first = {"modes": [{"cfg": 1.0, "rows": [row("uncached", "ok"), row("a", "failed", error="boom")],
+                        "timing_eager": {"x": {"ratio": 1.0}}}]}
+    second = {"modes": [{"cfg": 1.0, "rows": [row("uncached", "ok"), row("a", "ok"), row("b", "ok")]},
+                        {"cfg": 4.0, "rows": [row("uncached", "ok")]}]}
+    merged = merge([first, second])
+    assert [m["cfg"] for m in merged["modes"]] == [4.0, 1.0]
+    rows = merged["modes"][1]["rows"]
+    assert [(r["label"], r["status"]) for r in rows] == [("uncached", "ok"), ("a", "ok"), ("b", "ok")]
+    assert rows[1]["replaces"] == "boom" and merged["modes"][1]["timing_runs"] == [{"timing_eager": {"x": {"ratio": 1.0}}}]
+    again = merge([merged, {"modes": [{"cfg": 1.0, "rows": [row("c", "ok")]}]}])  # a rerun merged into the result
+    assert [r["label"] for r in again["modes"][1]["rows"]] == ["uncached", "a", "b", "c"]
+    assert again["modes"][1]["timing_runs"] == merged["modes"][1]["timing_runs"]
