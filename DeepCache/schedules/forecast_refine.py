@@ -181,6 +181,39 @@ def pick(verdicts: Sequence[Verdict]) -> int | None:
     return best
 
 
+def climb(judge: Callable[[int], Verdict | None], rungs: int) -> tuple[int | None, list[Verdict | None]]:
+    """Fixed-sequence testing up a ladder of ``rungs`` options ordered from mildest to boldest, fixed in advance:
+    ``judge(i)`` is rung ``i``'s :func:`held_out_verdict` (or None: nothing new to test, e.g. the rung equals reuse
+    or an earlier rung on every fold; it is passed over). The climb stops at the first rung not accepted, so later
+    rungs are never judged (nor run); of the accepted rungs the one with the largest mean held-out gain is kept
+    (the first of equals), None: reuse. Returns it and the verdicts (None where not judged).
+
+    Why a ladder: each rung is tested on its own held-out gains, and testing in a fixed order, stopping at the
+    first failure, keeps the chance of accepting *any* rung that does not beat reuse at the level of one test (the
+    fixed-sequence procedure), however many rungs there are. Keeping the accepted rung with the largest mean
+    therefore costs no safety (each accepted rung passed), while picking the best of many options by the same
+    held-out gains and then testing only that one would accept a rung that won by chance.
+
+    >>> v = lambda mean: Verdict(mean > 0, "", 8, 0, mean, 0.1)
+    >>> climb(lambda i: v([1.0, None, 3.0, -1.0, 9.0][i]) if i != 1 else None, 5)[0]  # stops at rung 3
+    2
+    >>> climb(lambda i: v(-1.0), 3)
+    (None, [Verdict(accept=False, reason='', wins=8, losses=0, mean_db=-1.0, stderr_db=0.1), None, None])
+    """
+    verdicts: list[Verdict | None] = [None] * max(0, rungs)
+    best = None
+    for i in range(max(0, rungs)):
+        verdict = judge(i)
+        verdicts[i] = verdict
+        if verdict is None:
+            continue
+        if not verdict.accept:
+            break
+        if best is None or verdict.mean_db > verdicts[best].mean_db:
+            best = i
+    return best, verdicts
+
+
 def kfold(samples: int, folds: int = KFOLDS) -> list[list[int]]:
     """The held-out samples of each fold: ``folds`` interleaved folds (sample ``s`` in fold ``s % folds``) when
     there are at least ``MIN_HELD_OUT`` samples, else leave one out; none for one sample (nothing to hold out).
