@@ -152,35 +152,6 @@ def held_out_verdict(gains_db: Sequence[float]) -> Verdict:
                    wins, losses, mean, se)
 
 
-def lower_bound(gains_db: Sequence[float]) -> float:
-    """``mean - SPREAD_Z * standard error`` of the gains (one gain: itself; none: -inf): what a choice among options
-    maximises, so that a large mean made of a few large gains and a few large losses does not win.
-
-    >>> lower_bound([2.0, 4.0]), lower_bound([3.0]), lower_bound([])
-    (1.0, 3.0, -inf)
-    """
-    g = np.asarray(gains_db, dtype=np.float64).ravel()
-    if len(g) == 0 or np.isnan(g).any():
-        return -math.inf
-    return float(g.mean() - (SPREAD_Z * g.std(ddof=1) / math.sqrt(len(g)) if len(g) > 1 else 0.0))
-
-
-def pick(verdicts: Sequence[Verdict]) -> int | None:
-    """The accepted verdict with the largest lower bound ``mean_db - SPREAD_Z * stderr_db`` (the first of equals: list
-    simpler options first), or None (reuse) when none is accepted.
-
-    >>> yes, safer, no = Verdict(True, "", 8, 0, 2.0, 0.5), Verdict(True, "", 8, 0, 1.5, 0.1), Verdict(False, "", 2, 6, 5.0, 4.0)
-    >>> pick([no, yes, safer, safer]), pick([no])
-    (2, None)
-    """
-    best, best_bound = None, -math.inf
-    for i, v in enumerate(verdicts):
-        bound = v.mean_db - SPREAD_Z * (v.stderr_db if math.isfinite(v.stderr_db) else 0.0)
-        if v.accept and (best is None or bound > best_bound):
-            best, best_bound = i, bound
-    return best
-
-
 def climb(judge: Callable[[int], Verdict | None], rungs: int) -> tuple[int | None, list[Verdict | None]]:
     """Fixed-sequence testing up a ladder of ``rungs`` options ordered from mildest to boldest, fixed in advance:
     ``judge(i)`` is rung ``i``'s :func:`held_out_verdict` (or None: nothing new to test, e.g. the rung equals reuse
