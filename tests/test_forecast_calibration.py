@@ -325,6 +325,18 @@ def test_held_out_rule_rejects_a_mean_within_the_spread() -> None:
     assert not fr.held_out_verdict([0.02, 0.02, 0.02, 1.0]).accept
 
 
+def test_held_out_rule_caps_gains_for_the_spread_test_but_never_losses() -> None:
+    gains = [1.0, 1.2, 0.9, 1.1, 1.0, 0.8, 1.3, 30.0]  # every sample wins; uncapped: mean 4.66 < 2 x 3.62
+    assert np.mean(gains) < 2 * np.std(gains, ddof=1) / math.sqrt(8)
+    v = fr.held_out_verdict(gains)
+    assert v.accept and v.mean_db == pytest.approx(np.mean(gains)) and v.stderr_db == pytest.approx(
+        np.std(gains, ddof=1) / math.sqrt(8))  # reported: the gains themselves
+    capped = np.minimum(gains, fr.GAIN_CAP_DB)
+    assert f"capped {capped.mean():.3f} dB > 2 x {np.std(capped, ddof=1) / math.sqrt(8):.3f} dB" in v.reason
+    v = fr.held_out_verdict([30.0] * 7 + [-20.0])  # a loss counts in full: capped mean 0.125 < 2 x 2.87
+    assert not v.accept and v.mean_db == pytest.approx(23.75) and "within" in v.reason
+
+
 def test_held_out_rule_counts_ties_and_nans_against_the_forecast() -> None:
     ties = fr.held_out_verdict([0.0] * 8)
     assert not ties.accept and (ties.wins, ties.losses) == (0, 0)
