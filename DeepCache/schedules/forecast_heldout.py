@@ -20,7 +20,8 @@ The rule (:func:`choose`), a *ladder* of options (``LADDER``, mildest first, fix
    latent error (dB), one per sample.
 3. Climb the ladder (:func:`~DeepCache.schedules.forecast_refine.climb`): each rung's held-out gains go to
    :func:`~DeepCache.schedules.forecast_refine.held_out_verdict` (with 4 or more samples a clear majority by a sign test,
-   p <= 0.15: 6 of 8, 5 of 6, 4 of 4, and a mean gain above twice its standard error; with 1-3 samples every
+   p <= 0.15: 6 of 8, 5 of 6, 4 of 4, and a mean gain above twice its standard error, each gain capped at 3 dB
+   for that test, losses in full; with 1-3 samples every
    gain must reach 3 dB, and a warning says few samples are risky); the climb stops at the first rung not
    accepted (a rung that equals reuse or an earlier rung on every fold is passed over), and of the accepted rungs
    the one with the largest mean held-out gain is kept. Testing in a fixed order and stopping at the first failure
