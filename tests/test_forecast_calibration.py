@@ -238,6 +238,13 @@ def test_choose_fits_each_rung_on_other_samples_and_refits_the_kept_one_on_all(b
         assert len(runs) == choice.runs  # the checks reran nothing
 
 
+def test_a_rung_names_its_recipe_and_refuses_unknown_steps() -> None:
+    assert [r.name for r in fh.LADDER] == ["reuse steps x0.25", "reuse steps x0.5", "reuse steps x0.75",
+                                           "reuse steps x1", "reuse steps x1, refined"]
+    with pytest.raises(ValueError, match="'reuse' .* or 'dp'"):
+        fh.Rung("own", 1.0)
+
+
 def _synthetic_errors(samples: int = 8, n: int = 6) -> fc.ForecastErrors:
     """A replay where reuse costs the gap and the forecast with weight w costs (1 - w/2) of it: weight 1 wins."""
     a, k = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")

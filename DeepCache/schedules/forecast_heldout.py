@@ -61,9 +61,18 @@ class Rung:
     cap: float | None = None
     refined: bool = False
 
+    def __post_init__(self) -> None:
+        if self.steps not in ("reuse", "dp"):
+            raise ValueError(f"Rung steps must be 'reuse' (the calibrated reuse steps) or 'dp' (the forecast DP's "
+                             f"steps), got {self.steps!r}.")
+
     @property
     def name(self) -> str:
-        """``"reuse steps x0.5"``, ``"DP steps x1, refined"``."""
+        """What :class:`Choice` calls the rung.
+
+        >>> Rung("reuse", 0.5).name, Rung("dp", 1.0, cap=0.25, refined=True).name
+        ('reuse steps x0.5', 'DP steps x1, cap 0.25, refined')
+        """
         cap = "" if self.cap is None else f", cap {self.cap:g}"
         return f"{'reuse' if self.steps == 'reuse' else 'DP'} steps x{self.factor:g}{cap}" + (", refined" if self.refined else "")
 
