@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -55,7 +56,9 @@ def _generation_subclass(cls: type) -> type:
             with helper._generation(self):
                 return super(sub, self).__call__(*args, **kwargs)
 
-        __call__.__doc__ = getattr(cls.__call__, "__doc__", None)
+        # the original's name, doc and signature (``__wrapped__``): code that inspects ``pipe.__call__`` to see which
+        # keywords it takes (``true_cfg_scale``? ``callback_on_step_end``?) must see the same answer enabled or not
+        functools.update_wrapper(__call__, cls.__call__)
         sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__doc__": cls.__doc__})
         sub.__qualname__ = cls.__qualname__
         sub._deepcache_original_class = cls  # type: ignore[attr-defined]

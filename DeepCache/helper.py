@@ -199,9 +199,8 @@ class DeepCacheSDHelper(CalibrateMixin):
                         "this pipeline already has an enabled DeepCacheSDHelper; call disable() on it first "
                         "(or use set_params on that helper)."
                     )
-            lease = engine.acquire(unet)
+            lease = engine.acquire_all(unet, engine.extra_denoisers(pipeline) if pipeline is not None else ())
             if pipeline is not None:
-                lease.extras = [engine.acquire(model) for model in engine.extra_denoisers(pipeline)]
                 _acquire_controlnets(lease, pipeline)
                 self._restore = attach.link(pipeline, self)
             else:
@@ -284,6 +283,7 @@ class DeepCacheSDHelper(CalibrateMixin):
             engine.check_params(unet, self._params)
             new = engine.acquire(unet)
             _acquire_controlnets(new, self._pipeline)
+            new.extras, lease.extras = lease.extras, []  # the pipeline's other transformers stay cached
             lease.release()
             self._lease, self._unet = new, unet
             return new
@@ -304,15 +304,9 @@ class DeepCacheSDHelper(CalibrateMixin):
             yield None
             return
         steps = lambda: attach.pipeline_steps(pipeline)  # noqa: E731
-        gens = [lease.unet_patch.new_generation(params, steps)] + [x.unet_patch.new_generation(params, steps)
-                                                                   for x in lease.extras]
-        for g in gens[1:]:  # the pipeline's other transformers (Wan 2.2) count the same steps
-            gens[0].siblings.append(g)
-            g.siblings = [x for x in gens if x is not g]
+        gens: list = []
         try:
-            with contextlib.ExitStack() as stack:
-                for g in gens:
-                    stack.enter_context(engine.running(g))
+            with engine.running_call(lease, params, steps) as gens:  # Wan 2.2: one per transformer, one step count
                 yield gens[0]
         finally:
             self._last_steps = tuple(step for g in gens for step in g.steps)

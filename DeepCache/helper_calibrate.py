@@ -3,8 +3,10 @@ user's own pipeline and calls, and set them on the helper.
 
 :class:`CalibrateMixin` gives :class:`~DeepCache.helper.DeepCacheSDHelper` its :meth:`~CalibrateMixin.calibrate`.
 The measuring lives elsewhere: the reuse errors in :mod:`DeepCache.schedules.calibration` (then the exact dynamic programme
-:func:`~DeepCache.schedules.schedule.optimal_full_steps`), the forecast replay and its closed-loop choice in
-:mod:`DeepCache.schedules.forecast_calibration`. This module runs one or the other with the helper disabled (and enabled
+:func:`~DeepCache.schedules.schedule.optimal_full_steps`), the forecast replay in
+:mod:`DeepCache.schedules.forecast_calibration`, its closed-loop runs in :mod:`DeepCache.schedules.closed_loop` and the
+held-out choice in :mod:`DeepCache.schedules.forecast_heldout`. U-Nets and transformers alike (a transformer's CFG
+branches are replayed each on its own). This module runs one or the other with the helper disabled (and enabled
 again if it was), and sets the result.
 
 Example::
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import engine
 from .attach import resolve
 from .schedules.params import CacheParams
 from .schedules.schedule import optimal_full_steps
@@ -36,7 +37,12 @@ class CalibrateMixin:
         then measures, for every full step ``a`` and later step ``k`` (at most ``max_gap`` apart), how far the
         latent of step ``k`` moves when it reuses the cached feature of step ``a`` of the current
         ``cache_branch_id`` (replaying the recorded U-Net inputs: one full and the retrieval evaluations per
-        ``a``; about 2-4 pipeline calls' worth of U-Net work for branch 0 with every gap allowed). The full steps
+        ``a``; about 2-4 pipeline calls' worth of U-Net work for branch 0 with every gap allowed). On a transformer
+        the cached feature is the middle blocks' residual, and a pipeline that calls it once per CFG branch (Flux
+        true CFG, Wan, Lumina2) has each branch replayed on its own, their errors summed per step (batched CFG,
+        SD3: one call per step). Wan 2.2 is recorded and replayed on both transformers (each step on the one that ran
+        it); as in a cached run, no step of ``transformer_2`` reuses a feature of ``transformer``, so its first step
+        is always among the full steps (``ValueError`` if ``num_full_steps`` leaves no room for it). The full steps
         (step 0 included) that minimise the total error are chosen by an exact dynamic programme
         (:func:`~DeepCache.schedules.schedule.optimal_full_steps`). The enabled state is left as it was.
 
@@ -59,8 +65,10 @@ class CalibrateMixin:
         forecast is meant never to give worse images than not asking. With 1-3 samples a forecast is kept only if it
         gains at least 3 dB on every held-out sample (with one sample: on that sample, unrefined), and a
         ``UserWarning`` says that few prompts are risky: calibrate on 4 or more (8 recommended). Cost: about 10
-        pipeline calls' worth of U-Net work for the replay (25 steps, branch 0), then per fold two closed-loop runs
-        and one more per option climbed (plus up to 14 per long segment if the climb reaches the refinement).
+        pipeline calls' worth of U-Net work for the replay (25 steps, branch 0; a transformer: per CFG branch),
+        then per fold two closed-loop runs and one more per option climbed (plus up to 14 per long segment if the
+        climb reaches the refinement). On a transformer each CFG branch's middle residual is forecast along its own
+        line.
 
         Returns:
             ``CacheParams(skip_mode="custom", full_steps=..., cache_branch_id=...)``, also set on the helper (with
@@ -76,11 +84,6 @@ class CalibrateMixin:
         pipeline, unet = resolve(self.pipe)
         if pipeline is None:
             raise TypeError("calibrate() runs the pipeline: create the helper with a pipeline, not a bare U-Net.")
-        if forecast is True and engine.is_transformer(unet):
-            raise TypeError(
-                "calibrate(..., forecast=True) does not calibrate a transformer's forecast yet: calibrate the reuse "
-                "schedule with calibrate(num_full_steps), or set forecast=\"linear\" with a weight yourself."
-            )
         if not isinstance(forecast, bool):
             raise ValueError(f"forecast must be True or False (calibrate a linear forecast, or reuse), got {forecast!r}.")
         branch = self._params.cache_branch_id

@@ -246,6 +246,7 @@ SETTINGS_KEYS = {
     "model", "resolutions", "batch_sizes", "variants", "steps", "scheduler", "dtype", "device", "guidance_scale",
     "repeats", "warmup_steps", "tiny", "seed", "threads", "count_flops", "preset", "model_name", "model_source", "weights",
     "timed", "text_encoding", "output_type", "shapes_run", "tiny_resolution_divisor", "flops_only", "compile", "compile_mode",
+    "denoiser",
 }
 ENV_KEYS = {"python", "platform", "torch", "diffusers", "transformers", "deepcache", "device", "gpu_name", "cuda",
             "cpu_threads", "dtype", "attention_backend", "sdpa_kernels_enabled", "cudnn_benchmark", "date_utc"}
@@ -295,6 +296,7 @@ def test_json_schema(tiny_report: BenchReport) -> None:
     s = data["settings"]
     assert (s["weights"], s["text_encoding"], s["model_name"], s["dtype"]) == ("random", "excluded", "sd15-tiny", "float32")
     assert "VAE decode" in s["timed"] and s["shapes_run"] == [[64, 64, 1]]
+    assert s["denoiser"] == "unet" and s["timed"].startswith("pipeline call end to end: U-Net denoising loop")
     assert s["variants"][0] == {"cache_interval": 3, "cache_branch_id": 0, "skip_mode": "uniform", "center": 15,
                                 "pow": 1.4, "full_steps": None, "start_step": 0, "end_step": None, "threshold": None,
                                 "forecast": None, "forecast_weight": 1.0, "forecast_weights": None,

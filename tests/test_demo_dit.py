@@ -70,3 +70,51 @@ def test_shipped_dit_loads_offline_follows_a_prompt_and_deepcache_interval_1_is_
         cached = _generate(pipe, steps=8)
     assert not np.array_equal(cached, plain) and np.abs(cached - plain).mean() < 0.1
     assert np.array_equal(_generate(pipe, steps=8), plain)  # disabled: the pipeline is back
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="the trained DiT is not shipped here")
+def test_demo_on_the_embedded_dit_scores_its_captions_with_true_cfg(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``deepcache demo --model embedded-dit``: the shipped DiT at its own size, true CFG with an empty negative
+    prompt (also while the helper is enabled), captions scored by the shipped classifier."""
+    from diffusers import FluxPipeline
+
+    from DeepCache import DeepCacheHelper
+    from DeepCache.tools.cli import main
+    from DeepCache.tools.kinds import load_kind
+    from DeepCache.tools.prompts import choose_prompts
+
+    out, report = tmp_path / "demo.png", tmp_path / "demo.json"
+    argv = ["demo", "--model", "embedded-dit", "--out", str(out), "--num-prompts", "2", "--steps", "6",
+            "--variant", "2,1", "--repeats", "1", "--json", str(report)]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"DeepCache demo: embedded demo DiT (offline); 6 FlowMatchEulerDiscreteScheduler steps, 2 "
+                        f"prompts, true CFG 4.0, {torch.get_num_threads()} CPU thread(s), cpu float32; prompt "
+                        "embeddings: from the pipeline's text encoder")
+    prompts = choose_prompts(embedded=True, count=2)  # the demo U-Net's captions
+    assert lines[1:3] == [f"  [0] seed 0: {prompts[0]}", f"  [1] seed 1: {prompts[1]}"]
+    assert lines[3] == "| setting | seconds | speedup | PSNR dB | SSIM | task acc | all-attr acc |"
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["original", "I=2, B=1"]
+
+    # the kind calls the pipeline exactly as a user of the shipped DiT would, enabled or not
+    pipe = FluxPipeline.from_pretrained(SHIPPED, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def by_hand() -> np.ndarray:
+        generators = [torch.Generator().manual_seed(k) for k in range(2)]
+        return pipe(prompts, num_inference_steps=6, generator=generators, output_type="np", negative_prompt=["", ""],
+                    true_cfg_scale=4.0, **CALL_KWARGS).images
+
+    kind = load_kind("embedded-dit")
+    assert (kind.embedded, kind.true_cfg, kind.default_batch_size) == (True, True, 16)
+    assert np.array_equal(kind.call(prompts, [0, 1], steps=6, guidance=4.0), by_hand())
+    helper = DeepCacheHelper(pipe=kind.pipe)
+    helper.set_params(cache_interval=2, cache_branch_id=1)
+    with helper:
+        cached_by_kind = kind.call(prompts, [0, 1], steps=6, guidance=4.0)
+    with DeepCacheHelper(pipe=pipe) as by_hand_helper:
+        by_hand_helper.set_params(cache_interval=2, cache_branch_id=1)
+        cached_by_hand = by_hand()
+    assert np.array_equal(cached_by_kind, cached_by_hand)

@@ -208,8 +208,11 @@ def test_the_dp_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         optimal_forecast_full_steps(reuse, np.full((4, 4, 4), -1.0), 2)
     blocked = [[0.0] + [math.inf] * 3] + [[math.inf] * k + [0.0] + [math.inf] * (3 - k) for k in range(1, 4)]
-    with pytest.raises(ValueError, match="allow longer gaps"):
+    with pytest.raises(ValueError, match="steps 1, 2, 3 cannot reuse .* at least 4, got 2"):  # every step forced
         optimal_forecast_full_steps(blocked, np.full((4, 4, 4), math.inf), 2)
+    gap = [[0.0 if k == a else 1.0 if 0 < k - a <= 2 else math.inf for k in range(4)] for a in range(4)]
+    with pytest.raises(ValueError, match="allow longer gaps"):
+        optimal_forecast_full_steps(gap, np.full((4, 4, 4), math.inf), 1)
 
 
 # -- CacheParams ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from DeepCache import DeepCacheSDHelper
+from DeepCache.schedules import closed_loop as cl
 from DeepCache.schedules import forecast_calibration as fc
 from DeepCache.schedules import forecast_heldout as fh
 from DeepCache.schedules import forecast_refine as fr
@@ -110,14 +111,14 @@ def test_calibrate_with_forecast_returns_and_sets_a_valid_schedule_and_rewinds_t
 def test_the_closed_loop_keeps_reuse_when_it_is_best_and_scores_by_final_latents() -> None:
     pipe = tiny_sd_pipe()
     call = _call()
-    with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
+    with cl.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
         measured = fc.forecast_errors(pipe.unet, rec, 0, max_gap=2, max_span=2)
         uncached = CacheParams()  # every step full: exactly the recorded call
-        scores = fc.closed_loop_errors(pipe, pipe.unet, [uncached, measured.reuse_params(3)], final, rewind, call)
+        scores = cl.closed_loop_errors(pipe, pipe.unet, [uncached, measured.reuse_params(3)], final, rewind, call)
     assert scores[0] == math.log10(1e-20) and scores[1] > scores[0]  # the same noise: uncached reproduces the call
-    per = fc.closed_loop_sample_errors(pipe, pipe.unet, [measured.reuse_params(3)], final, rewind, call)
+    per = cl.closed_loop_sample_errors(pipe, pipe.unet, [measured.reuse_params(3)], final, rewind, call)
     assert per.shape == (1, 2) and per[0].mean() == pytest.approx(scores[1])
-    assert fc.latent_error(torch.ones(2, 3), torch.zeros(2, 3)) == 0.0
+    assert cl.latent_error(torch.ones(2, 3), torch.zeros(2, 3)) == 0.0
     assert fc.candidate_params(measured, 3)[0] == measured.reuse_params(3)
     assert all(p.forecast == "linear" for p in fc.candidate_params(measured, 3)[1:])
 
@@ -207,7 +208,7 @@ def test_choose_fits_each_rung_on_other_samples_and_refits_the_kept_one_on_all(b
         return np.stack([runs[p] for p in candidates])
 
     monkeypatch.setattr(fh, "closed_loop_sample_errors", cached)
-    with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
+    with cl.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
         measured = fc.forecast_errors(pipe.unet, rec, 0, max_gap=3, max_span=2, samples=batch)
         if batch < fr.MIN_HELD_OUT:
             with pytest.warns(UserWarning, match="too few"):
@@ -252,9 +253,9 @@ def _synthetic_errors(samples: int = 8, n: int = 6) -> fc.ForecastErrors:
     w = np.asarray(fc.CANDIDATE_WEIGHTS)
     p3, a3, k3 = np.meshgrid(np.arange(n), np.arange(n), np.arange(n), indexing="ij")
     errors = np.where(((p3 < a3) & (a3 < k3))[..., None], (k3 - a3)[..., None] * (1 - w / 2), math.inf)
-    sample_reuse, sample_errors = np.stack([reuse] * samples), np.stack([errors] * samples)
-    return fc.ForecastErrors(reuse.tolist(), errors, tuple(w), 0, (n, 0), sample_reuse, sample_errors,
-                             np.ones((samples, n)))
+    branch_reuse, branch_errors = np.stack([reuse] * samples)[None], np.stack([errors] * samples)[None]  # one branch
+    return fc.ForecastErrors(reuse.tolist(), errors, tuple(w), 0, (n, 0), branch_reuse, branch_errors,
+                             np.ones((1, samples, n)))
 
 
 @pytest.mark.parametrize("bad, kept, judged", [

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from DeepCache import DeepCacheSDHelper
+from DeepCache.schedules import closed_loop
 from DeepCache.schedules import forecast_calibration as fc
 from DeepCache.schedules import forecast_heldout as fh
 from DeepCache.tools.metrics import psnr
@@ -41,7 +42,7 @@ def test_calibrated_forecast_beats_reuse_at_3_and_is_never_worse_on_held_out_pro
     call = dict(prompt=calibration, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent",
                 generator=[torch.Generator().manual_seed(i) for i in range(len(calibration))])
     chosen = {}
-    with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
+    with closed_loop.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
         measured = fc.forecast_errors(pipe.unet, rec, 0, samples=len(calibration))
         for n in INTERVALS:
             budget = math.ceil(STEPS / n)

@@ -66,6 +66,21 @@ def test_same_call_twice_gives_the_same_image(pipe) -> None:
     assert torch.equal(first, second)
 
 
+def test_an_enabled_pipeline_keeps_its_call_signature_name_and_doc(pipe) -> None:
+    """Code that inspects ``pipe.__call__`` (which keywords does it take?) sees the same answer enabled or not: the
+    tools choose true CFG that way, and ran a Flux pipeline without it while a helper was enabled."""
+    import inspect
+
+    original = type(pipe).__call__
+    before = inspect.signature(pipe.__call__)
+    with DeepCacheSDHelper(pipe=pipe):
+        assert type(pipe).__call__ is not original  # the generation subclass is in place
+        assert inspect.signature(pipe.__call__) == before and "guidance_scale" in before.parameters
+        assert inspect.signature(type(pipe).__call__) == inspect.signature(original)
+        assert (type(pipe).__call__.__name__, type(pipe).__call__.__doc__) == ("__call__", original.__doc__)
+    assert type(pipe).__call__ is original
+
+
 def test_context_manager_leaves_an_enabled_helper_enabled(pipe) -> None:
     helper = DeepCacheSDHelper(pipe=pipe)
     helper.enable()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,10 @@ def test_every_setting_runs_first_in_some_repeat_and_repeat_zero_starts_with_the
     # with one repeat, the settings after the original still rotate from batch to batch
     assert {repeat_order(count, batch=b, repeat=0)[1] for b in range(3)} == {1, 2, 3}
     assert rotation([], 3) == []
+
+
+#: What run_and_score is handed in place of a pipeline's kind: it only reads ``.pipe`` (for the stubbed helper).
+STUB_KIND: Any = SimpleNamespace(pipe=None)
 
 
 class _Tracked(np.ndarray):
@@ -66,7 +71,7 @@ def _items(n: int) -> list[PromptItem]:
 
 def test_memory_holds_two_batches_whatever_the_number_of_settings_and_prompts(stub: dict[str, Any]) -> None:
     settings = [Setting(n, 0) for n in range(2, 12)]
-    result = run_and_score(None, _items(40), settings, Scorer(), RunSpec(4, 4.0, 2, 4))
+    result = run_and_score(STUB_KIND, _items(40), settings, Scorer(), RunSpec(4, 4.0, 2, 4))
     assert len(result) == 11 and all(run.images is None for run in result)
     assert stub["peak"] <= 2  # the original's batch (the reference) and the batch being scored
     assert len(stub["calls"]) == 1 + 10 * 11 * 2  # warm-up, then 10 batches x 11 settings x 2 repeats
@@ -75,7 +80,7 @@ def test_memory_holds_two_batches_whatever_the_number_of_settings_and_prompts(st
 
 def test_scores_and_seconds_follow_the_settings(stub: dict[str, Any]) -> None:
     stub["seconds"] = {"original": 2.0, "I=2, B=0": 1.0, "I=4, B=0": 0.5}
-    result = run_and_score(None, _items(6), [Setting(4, 0), Setting(2, 0)], Scorer(), RunSpec(4, 4.0, 3, 4))
+    result = run_and_score(STUB_KIND, _items(6), [Setting(4, 0), Setting(2, 0)], Scorer(), RunSpec(4, 4.0, 3, 4))
     assert [r.setting.label for r in result] == ["original", "I=4, B=0", "I=2, B=0"]
     assert [r.seconds for r in result] == [[4.0] * 3, [1.0] * 3, [2.0] * 3]  # two batches a repeat
     assert result[1].patterns == [(True, False, False, False)] * 2 and result[1].batch_sizes == [4, 2]
@@ -90,8 +95,8 @@ def test_merge_puts_scores_in_prompt_order_and_takes_the_slowest_process(stub: d
     parts = []
     for rank, batches in enumerate(([[0, 1], [4, 5]], [[2, 3]])):
         stub["seconds"] = {"original": 1.0 + rank}
-        parts.append((batches, run_and_score(None, items, settings, Scorer(), spec, batches=batches)))
-    whole = run_and_score(None, items, settings, Scorer(), spec)
+        parts.append((batches, run_and_score(STUB_KIND, items, settings, Scorer(), spec, batches=batches)))
+    whole = run_and_score(STUB_KIND, items, settings, Scorer(), spec)
     merged = merge_runs(parts)
     np.testing.assert_array_equal(merged[1].scores.psnr, whole[1].scores.psnr)
     assert merged[0].seconds == [2.0] and len(merged[1].patterns) == 3

@@ -16,6 +16,7 @@ from DeepCache.schedules.schedule import (
     as_params,
     calibrated_full_steps,
     drift_errors,
+    forced_full_steps,
     optimal_full_steps,
     format_pattern,
     is_full_step,
@@ -219,6 +220,18 @@ def test_drift_errors_accumulate_and_forbidden_gaps_are_respected() -> None:
             errors[a][k] = math.inf  # at most 2 steps apart
     assert optimal_full_steps(errors, 2) == (0, 3)
     with pytest.raises(ValueError, match="allow longer gaps"):
+        optimal_full_steps(errors, 1)
+
+
+def test_a_step_that_can_reuse_nothing_earlier_is_always_chosen() -> None:
+    errors = drift_errors([1.0] * 5)
+    for a in range(3):
+        for k in range(3, 6):
+            errors[a][k] = math.inf  # another denoiser takes over at step 3 (Wan 2.2's transformer_2)
+    assert forced_full_steps(errors) == (3,)
+    assert optimal_full_steps(errors, 2) == (0, 3)
+    assert optimal_full_steps(errors, 3) in {(0, 1, 3), (0, 2, 3), (0, 3, 4), (0, 3, 5)}  # all cost 1 + 3
+    with pytest.raises(ValueError, match="step 3 cannot reuse .* at least 2, got 1"):
         optimal_full_steps(errors, 1)
 
 

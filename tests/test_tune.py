@@ -193,7 +193,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     import contextlib
     import io
 
-    from DeepCache.schedules import forecast_calibration as fc
+    from DeepCache.schedules import closed_loop
     from DeepCache.tools.tune import judge, search
 
     out = tmp_path_factory.mktemp("tune")
@@ -211,8 +211,8 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
-        spy(fc, "recorded", "calibration", lambda pipe, unet, call: tuple(call["prompt"]))
-        spy(fc, "closed_loop_errors", "calibration", lambda pipe, unet, c, r, w, call: tuple(call["prompt"]))
+        spy(closed_loop, "recorded", "calibration", lambda pipe, unet, call: tuple(call["prompt"]))
+        spy(closed_loop, "closed_loop_errors", "calibration", lambda pipe, unet, c, r, w, call: tuple(call["prompt"]))
         spy(search, "generate_batch", "calibration", lambda pipe, h, s, items, spec: tuple(i.prompt for i in items))
         spy(judge, "generate_batch", "judging", lambda pipe, h, s, items, spec: (s, tuple(i.prompt for i in items)))
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DeepCache import CacheParams, DeepCacheSDHelper  # noqa: E402
+from DeepCache.schedules import closed_loop  # noqa: E402
 from DeepCache.schedules import forecast_calibration as fc
 from DeepCache.schedules import forecast_heldout as fh
 from DeepCache.tools.metrics import psnr, ssim  # noqa: E402
@@ -62,7 +63,7 @@ def run_set(pipe, seed: int, prompts: list[str], args) -> dict:
     rows, costs, scored = [], {}, {}
     cache = args.replay_cache / f"b{args.branch}-s{seed}.pkl" if args.replay_cache else None
     t = time.perf_counter()
-    with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
+    with closed_loop.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
         costs["record_s"] = time.perf_counter() - t
         t = time.perf_counter()
         if cache and cache.exists():

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from DeepCache import CacheParams, DeepCacheSDHelper  # noqa: E402
-from DeepCache.schedules import forecast_calibration as fc
+from DeepCache.schedules import closed_loop  # noqa: E402
 from DeepCache.schedules.calibration import reuse_errors  # noqa: E402
 from DeepCache.schedules.schedule import optimal_full_steps  # noqa: E402
 from DeepCache.tools.metrics import psnr  # noqa: E402
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     fits = {}
     for name, (fit_prompts, fit_seeds) in {"calibration": (calib, calib_seeds), "held-out": (held, held_seeds)}.items():
         call = latent_call(fit_prompts, fit_seeds)
-        with fc.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
+        with closed_loop.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
             if args.steps:
                 steps = tuple(int(x) for x in args.steps.split(","))
             elif name == "calibration":  # the calibrated reuse steps, as helper.calibrate(K) chooses them
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
             # (the held-out fit, second, keeps those steps: only the weights are fitted on the evaluation set)
 
             def score(params: CacheParams) -> float:
-                return fc.closed_loop_errors(pipe, pipe.unet, [params], final, rewind, call)[0]
+                return closed_loop.closed_loop_errors(pipe, pipe.unet, [params], final, rewind, call)[0]
 
             weights, base, best, trials = descend(score, steps, args.branch, grid, args.sweeps)
         fits[name] = {"segment_weights": weights, "latent_log10_mse_reuse": base, "latent_log10_mse_forecast": best,

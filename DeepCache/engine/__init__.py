@@ -34,7 +34,7 @@ The locks and shared variables, what each protects and who may wait for whom: ``
 """
 
 from .unet.controlnet import ControlNetPatch, acquire_controlnet
-from .families import acquire, check_params, check_supported, denoiser_of, extra_denoisers, layout_of, conditioning_reader_of
+from .families import acquire, acquire_all, check_params, check_supported, denoiser_of, extra_denoisers, layout_of, conditioning_reader_of
 from .unet.discovery import (
     SUPPORTED_UNETS,
     boundary_module,
@@ -46,7 +46,7 @@ from .unet.discovery import (
     unet_modules,
     unwrap_unet,
 )
-from .lifecycle import DeepCacheWarning, Lease, running
+from .lifecycle import DeepCacheWarning, Lease, running, running_call
 from .state import Generation, Mode
 from .tensors import NAN_PLACEHOLDERS_ENV, relative_l1
 from .transformer.discovery import is_transformer
@@ -64,6 +64,7 @@ __all__ = [
     "UNetPatch",
     "TransformerPatch",
     "acquire",
+    "acquire_all",
     "acquire_controlnet",
     "check_params",
     "check_supported",
@@ -79,6 +80,7 @@ __all__ = [
     "layer_modules",
     "relative_l1",
     "running",
+    "running_call",
     "unet_layout",
     "unet_modules",
     "unwrap_unet",

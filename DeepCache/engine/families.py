@@ -7,7 +7,7 @@ a class itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -82,3 +82,16 @@ def conditioning_reader_of(model: nn.Module) -> Any:
 def acquire(model: nn.Module) -> Lease:
     """Install (or join) the patch of ``model``'s family; the lease keeps it until released or dropped."""
     return acquire_transformer(model) if is_transformer(model) else acquire_unet(model)
+
+
+def acquire_all(model: nn.Module, extras: Sequence[nn.Module] = ()) -> Lease:
+    """:func:`acquire` ``model`` and the pipeline's other denoisers ``extras`` (:func:`extra_denoisers`), held as the
+    lease's :attr:`~.lifecycle.Lease.extras` and released with it."""
+    lease = acquire(model)
+    try:
+        for extra in extras:
+            lease.extras.append(acquire(extra))
+    except BaseException:
+        lease.release()
+        raise
+    return lease

@@ -124,6 +124,27 @@ def running(gen: Generation) -> Iterator[Generation]:
         patch.generation_ended()
 
 
+@contextlib.contextmanager
+def running_call(lease: "Lease", params: Any,
+                 num_steps: Callable[[], int | None] = lambda: None) -> Iterator[list[Any]]:
+    """One pipeline call's generations of ``params``: one on the lease's denoiser, then one on each of its
+    :attr:`Lease.extras` (Wan 2.2's ``transformer_2``), all :func:`running` in this context and freed afterwards.
+
+    The generations of a call know each other (``siblings``): a CFG branch that starts on ``transformer_2`` goes on
+    counting the steps ``transformer`` ran for it, with a cache of its own (so its first step there is a full step).
+    The helper's pipeline calls, the calibration replay and the closed-loop runs all open their generations here.
+    """
+    gens = [lease.unet_patch.new_generation(params, num_steps)]
+    gens += [extra.unet_patch.new_generation(params, num_steps) for extra in lease.extras]
+    if len(gens) > 1:  # extras exist only for transformers: their generations count steps per branch together
+        for g in gens:
+            g.siblings = [x for x in gens if x is not g]
+    with contextlib.ExitStack() as stack:
+        for g in gens:
+            stack.enter_context(running(g))
+        yield gens
+
+
 # -- leases -----------------------------------------------------------------------------------------------
 class Lease:
     """An enabled helper's hold on a U-Net patch (and on the ControlNet patches of its pipeline).

@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .schedule import check_budget
+
 #: The weights the calibrated forecast tries on every (pair of full steps, retrieval step); 0 = reuse.
 CANDIDATE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -113,6 +115,7 @@ def optimal_forecast_full_steps(reuse: Sequence[Sequence[float]], cost: np.ndarr
         raise ValueError("forecast costs must be >= 0 (math.inf where not allowed).")
     if isinstance(num_full, bool) or not isinstance(num_full, int) or not 1 <= num_full <= n:
         raise ValueError(f"num_full_steps must be an integer in [1, {n}] for a {n}-evaluation generation, got {num_full!r}.")
+    check_budget(r.tolist(), num_full)
     steps = np.arange(n)
     # step cost per state (p, a) and step k; row n is the state "a is the only full step so far" (reuse)
     per_step = np.empty((n + 1, n, n))

@@ -5,7 +5,7 @@ Fitting a forecast (the caps' closed-loop choice and the refinement of :mod:`Dee
 judging it on the same prompts overfits them: on other prompts such a forecast lost up to 3.9 dB against calibrated
 reuse (issue 25). The replay and every closed-loop run already process the whole calibration batch at once, and
 they are scored per sample (:func:`~DeepCache.schedules.forecast_calibration.sample_l1`,
-:func:`~DeepCache.schedules.forecast_calibration.latent_errors`), so fitting on part of the batch is an average over those
+:func:`~DeepCache.schedules.closed_loop.latent_errors`), so fitting on part of the batch is an average over those
 samples with no extra replay; each closed-loop run scores every sample at once.
 
 The rule (:func:`choose`), a *ladder* of options (``LADDER``, mildest first, fixed in advance):
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .forecast_calibration import MAX_GAP, MAX_SPAN, ForecastErrors, closed_loop_sample_errors, forecast_errors, \
-    recorded
+from .closed_loop import closed_loop_sample_errors, recorded
+from .forecast_calibration import MAX_GAP, MAX_SPAN, ForecastErrors, forecast_errors
 from .forecast_refine import MIN_HELD_OUT, Verdict, as_forecast, climb, held_out_verdict, kfold, refine, shrink
 from .params import CacheParams
 
@@ -169,9 +169,9 @@ def calibrate_forecast(pipeline: Any, unet: nn.Module, branch: int, num_full: in
     """The calibrated forecast (:mod:`DeepCache.schedules.forecast_calibration`, chosen as in this module's docstring): the
     parameters and what was measured (``measured``, ``choice``)."""
     with recorded(pipeline, unet, call_kwargs) as (rec, reference, rewind):
-        n = len(rec.calls)
+        n = rec.num_steps
         if isinstance(num_full, bool) or not isinstance(num_full, int) or not 1 <= num_full <= n:
-            raise ValueError(f"num_full_steps must be an integer in [1, {n}] for a {n}-evaluation generation, "
+            raise ValueError(f"num_full_steps must be an integer in [1, {n}] for a {n}-step generation, "
                              f"got {num_full!r}.")
         measured = forecast_errors(unet, rec, branch, max_gap=max_gap, max_span=max_span, samples=reference.shape[0])
         choice = choose(pipeline, unet, measured, num_full, reference, rewind, call_kwargs)

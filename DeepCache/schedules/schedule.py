@@ -148,13 +148,34 @@ def drift_errors(drift: Sequence[float]) -> list[list[float]]:
     return errors
 
 
+def forced_full_steps(errors: Sequence[Sequence[float]]) -> tuple[int, ...]:
+    """The steps ``k > 0`` that can reuse no earlier step (``errors[a][k]`` is ``math.inf`` for every ``a < k``):
+    full in every schedule. Wan 2.2: the first step of ``transformer_2``, which has a cache of its own.
+
+    >>> forced_full_steps([[0, 1, math.inf], [math.inf, 0, math.inf], [math.inf, math.inf, 0]])
+    (2,)
+    """
+    return tuple(k for k in range(1, len(errors)) if all(math.isinf(errors[a][k]) for a in range(k)))
+
+
+def check_budget(errors: Sequence[Sequence[float]], num_full: int) -> None:
+    """Raise ``ValueError`` if ``num_full`` full steps cannot cover step 0 and the :func:`forced_full_steps`."""
+    forced = forced_full_steps(errors)
+    if _is_int(num_full) and 1 <= num_full < 1 + len(forced):
+        raise ValueError(
+            f"step{'s' if len(forced) > 1 else ''} {', '.join(map(str, forced))} cannot reuse the feature of any "
+            "earlier step, so every schedule runs them in full (Wan 2.2: the first step of transformer_2, whose cache "
+            f"is its own): num_full_steps must be at least {1 + len(forced)}, got {num_full}.")
+
+
 def optimal_full_steps(errors: Sequence[Sequence[float]], num_full: int) -> tuple[int, ...]:
     """The ``num_full`` full steps (step 0 included) that minimise the total reuse error of an ``n``-step run.
 
     ``errors[a][k]`` (``k > a``) is the error of retrieval step ``k`` reusing the feature of full step ``a``
     (``math.inf``: not allowed). A segment ``[a, b)`` costs ``errors[a][a+1] + ... + errors[a][b-1]``; an
     exact dynamic programme over step indices: ``best[m][e]``, the least cost of steps ``0..e-1`` with ``m``
-    full steps, in ``O(num_full * n^2)``.
+    full steps, in ``O(num_full * n^2)``. A step that can reuse no earlier one (:func:`forced_full_steps`) is
+    always chosen; fewer full steps than those and step 0 raise ``ValueError``.
 
     >>> optimal_full_steps(drift_errors([0.1, 0.1, 5.0, 0.1, 0.1]), 2)  # refresh right after the big change
     (0, 3)
@@ -164,6 +185,7 @@ def optimal_full_steps(errors: Sequence[Sequence[float]], num_full: int) -> tupl
         raise ValueError(f"num_full_steps must be an integer in [1, {n}] for a {n}-evaluation generation, got {num_full!r}.")
     if any(math.isnan(e) or e < 0 for row in errors for e in row):
         raise ValueError("reuse errors must be >= 0 (math.inf where a reuse is not allowed).")
+    check_budget(errors, num_full)
     cost = [[0.0] * (n + 1) for _ in range(n + 1)]  # cost[a][b]: segment [a, b), full step at a
     for a in range(n):
         for b in range(a + 2, n + 1):

@@ -4,9 +4,9 @@ A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int`` a
 :func:`register`; the same two serve ``python -m DeepCache.<module>`` through :func:`standalone`.
 The options every tool spells the same way are added here: ``--model``, ``--device``/``--dtype``,
 ``--threads``, ``--variant``, ``--prompt``/``--num-prompts``, ``--seed``/``--steps``/``--guidance``/``--repeats``,
-``--out``, ``--json``, ``--table`` and ``--verbose``; :func:`pipeline_from_args` loads the pipeline and prompts they
-name. A ``ValueError`` raised by ``run`` is printed as ``deepcache NAME: error: ...`` with exit
-status 2, like argparse's own errors.
+``--out``, ``--json``, ``--table`` and ``--verbose``; :func:`kind_from_args` loads the pipeline they name as its kind
+(decided once, here) and picks the prompts. A ``ValueError`` raised by ``run`` is printed as
+``deepcache NAME: error: ...`` with exit status 2, like argparse's own errors.
 
 Example::
 
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .kinds import load_kind
+from .kinds import PipelineKind, load_kind
 from .pipelines import DTYPES, is_demo_pipeline, load_pipeline, resolve_device, resolve_dtype  # noqa: F401
 from .prompts import choose_prompts
 from .report import TABLE_STYLES
@@ -48,6 +48,7 @@ __all__ = [
     "add_threads_option",
     "add_variant_option",
     "apply_threads",
+    "kind_from_args",
     "pipeline_from_args",
     "positive_int",
     "quiet_third_party",
@@ -151,12 +152,18 @@ def add_table_options(parser: argparse.ArgumentParser) -> None:
 
 
 # -- resolving them ---------------------------------------------------------------------------------
-def pipeline_from_args(args: argparse.Namespace, device: torch.device | None = None) -> tuple[Any, list[str]]:
-    """The pipeline (``--model``, ``--device`` unless ``device`` is given, ``--dtype``) and its prompts (``--prompt``,
-    ``--num-prompts``, ``--seed``)."""
+def kind_from_args(args: argparse.Namespace, device: torch.device | None = None) -> tuple[PipelineKind, list[str]]:
+    """The pipeline, loaded as its kind once here (``--model``, ``--device`` unless ``device`` is given, ``--dtype``;
+    :func:`~DeepCache.tools.kinds.load_kind`), and its prompts (``--prompt``, ``--num-prompts``, ``--seed``)."""
     device = device or resolve_device(args.device)
     kind = load_kind(args.model, device, resolve_dtype(args.dtype, device))
     prompts = choose_prompts(embedded=kind.embedded, count=args.num_prompts, seed=args.seed, given=args.prompt)
+    return kind, prompts
+
+
+def pipeline_from_args(args: argparse.Namespace, device: torch.device | None = None) -> tuple[Any, list[str]]:
+    """:func:`kind_from_args` with the bare pipeline (for ``deepcache tune``, which holds one)."""
+    kind, prompts = kind_from_args(args, device)
     return kind.pipe, prompts
 
 

@@ -1,4 +1,5 @@
-"""``deepcache demo``: DeepCache on the embedded tiny Stable Diffusion pipeline, offline, in seconds.
+"""``deepcache demo``: DeepCache on the embedded tiny Stable Diffusion pipeline (or, with ``--model embedded-dit``,
+the embedded tiny Flux DiT), offline, in seconds.
 
 Generates a few prompts with the original pipeline and with DeepCache (I=3/B=0, I=5/B=0, I=3/B=1
 by default), prints seconds, speedup and quality against the original (PSNR, SSIM, and for the
@@ -11,6 +12,7 @@ Example::
 
     $ deepcache demo                       # writes ./deepcache-demo.png
     $ deepcache demo --out grid.png --variant 3,0 --variant 4,2
+    $ deepcache demo --model embedded-dit  # the shipped tiny Flux DiT (true CFG), offline
     $ deepcache demo --model ./stable-diffusion-v1-5 --steps 25   # any local or hub SD/SDXL pipeline
 """
 

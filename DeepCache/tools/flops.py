@@ -231,12 +231,24 @@ class FlopCache:
             self._vae[key] = count_vae_decode_flops(self.vae, batch=1, latent_height=lh, latent_width=lw)
         return self._vae[key] * batch
 
+    def step_costs(self, *, images: int, latent: tuple[int, int], branch: int, guidance_scale: float,
+                   front: int | None = None, back: int | None = None) -> tuple[StepFlops, int]:
+        """One step's full and retrieval FLOPs for ``images`` images at latent size ``latent``, caching at ``branch``,
+        and their VAE decode's FLOPs. ``front``/``back`` split a transformer's blocks: a U-Net has none (``None``)."""
+        if front is not None or back is not None:
+            raise ValueError("front_blocks / back_blocks split a transformer's blocks; a U-Net caches at "
+                             "cache_branch_id only: leave them unset.")
+        step = self.step(unet_batch(self.unet_config, images, guidance_scale), *latent, branch)
+        return step, self.vae_decode(images, *latent)
+
     def for_pattern(self, pattern: Sequence[bool], *, images: int, latent: tuple[int, int], branch: int,
-                guidance_scale: float, uniform_interval: int | None = None) -> PatternFlops:
+                    guidance_scale: float, uniform_interval: int | None = None, front: int | None = None,
+                    back: int | None = None) -> PatternFlops:
         """The counts and FLOP-ideal speedups of ``images`` images generated with step ``pattern`` (all True: the
         original) at latent size ``latent``, caching at ``branch``; ``uniform_interval`` also gives N / (1 + (N-1) f)."""
-        step = self.step(unet_batch(self.unet_config, images, guidance_scale), *latent, branch)
-        return pattern_flops(pattern, step, self.vae_decode(images, *latent), uniform_interval)
+        step, vae = self.step_costs(images=images, latent=latent, branch=branch, guidance_scale=guidance_scale,
+                                    front=front, back=back)
+        return pattern_flops(pattern, step, vae, uniform_interval)
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """The latent (height, width) of an image of this size."""

@@ -241,8 +241,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, required=True, metavar="FILE", help=f"the prompts: {formats}")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="output folder: <index>.png, manifest.jsonl, settings.json; re-run to resume")
-    add_model_option(parser, "local diffusers SD/SDXL or diffusion-transformer pipeline folder (default: the embedded "
-                     "demo model, offline)")
+    add_model_option(parser, "local diffusers SD/SDXL or diffusion-transformer pipeline folder, or embedded-dit (the "
+                     "shipped tiny Flux DiT, offline) (default: the embedded demo model, offline)")
     add_variant_option(parser, default_help=DEFAULT_SETTING.label.replace("I=", "").replace(" B=", ""),
                        repeatable=False)
     parser.add_argument("--params", metavar="JSON", help="DeepCache parameters saved by CacheParams.to_json() (e.g. "

@@ -1,7 +1,8 @@
-"""Devices, dtypes and what a report says about the run (:func:`run_meta`); everything about the pipeline itself is
-asked of its kind (:mod:`DeepCache.tools.kinds`). ``load_pipeline``, ``is_demo_pipeline``, ``demo_classifier_path``,
-``default_batch_size``, ``call_batch`` and ``pipeline_device`` are the kinds' answers under their former names (for
-code that holds a bare pipeline, such as ``deepcache tune``).
+"""Devices and dtypes, and how a header names a run's model (:func:`model_name`); everything about the pipeline itself
+is asked of its kind (:mod:`DeepCache.tools.kinds`), which the commands decide once at load and pass down.
+``load_pipeline``, ``is_demo_pipeline``, ``demo_classifier_path``, ``default_batch_size``, ``call_batch``,
+``pipeline_device`` and ``run_meta`` are the kinds' answers under their former names, for code that holds a bare
+pipeline (``deepcache tune``): each decides the pipeline's kind (:func:`~DeepCache.tools.kinds.kind_of`) and asks it.
 
 Example::
 
@@ -41,7 +42,7 @@ def is_demo_pipeline(pipe: Any) -> bool:
 
 def demo_classifier_path(pipe: Any) -> Path | None:
     """The classifier trained beside a demo pipeline (``../demo-classifier``), if there is one."""
-    return kind_of(pipe).classifier_path()
+    return kind_of(pipe).classifier
 
 
 def call_batch(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
@@ -84,23 +85,8 @@ def pipeline_device(pipe: Any) -> tuple[torch.device, torch.dtype]:
 
 def run_meta(pipe: Any, steps: int, guidance: float, prompts: Sequence[str], seeds: Sequence[int],
              **more: Any) -> dict[str, Any]:
-    """What a report says about the run (model, steps, scheduler, prompts, seeds, threads, device, dtype), and ``more``;
-    a transformer also its family and where its prompt embeddings came from (:meth:`PipelineKind.describe`)."""
-    kind = kind_of(pipe)
-    return {
-        "model": kind.source,
-        "embedded": kind.embedded,
-        **kind.describe(),
-        "steps": steps,
-        "guidance": guidance,
-        "scheduler": type(pipe.scheduler).__name__,
-        "prompts": list(prompts),
-        "seeds": list(seeds),
-        **more,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(kind.device),
-        "dtype": str(kind.dtype).replace("torch.", ""),
-    }
+    """What a report says about the run: :meth:`DeepCache.tools.kinds.PipelineKind.run_meta`."""
+    return kind_of(pipe).run_meta(steps, guidance, prompts, seeds, **more)
 
 
 def model_name(meta: dict[str, Any]) -> str:
@@ -108,5 +94,9 @@ def model_name(meta: dict[str, Any]) -> str:
 
     >>> model_name({"embedded": True, "model": "x"}), model_name({"embedded": False, "model": "./sd15"})
     ('embedded demo model (offline)', './sd15')
+    >>> model_name({"embedded": True, "model": "x", "family": "transformer"})
+    'embedded demo DiT (offline)'
     """
-    return "embedded demo model (offline)" if meta["embedded"] else meta["model"]
+    if not meta["embedded"]:
+        return meta["model"]
+    return "embedded demo DiT (offline)" if meta.get("family") == "transformer" else "embedded demo model (offline)"

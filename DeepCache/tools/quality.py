@@ -26,10 +26,10 @@ import torch
 from . import metrics
 from .cli_common import (add_device_options, add_generation_arguments, add_json_option, add_model_option,
                          add_prompt_options, add_table_options, add_threads_option, add_variant_option, apply_threads,
-                         pipeline_from_args, quiet_third_party)
+                         kind_from_args, quiet_third_party)
 from .distributed import ProcessInfo, process_info
-from .kinds import default_batch_size, kind_of
-from .pipelines import model_name, run_meta
+from .kinds import PipelineKind, kind_of
+from .pipelines import model_name
 from .prompts import PromptItem, prompt_seeds, read_prompt_file, seeded_items
 from .report import Column, environment, json_document, render_table, write_json
 from .runs import DEFAULT_GUIDANCE, DEFAULT_STEPS, RunSpec, SettingRun, run_and_score_sharded
@@ -117,48 +117,51 @@ class EvalResult:
         """One line: which model, steps, prompts, guidance, threads, device."""
         m = self.meta
         processes = f", {m['processes']} processes" if m.get("processes", 1) > 1 else ""
-        return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps, {len(m['prompts'])} prompts, guidance "
+        guidance = "true CFG" if "guidance_mode" in m else "guidance"
+        return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps, {len(m['prompts'])} prompts, {guidance} "
                 f"{m['guidance']}, {m['torch_threads']} CPU thread(s), {m['device']} {m['dtype']}{processes}"
                 + (f"; prompt embeddings: {m['prompt_embeddings']}" if "prompt_embeddings" in m else ""))
 
 
-def evaluate(pipe: Any, settings: Sequence[Setting], items: Sequence[PromptItem], spec: RunSpec | None = None, *,
-             classifier_path: Path | None = None, clip_name: str | None = None, info: ProcessInfo | None = None,
-             keep_images: bool = False) -> tuple[EvalResult, list[SettingRun]] | None:
+def evaluate(pipe: PipelineKind | Any, settings: Sequence[Setting], items: Sequence[PromptItem],
+             spec: RunSpec | None = None, *, classifier_path: Path | None = None, clip_name: str | None = None,
+             info: ProcessInfo | None = None, keep_images: bool = False) -> tuple[EvalResult, list[SettingRun]] | None:
     """Generate every seeded item with every setting, time it and score it (:func:`~DeepCache.tools.runs.run_and_score`);
     task metrics need a demo pipeline and its classifier.
 
-    ``items``: the prompts, each with its seed (none: its index) and negative prompt. ``spec``: steps, guidance,
-    repeats, batch size (default: 25 steps, guidance 4, one repeat, the pipeline's
-    :func:`~DeepCache.tools.pipelines.default_batch_size`). ``info``: this process among several
-    (:func:`~DeepCache.tools.distributed.process_info`); each generates and scores its share, and the main process
-    returns the result, the others ``None``. ``keep_images`` keeps the images in the returned runs.
+    ``pipe``: the pipeline's kind (as ``eval`` and ``demo`` load it: :func:`~DeepCache.tools.kinds.load_kind`), or a
+    bare pipeline, whose kind is decided here, once. ``items``: the prompts, each with its seed (none: its index) and
+    negative prompt. ``spec``: steps, guidance, repeats, batch size (default: 25 steps, guidance 4, one repeat, the
+    kind's :attr:`~DeepCache.tools.kinds.PipelineKind.default_batch_size`). ``classifier_path``: the demo classifier
+    (default: the kind's). ``info``: this process among several (:func:`~DeepCache.tools.distributed.process_info`);
+    each generates and scores its share, and the main process returns the result, the others ``None``.
+    ``keep_images`` keeps the images in the returned runs.
     """
+    kind = kind_of(pipe)
     items = seeded_items(items)  # an item without a seed of its own gets its index
     info = info or ProcessInfo()
-    spec = spec or RunSpec(DEFAULT_STEPS, DEFAULT_GUIDANCE, 1, default_batch_size(pipe))
-    scorer = Scorer.for_pipeline(pipe, classifier_path, clip_name)
-    runs = run_and_score_sharded(pipe, items, settings, scorer, spec, info, keep_images=keep_images)
+    spec = spec or RunSpec(DEFAULT_STEPS, DEFAULT_GUIDANCE, 1, kind.default_batch_size)
+    scorer = Scorer.load(classifier_path or kind.classifier, clip_name)
+    runs = run_and_score_sharded(kind, items, settings, scorer, spec, info, keep_images=keep_images)
     if runs is None:
         return None
     prompts, seeds = [i.prompt for i in items], [int(i.seed) for i in items]  # type: ignore[arg-type]
     rows = summarize(runs, prompts, scorer.classifier)
     negatives = [i.negative_prompt for i in items]
-    meta = run_meta(
-        pipe, spec.steps, spec.guidance, prompts, seeds, repeats=spec.repeats, batch_size=spec.batch_size,
+    meta = kind.run_meta(
+        spec.steps, spec.guidance, prompts, seeds, repeats=spec.repeats, batch_size=spec.batch_size,
         lpips="computed" if scorer.lpips_net is not None else "n/a (lpips weights not available locally)",
         clip_score="computed" if scorer.clip is not None
         else f"n/a ({'no --clip-model given' if not clip_name else 'weights not available locally'})",
         processes=info.world_size, **({"negative_prompts": negatives} if any(negatives) else {}))
-    kind = kind_of(pipe)
-    return EvalResult(rows, meta, environment(kind.device, kind.dtype, pipe)), runs
+    return EvalResult(rows, meta, environment(kind.device, kind.dtype, kind)), runs
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, default_prompts: int, default_variants: str,
                          default_repeats: int = 1) -> None:
     """Options shared by ``deepcache eval`` and ``deepcache demo``."""
-    add_model_option(parser, "local folder or hub id of an SD/SDXL or diffusion-transformer pipeline (default: the "
-                     "embedded demo model, offline)")
+    add_model_option(parser, "local folder or hub id of an SD/SDXL or diffusion-transformer pipeline, or embedded-dit "
+                     "(the shipped tiny Flux DiT, offline) (default: the embedded demo model, offline)")
     add_variant_option(parser, default_help=default_variants)
     add_prompt_options(parser, default_count=default_prompts)
     add_generation_arguments(parser, default_repeats=default_repeats)
@@ -182,10 +185,10 @@ def evaluate_from_args(args: argparse.Namespace, settings: Sequence[Setting], cl
     from_file = seeded_items(read_prompt_file(file), args.seed) if file is not None else None
     info = process_info(args.device)
     with quiet_third_party(not args.verbose):
-        pipe, prompts = pipeline_from_args(args, info.device)
+        kind, prompts = kind_from_args(args, info.device)
         items = from_file or [PromptItem(p, s) for p, s in zip(prompts, prompt_seeds(prompts, args.seed))]
-        spec = RunSpec(args.steps, args.guidance, args.repeats, default_batch_size(pipe))
-        return evaluate(pipe, settings, items, spec, clip_name=clip_name, info=info, keep_images=keep_images)
+        spec = RunSpec(args.steps, args.guidance, args.repeats, kind.default_batch_size)
+        return evaluate(kind, settings, items, spec, clip_name=clip_name, info=info, keep_images=keep_images)
 
 
 def write_report(result: EvalResult, path: Path | None) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .distributed import ProcessInfo, gather, global_batches, shard
-from .kinds import kind_of
+from .kinds import PipelineKind, kind_of
 from .prompts import PromptItem
 from .scoring import ImageScores, Scorer
 from .settings import BASELINE, Setting, applied, baseline_first
@@ -132,10 +132,11 @@ class SettingRun:
         return float(np.average([sum(p) for p in self.patterns], weights=self.batch_sizes))
 
 
-def generate_batch(pipe: Any, helper: Any, setting: Setting, items: Sequence[PromptItem],
+def generate_batch(pipe: PipelineKind | Any, helper: Any, setting: Setting, items: Sequence[PromptItem],
                    spec: RunSpec) -> tuple[np.ndarray, float, tuple[bool, ...]]:
     """One pipeline call for ``items`` with ``setting`` enabled on ``helper``: the images (float, N×H×W×3 in [0, 1]),
-    the seconds of the call alone (:func:`timed`) and the step pattern (``()`` for the original)."""
+    the seconds of the call alone (:func:`timed`) and the step pattern (``()`` for the original). ``pipe``: the
+    pipeline's kind (what :func:`run_and_score` passes), or a bare pipeline (``deepcache tune``)."""
     kind = kind_of(pipe)
     with applied(helper, setting, spec.steps), torch.no_grad():
         images, seconds = timed(lambda: kind.call(
@@ -146,11 +147,12 @@ def generate_batch(pipe: Any, helper: Any, setting: Setting, items: Sequence[Pro
     return np.asarray(images, dtype=np.float32), seconds, pattern
 
 
-def run_and_score(pipe: Any, items: Sequence[PromptItem], settings: Sequence[Setting], scorer: Scorer, spec: RunSpec,
-                  *, batches: Sequence[Sequence[int]] | None = None, on_run: Callable[[Setting], None] | None = None,
+def run_and_score(kind: PipelineKind, items: Sequence[PromptItem], settings: Sequence[Setting], scorer: Scorer,
+                  spec: RunSpec, *, batches: Sequence[Sequence[int]] | None = None, on_run: Callable[[Setting], None] | None = None,
                   keep_images: bool = False) -> list[SettingRun]:
     """The original and each setting (:func:`~DeepCache.tools.settings.baseline_first`) on ``batches`` of ``items``
     (default: all of them, :attr:`RunSpec.batch_size` at a time), timed and scored as the module docstring says.
+    ``kind``: the pipeline's kind (:mod:`DeepCache.tools.kinds`), as the command loaded it.
 
     One short untimed uncached call warms up first. ``on_run(setting)`` is called after every generation (a
     progress bar). ``keep_images`` keeps every setting's images (the demo's picture: a few prompts only).
@@ -159,18 +161,18 @@ def run_and_score(pipe: Any, items: Sequence[PromptItem], settings: Sequence[Set
 
     order = baseline_first(settings)
     batches = [list(b) for b in (batches if batches is not None else global_batches(len(items), spec.batch_size))]
-    helper = DeepCacheSDHelper(pipe=pipe)
+    helper = DeepCacheSDHelper(pipe=kind.pipe)
     runs = [SettingRun(s, [0.0] * spec.repeats) for s in order]
     parts: list[list[ImageScores]] = [[] for _ in order]
     kept: list[list[np.ndarray]] = [[] for _ in order]
     if items and batches:
-        generate_batch(pipe, helper, BASELINE, [items[batches[0][0]]], dataclasses.replace(spec, steps=2))  # warm-up
+        generate_batch(kind, helper, BASELINE, [items[batches[0][0]]], dataclasses.replace(spec, steps=2))  # warm-up
     for number, batch in enumerate(batches):
         chosen = [items[i] for i in batch]
         reference: np.ndarray | None = None
         for repeat in range(spec.repeats):
             for k in repeat_order(len(order), batch=number, repeat=repeat):
-                images, seconds, pattern = generate_batch(pipe, helper, order[k], chosen, spec)
+                images, seconds, pattern = generate_batch(kind, helper, order[k], chosen, spec)
                 runs[k].seconds[repeat] += seconds
                 if repeat == 0:
                     reference = images if k == 0 else reference
@@ -189,14 +191,14 @@ def run_and_score(pipe: Any, items: Sequence[PromptItem], settings: Sequence[Set
     return runs
 
 
-def run_and_score_sharded(pipe: Any, items: Sequence[PromptItem], settings: Sequence[Setting], scorer: Scorer,
+def run_and_score_sharded(kind: PipelineKind, items: Sequence[PromptItem], settings: Sequence[Setting], scorer: Scorer,
                           spec: RunSpec, info: ProcessInfo, *, keep_images: bool = False) -> list[SettingRun] | None:
     """:func:`run_and_score` on this process's whole batches (:func:`~DeepCache.tools.distributed.global_batches`
     dealt out by :func:`~DeepCache.tools.distributed.shard`); the main process gets every setting's run in prompt
     order (:func:`merge_runs`), the others ``None``. Only scores travel between processes (and images if
     ``keep_images``)."""
     batches = shard(global_batches(len(items), spec.batch_size), info.rank, info.world_size)
-    runs = run_and_score(pipe, items, settings, scorer, spec, batches=batches, keep_images=keep_images) if batches \
+    runs = run_and_score(kind, items, settings, scorer, spec, batches=batches, keep_images=keep_images) if batches \
         else None
     parts = gather(info, (batches, runs))
     return None if parts is None else merge_runs(parts)

@@ -9,7 +9,7 @@ into :class:`ImageScores`, per-image numbers:
   distance);
 * other models: CLIP score where CLIP weights are available locally.
 
-Models are loaded once (:meth:`Scorer.for_pipeline`); features are extracted here, the metrics themselves are pure
+Models are loaded once (:meth:`Scorer.load`); features are extracted here, the metrics themselves are pure
 functions in :mod:`DeepCache.tools.metrics`.
 
 Example::
@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from . import metrics
-from .kinds import kind_of
 
 __all__ = ["ImageScores", "Scorer", "classify", "clip_model", "clip_scores", "lpips_model", "prompt_labels",
            "reference_images", "to_classifier_input"]
@@ -82,12 +81,12 @@ class Scorer:
     clip: tuple[Any, Any] | None = None
 
     @classmethod
-    def for_pipeline(cls, pipe: Any, classifier_path: Path | None = None, clip_name: str | None = None) -> Scorer:
-        """Every model that can score ``pipe``'s images here: the demo classifier beside a demo pipeline (or at
-        ``classifier_path``), LPIPS if its weights are local, CLIP from ``clip_name`` if given and local."""
+    def load(cls, classifier_path: Path | None = None, clip_name: str | None = None) -> Scorer:
+        """Every model that can score here: the demo classifier at ``classifier_path`` (a demo pipeline's kind knows
+        it: :attr:`DeepCache.tools.kinds.PipelineKind.classifier`), LPIPS if its weights are local, CLIP from
+        ``clip_name`` if given and local."""
         from .demo_model.classifier import load_classifier
 
-        classifier_path = classifier_path or kind_of(pipe).classifier_path()
         return cls(load_classifier(classifier_path) if classifier_path is not None else None, lpips_model(),
                    clip_model(clip_name) if clip_name else None)
 

@@ -6,7 +6,7 @@ Reproduces the table the diffusers documentation publishes for DeepCache (Stable
 the FLOP-ideal speedup. Built-in models are full size with random weights (timing does not depend
 on the weight values, so nothing is downloaded); text encoding is excluded (random prompt
 embeddings of the right shape are passed), and what is timed is the pipeline call end to end:
-the U-Net denoising loop plus the VAE decode.
+the denoising loop (U-Net or transformer) plus the VAE decode.
 
 This module is the command line; the work is done in :mod:`DeepCache.tools.bench.scenarios` (what runs),
 :mod:`DeepCache.tools.bench.models` (building the models), :mod:`DeepCache.tools.bench.timing` (timing),
@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 
 from .flops import flops_report
 from .models import BUILTIN_MODELS, SCHEDULERS
-from .results import TIMED, BenchReport, ScenarioResult
+from .results import TIMED_TEMPLATE, BenchReport, ScenarioResult
 from .tables import markdown_details, markdown_table, render_markdown
 from .scenarios import COMPILE_MODES, PRESETS, TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario, preset_config
 from .timing import run_benchmark
@@ -66,7 +66,7 @@ __all__ = [
 Variant = Setting
 
 _DESCRIPTION = ("Time DeepCache against the original pipeline, full-size models with random weights (or --model PATH). "
-                f"Timed: {TIMED}.")
+                f"Timed: {TIMED_TEMPLATE.format('U-Net or transformer')}.")
 
 
 def _split_list(values: Iterable[str] | None) -> list[str]:
@@ -120,14 +120,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="inference steps (default 50)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the model's own scheduler")
     add_device_options(p)
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5; > 1 doubles the U-Net batch)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5; > 1 doubles "
+                   "the denoiser's batch)")
     p.add_argument("--repeats", type=int, help="timed repeats per scenario, median reported (default 3)")
     p.add_argument("--warmup-steps", type=int, help="steps of the one warm-up call per scenario (default 10; 0 = none)")
     p.add_argument("--seed", type=int, help="seed of the random prompt embeddings and latents (default 0)")
     add_threads_option(p)
     p.add_argument("--tiny", action="store_true", help=f"tiny models of the same structure, resolutions / {TINY_RESOLUTION_DIVISOR} (CI smoke test)")
     p.add_argument("--compile", nargs="?", const="auto", choices=COMPILE_MODES, metavar="MODE",
-                   help="also time the compiled U-Net (compiled original and compiled DeepCache columns, compile time "
+                   help="also time the compiled denoiser (compiled original and compiled DeepCache columns, compile time "
                    "reported separately); MODE: auto (reduce-overhead on CUDA, default on CPU), "
                    + ", ".join(COMPILE_MODES[1:]))
     p.add_argument("--flops-only", action="store_true", help="count FLOPs and ideal speedups only (meta device; no timing)")

@@ -34,8 +34,9 @@ def scenario_flops(counter: FlopCache | DiTFlopCache, scenario: Scenario, patter
     """The counts and FLOP-ideal speedups of one scenario run with step ``pattern``."""
     setting = scenario.setting
     return counter.for_pattern(pattern, images=scenario.batch_size, latent=counter.latent_size(scenario.height, scenario.width),
-                           branch=setting.cache_branch_id, guidance_scale=guidance_scale,
-                           uniform_interval=setting.cache_interval if setting.skip_mode == "uniform" else None)
+                               branch=setting.cache_branch_id, guidance_scale=guidance_scale,
+                               uniform_interval=setting.cache_interval if setting.skip_mode == "uniform" else None,
+                               front=setting.front_blocks, back=setting.back_blocks)
 
 
 def flops_report(cfg: BenchConfig) -> BenchReport:
@@ -63,7 +64,8 @@ def flops_report(cfg: BenchConfig) -> BenchReport:
         counter = FlopCache(unet_cfg, vae_cfg)
     device = torch.device("meta")
     settings = report_settings(cfg, name, "builtin config" if cfg.model in BUILTIN_MODELS else cfg.model,
-                            "n/a (FLOPs only)", device, torch.float32)
+                               "n/a (FLOPs only)", device, torch.float32,
+                               "transformer" if isinstance(counter, DiTFlopCache) else "unet")
     settings.update(timed="nothing: FLOP counts only", flops_only=True)
     report = BenchReport(settings, environment(device, torch.float32))
     for sc in cfg.scenarios():

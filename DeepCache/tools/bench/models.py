@@ -111,11 +111,9 @@ class BuiltPipeline:
     is_sdxl: bool
     cross_attention_dim: int | None  # U-Nets only
     pooled_dim: int | None  # SDXL: width of the pooled text embedding
-
-    @property
-    def kind(self) -> PipelineKind:
-        """The pipeline's kind (:mod:`DeepCache.tools.kinds`): its inputs, call keywords, denoiser and FLOP counter."""
-        return kind_of(self.pipe)
+    #: The pipeline's kind (:mod:`DeepCache.tools.kinds`), decided once when it is built: its inputs, call keywords,
+    #: denoiser and FLOP counter.
+    kind: PipelineKind
 
 
 def _scheduler(name: str, scheduler_config: dict[str, Any] | Any) -> Any:
@@ -132,12 +130,13 @@ def _scheduler(name: str, scheduler_config: dict[str, Any] | Any) -> Any:
     return getattr(diffusers, cls_name).from_config(cfg)
 
 
-def _describe(pipe: Any, name: str, source: str, weights: str) -> BuiltPipeline:
-    if kind_of(pipe).family != "unet":
-        return BuiltPipeline(pipe, name, source, weights, False, None, None)
+def _describe(kind: PipelineKind, name: str, source: str, weights: str) -> BuiltPipeline:
+    pipe = kind.pipe
+    if kind.family != "unet":
+        return BuiltPipeline(pipe, name, source, weights, False, None, None, kind)
     pooled = pooled_text_dim(pipe.unet.config)
     return BuiltPipeline(pipe, name, source, weights, pooled is not None, int(pipe.unet.config.cross_attention_dim),
-                         pooled)
+                         pooled, kind)
 
 
 def build_pipeline(
@@ -177,7 +176,7 @@ def build_pipeline(
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
         name = f"{model}-tiny" if tiny else model
-        built = _describe(pipe, name, "builtin config", "random")
+        built = _describe(kind_of(pipe), name, "builtin config", "random")
     else:
         if tiny:
             raise ValueError("--tiny applies only to the built-in models " + ", ".join(BUILTIN_MODELS) + ".")
@@ -191,14 +190,15 @@ def build_pipeline(
         if getattr(pipe, "vae", None) is None or not any(getattr(pipe, a, None) is not None
                                                          for a in ("unet", "transformer")):
             raise ValueError(f"{model!r} is not a U-Net or transformer pipeline with a VAE ({type(pipe).__name__}).")
-        if kind_of(pipe).family == "transformer":
-            kind_of(pipe).check()
+        kind = kind_of(pipe)  # decided once, here
+        if kind.family == "transformer":
+            kind.check()
         if scheduler != "default":
             pipe.scheduler = _scheduler(scheduler, pipe.scheduler.config)
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None
         pipe.to(device)
-        built = _describe(pipe, model, model, "pretrained")
+        built = _describe(kind, model, model, "pretrained")
     pipe.set_progress_bar_config(disable=True)
     return built
 

@@ -26,13 +26,18 @@ import torch
 
 from .scenarios import TINY_RESOLUTION_DIVISOR, BenchConfig, Scenario
 from ..flops import PatternFlops
+from ..kinds import denoiser_name
 from ..report import json_document
 from ...schedules.schedule import format_pattern
 
-__all__ = ["TIMED", "BenchReport", "ScenarioResult", "Timing", "report_settings"]
+__all__ = ["TIMED", "TIMED_TEMPLATE", "BenchReport", "ScenarioResult", "Timing", "report_settings"]
 
 #: What the benchmark times, stated in every output.
-TIMED = "pipeline call end to end: U-Net denoising loop + VAE decode (text encoding excluded: random prompt embeddings)"
+#: What ``bench`` times, ``{}`` the denoiser's name (:func:`DeepCache.tools.kinds.denoiser_name`).
+TIMED_TEMPLATE = ("pipeline call end to end: {} denoising loop + VAE decode (text encoding excluded: random prompt "
+                  "embeddings)")
+TIMED = TIMED_TEMPLATE.format("U-Net")
+
 
 
 @dataclass
@@ -158,8 +163,9 @@ class BenchReport:
 
 
 def report_settings(cfg: BenchConfig, model_name: str, source: str, weights: str, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, Any]:
-    """The ``settings`` section of the report: the config, the model and what was timed."""
+                    dtype: torch.dtype, family: str = "unet") -> dict[str, Any]:
+    """The ``settings`` section of the report: the config, the model, its denoiser's family (``unet`` or
+    ``transformer``: the tables name it) and what was timed."""
     s = asdict(cfg)
     s.update({
         "variants": [v.to_dict() for v in cfg.variants],
@@ -168,7 +174,8 @@ def report_settings(cfg: BenchConfig, model_name: str, source: str, weights: str
         "model_name": model_name,
         "model_source": source,
         "weights": weights,
-        "timed": TIMED,
+        "denoiser": family,
+        "timed": TIMED_TEMPLATE.format(denoiser_name(family)),
         "text_encoding": "excluded",
         "output_type": "np",
         "device": str(device),

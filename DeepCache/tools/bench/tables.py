@@ -20,10 +20,12 @@ from dataclasses import asdict
 from typing import Any
 
 from ..report import Column, render_table
+from ..kinds import denoiser_name
 from .results import BenchReport, ScenarioResult
 from .scenarios import TINY_RESOLUTION_DIVISOR
 
-__all__ = ["markdown_compile", "markdown_details", "markdown_flops", "markdown_table", "render_markdown"]
+__all__ = ["DETAIL_COLUMNS", "FLOP_COLUMNS", "detail_columns", "flop_columns", "markdown_compile", "markdown_details",
+           "markdown_flops", "markdown_table", "render_markdown"]
 
 
 # -- tables -------------------------------------------------------------------------------------------
@@ -107,25 +109,46 @@ COMPILE_COLUMNS: tuple[Column, ...] = (
     Column("ideal_speedup", "Ideal (FLOPs, e2e)", ".2f", "×"),
     Column("achieved_compiled_pct", "Achieved vs compiled", ".0f", " %"), *_STEP_MS,
 )
-DETAIL_COLUMNS: tuple[Column, ...] = (
-    _RES, _BATCH, Column("name", "Variant"), Column("seconds", "Seconds", _seconds),
-    Column("speedup", "Speedup", ".2f", "×"), Column("ideal_speedup", "Ideal (FLOPs, e2e)", ".2f", "×"),
-    Column("achieved_pct", "Achieved", ".0f", " %"),
-    Column("ideal_speedup_uniform", "Ideal U-Net N/(1+(N-1)f)", ".2f", "×"), Column("flop_ratio", "f", ".3f"),
-    *_STEP_MS, Column("peak_gib", "Peak GiB", ".2f"), Column("overhead_pct", "Mem overhead", "+.1f", " %"),
-)
-FLOP_COLUMNS: tuple[Column, ...] = (
-    _RES, _BATCH, Column("variant", "Variant"), Column("steps_split", "Full / retrieval steps"),
-    Column("tf_full", "Full step TFLOPs", ".4f"), Column("tf_retr", "Retrieval step TFLOPs", ".4f"),
-    Column("flop_ratio", "f", ".4f"), Column("tf_vae", "VAE decode TFLOPs", ".4f"),
-    Column("ideal_speedup", "Ideal e2e", ".3f", "×"), Column("ideal_speedup_unet", "Ideal U-Net loop", ".3f", "×"),
-    Column("ideal_speedup_uniform", "N/(1+(N-1)f)", ".3f", "×"),
-)
+def detail_columns(denoiser: str = "U-Net") -> tuple[Column, ...]:
+    """The detail table's columns, ``denoiser`` naming the model's denoiser
+    (:func:`DeepCache.tools.kinds.denoiser_name`)."""
+    return (
+        _RES, _BATCH, Column("name", "Variant"), Column("seconds", "Seconds", _seconds),
+        Column("speedup", "Speedup", ".2f", "×"), Column("ideal_speedup", "Ideal (FLOPs, e2e)", ".2f", "×"),
+        Column("achieved_pct", "Achieved", ".0f", " %"),
+        Column("ideal_speedup_uniform", f"Ideal {denoiser} N/(1+(N-1)f)", ".2f", "×"),
+        Column("flop_ratio", "f", ".3f"),
+        *_STEP_MS, Column("peak_gib", "Peak GiB", ".2f"), Column("overhead_pct", "Mem overhead", "+.1f", " %"),
+    )
+
+
+def flop_columns(denoiser: str = "U-Net") -> tuple[Column, ...]:
+    """The FLOP table's columns (``--flops-only``), ``denoiser`` naming the model's denoiser."""
+    return (
+        _RES, _BATCH, Column("variant", "Variant"), Column("steps_split", "Full / retrieval steps"),
+        Column("tf_full", "Full step TFLOPs", ".4f"), Column("tf_retr", "Retrieval step TFLOPs", ".4f"),
+        Column("flop_ratio", "f", ".4f"), Column("tf_vae", "VAE decode TFLOPs", ".4f"),
+        Column("ideal_speedup", "Ideal e2e", ".3f", "×"),
+        Column("ideal_speedup_unet", f"Ideal {denoiser} loop", ".3f", "×"),
+        Column("ideal_speedup_uniform", "N/(1+(N-1)f)", ".3f", "×"),
+    )
+
+
+#: The U-Net's tables (a transformer's say "transformer": :func:`detail_columns`, :func:`flop_columns`).
+DETAIL_COLUMNS, FLOP_COLUMNS = detail_columns(), flop_columns()
+
+
+def _denoiser(report: BenchReport) -> str:
+    return denoiser_name(report.settings.get("denoiser"))
+
+
+def _attribute(report: BenchReport) -> str:
+    return "transformer" if report.settings.get("denoiser") == "transformer" else "unet"
 
 
 def markdown_details(report: BenchReport) -> str:
     """One row per scenario: time, speedup, FLOP-ideal speedup and achieved fraction, step times, memory."""
-    return render_table(DETAIL_COLUMNS, _display_rows(report))
+    return render_table(detail_columns(_denoiser(report)), _display_rows(report))
 
 
 def markdown_compile(report: BenchReport) -> str:
@@ -135,7 +158,7 @@ def markdown_compile(report: BenchReport) -> str:
 
 def markdown_flops(report: BenchReport) -> str:
     """FLOP counts per scenario (``--flops-only``): step FLOPs, ratio, VAE decode and the ideal speedups."""
-    return render_table(FLOP_COLUMNS, _display_rows(report))
+    return render_table(flop_columns(_denoiser(report)), _display_rows(report))
 
 
 def _header_lines(report: BenchReport) -> list[str]:
@@ -158,19 +181,23 @@ def _header_lines(report: BenchReport) -> list[str]:
 def render_markdown(report: BenchReport) -> str:
     """Header lines, the documented-layout table and the detailed table (or the FLOP table)."""
     if report.settings.get("flops_only"):
-        s = report.settings
-        head = (f"- FLOPs only (nothing timed): {s['model_name']}, {s['steps']} steps (step pattern from DeepCache.schedules.schedule, one U-Net evaluation per step), "
-                f"guidance {s['guidance_scale']} (U-Net batch = 2 x batch); counted on the meta device with "
-                f"torch.utils.flop_counter (matmuls, convolutions, attention); torch {report.env['torch']}, "
-                f"diffusers {report.env['diffusers']}.")
+        s, name = report.settings, _denoiser(report)
+        counted = ("U-Net batch = 2 x batch); counted on the meta device" if name == "U-Net" else
+                   "every CFG branch counted); counted on one real 1-step call per shape, block by block,")
+        head = (f"- FLOPs only (nothing timed): {s['model_name']}, {s['steps']} steps (step pattern from "
+                f"DeepCache.schedules.schedule, one {name} evaluation per step), guidance {s['guidance_scale']} "
+                f"({counted} with torch.utils.flop_counter (matmuls, convolutions, attention); torch "
+                f"{report.env['torch']}, diffusers {report.env['diffusers']}.")
         return "\n\n".join([head, markdown_table(report), markdown_flops(report)]) + "\n"
     parts = ["\n".join(f"- {x}" for x in _header_lines(report)), markdown_table(report), markdown_details(report),
              "Ideal (FLOPs, e2e) = (n·F + V) / (n_full·F + n_retr·R + V) for this run's step pattern, with F/R the "
-             "full/retrieval U-Net step FLOPs and V the VAE decode (torch.utils.flop_counter, attention included); "
+             f"full/retrieval {_denoiser(report)} step FLOPs and V the VAE decode (torch.utils.flop_counter, attention "
+             "included); "
              "Achieved = speedup / ideal."]
     if any(r.compile_mode for r in report.results):
         parts += [markdown_compile(report),
-                  "Compiled rows: torch.compile(pipe.unet, mode=..., fullgraph=True, dynamic=False); DeepCache's step "
+                  f"Compiled rows: torch.compile(pipe.{_attribute(report)}, mode=..., fullgraph=True, dynamic=False); "
+                  "DeepCache's step "
                   "decision runs outside the graphs (two graphs per shape and branch). Compile + warm-up s is the "
                   "scenario's first (warm-up) call; timed calls come after it."]
     return "\n\n".join(parts) + "\n"

@@ -147,9 +147,9 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True,
         torch.set_num_threads(cfg.threads)
     built = build_pipeline(cfg.model, device=device, dtype=dtype, scheduler=cfg.scheduler, tiny=cfg.tiny)
     pipe = built.pipe
-    report = BenchReport(report_settings(cfg, built.name, built.source, built.weights, device, dtype),
-                         environment(device, dtype, pipe))
     kind = built.kind  # U-Net or transformer: its denoiser, call keywords and FLOP counter
+    report = BenchReport(report_settings(cfg, built.name, built.source, built.weights, device, dtype, kind.family),
+                         environment(device, dtype, pipe))
     flops = kind.flop_counter() if cfg.count_flops else None
     helper = DeepCacheSDHelper(pipe=pipe)
     timer = StepTimer(kind.denoiser, device)

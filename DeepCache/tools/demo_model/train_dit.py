@@ -36,15 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from ..cli_common import add_out_option, add_threads_option, positive_int, register, standalone
-from . import EMBEDDED_MODEL
+from . import DIT_CALL_KWARGS as CALL_KWARGS
+from . import DIT_DIR, EMBEDDED_MODEL
+from . import DIT_MARKER as SUMMARY
 from .data import all_attributes, caption, images_to_tensor, iter_batches, make_dataset
-
-#: Folder (under ``--out``) that receives the Flux pipeline.
-DIT_DIR = "demo-flux"
-#: Summary of the run that produced the folder (config, losses, wall time).
-SUMMARY = "deepcache-demo-dit.json"
-#: What a ``FluxPipeline`` call needs for this model (its defaults are Flux's 1024 px and T5's 512 tokens).
-CALL_KWARGS: dict[str, int] = {"height": 32, "width": 32, "max_sequence_length": 16}
 
 Log = Callable[[str], None]
 

@@ -1,16 +1,22 @@
 """The interface every pipeline kind shares (:class:`PipelineKind`), and what all kinds do the same way.
 
+A kind is decided once, where the pipeline is loaded (:func:`DeepCache.tools.kinds.load_kind`), and the commands pass
+it down: what it is (:attr:`~PipelineKind.source`, :attr:`~PipelineKind.embedded`, :attr:`~PipelineKind.classifier`,
+:attr:`~PipelineKind.default_batch_size`) is settled when it is made, so nothing further down asks again.
+
 Four groups of questions, one object:
 
 * **load**: :meth:`~PipelineKind.claims` / :meth:`~PipelineKind.claims_folder` (is this mine?), :meth:`~PipelineKind.load`,
   :meth:`~PipelineKind.folder_batch_size`;
 * **call**: :meth:`~PipelineKind.call` (seeded prompts in, images out: the one way ``eval``, ``demo``, ``tune`` and
-  ``generate`` call a pipeline), :meth:`~PipelineKind.prompt_kwargs`, :meth:`~PipelineKind.guidance_kwargs`,
-  :meth:`~PipelineKind.bench_inputs` (``bench``'s random prompt embeddings);
-* **count**: :meth:`~PipelineKind.flop_counter` (FLOPs per step, full and retrieval, and the FLOP-ideal speedup);
-* **score and report**: :attr:`~PipelineKind.embedded` (captions checkable), :meth:`~PipelineKind.classifier_path`,
-  :meth:`~PipelineKind.describe` (what a report adds about the prompts), :attr:`~PipelineKind.denoiser`,
-  :attr:`~PipelineKind.device`, :attr:`~PipelineKind.dtype`.
+  ``generate`` call a pipeline; :meth:`~PipelineKind.call_kwargs`, its keywords),
+  :meth:`~PipelineKind.prompt_kwargs`, :meth:`~PipelineKind.guidance_kwargs`, :meth:`~PipelineKind.bench_inputs`
+  (``bench``'s random prompt embeddings);
+* **count**: :meth:`~PipelineKind.flop_counter` (FLOPs per step, full and retrieval, the VAE decode's, and the
+  FLOP-ideal speedup);
+* **score and report**: :attr:`~PipelineKind.embedded` (captions checkable), :attr:`~PipelineKind.classifier`,
+  :meth:`~PipelineKind.run_meta` (what a report says about the run), :meth:`~PipelineKind.describe` (what it adds
+  about the prompts), :attr:`~PipelineKind.denoiser`, :attr:`~PipelineKind.device`, :attr:`~PipelineKind.dtype`.
 """
 
 from __future__ import annotations
@@ -48,8 +54,17 @@ class PipelineKind(ABC):
     #: The pipeline attribute that holds the denoiser DeepCache caches.
     denoiser_attribute: ClassVar[str]
 
+    #: Whether the pipeline is a demo model whose captions the shipped classifier can check.
+    embedded: bool = False
+    #: The attribute classifier that scores this pipeline's images against their prompts, if any.
+    classifier: Path | None = None
+    #: Images per pipeline call when the user does not say.
+    default_batch_size: int = 1
+
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
+        #: The folder or hub id the pipeline was loaded from (``""`` if built in memory).
+        self.source: str = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
 
     # -- load ----------------------------------------------------------------------------------------
     @classmethod
@@ -89,27 +104,28 @@ class PipelineKind(ABC):
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
 
-    @property
-    def source(self) -> str:
-        """The folder or hub id the pipeline was loaded from (``""`` if built in memory)."""
-        return str(getattr(getattr(self.pipe, "config", None), "_name_or_path", "") or "")
-
-    @property
-    def embedded(self) -> bool:
-        """Whether the pipeline is a demo model whose captions the shipped classifier can check."""
-        return False
-
-    @property
-    def default_batch_size(self) -> int:
-        return 1
-
-    def classifier_path(self) -> Path | None:
-        """The attribute classifier that scores this pipeline's images against their prompts, if any."""
-        return None
-
     def describe(self) -> dict[str, Any]:
         """What a report adds about this kind (nothing for a U-Net, so U-Net reports stay as they were)."""
         return {}
+
+    def run_meta(self, steps: int, guidance: float, prompts: Sequence[str], seeds: Sequence[int],
+                 **more: Any) -> dict[str, Any]:
+        """What a report says about the run (model, steps, scheduler, prompts, seeds, threads, device, dtype), and
+        ``more``; a transformer also its family and where its prompt embeddings came from (:meth:`describe`)."""
+        return {
+            "model": self.source,
+            "embedded": self.embedded,
+            **self.describe(),
+            "steps": steps,
+            "guidance": guidance,
+            "scheduler": type(self.pipe.scheduler).__name__,
+            "prompts": list(prompts),
+            "seeds": list(seeds),
+            **more,
+            "torch_threads": torch.get_num_threads(),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
 
     def attention_processors(self) -> list[str]:
         """The class names of the denoiser's attention processors (for the report's environment)."""
@@ -124,10 +140,14 @@ class PipelineKind(ABC):
         """The pipeline keywords that carry the classifier-free guidance scale."""
         return {"guidance_scale": scale}
 
-    def call(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
-             negative_prompts: Sequence[str | None] | None = None, output_type: str = "np",
-             height: int | None = None, width: int | None = None) -> Any:
-        """One pipeline call for a batch of prompts; returns its ``images``.
+    def call_defaults(self) -> dict[str, Any]:
+        """Pipeline keywords every call of this model needs (a tiny demo model's size); the caller's win."""
+        return {}
+
+    def call_kwargs(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
+                    negative_prompts: Sequence[str | None] | None = None, output_type: str = "np",
+                    height: int | None = None, width: int | None = None) -> dict[str, Any]:
+        """The keywords of :meth:`call`'s one pipeline call (``pipe(**kwargs)``): what ``tune``'s calibration records.
 
         Each prompt's noise comes from its own CPU ``torch.Generator`` seeded with its seed, so an image does not
         depend on the device, or on which other prompts share its batch. ``negative_prompts``: one per prompt
@@ -139,9 +159,17 @@ class PipelineKind(ABC):
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts; pass one per prompt.")
         size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-        return self.pipe(**self.prompt_kwargs(prompts, negatives),
-                         generator=[torch.Generator().manual_seed(int(s)) for s in seeds], num_inference_steps=steps,
-                         **self.guidance_kwargs(guidance), output_type=output_type, **size).images
+        return {**self.prompt_kwargs(prompts, negatives),
+                "generator": [torch.Generator().manual_seed(int(s)) for s in seeds], "num_inference_steps": steps,
+                **self.guidance_kwargs(guidance), "output_type": output_type, **{**self.call_defaults(), **size}}
+
+    def call(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
+             negative_prompts: Sequence[str | None] | None = None, output_type: str = "np",
+             height: int | None = None, width: int | None = None) -> Any:
+        """One pipeline call for a batch of prompts (:meth:`call_kwargs`); returns its ``images``."""
+        return self.pipe(**self.call_kwargs(prompts, seeds, steps=steps, guidance=guidance,
+                                            negative_prompts=negative_prompts, output_type=output_type, height=height,
+                                            width=width)).images
 
     @abstractmethod
     def bench_inputs(self, batch_size: int, device: str | torch.device, dtype: torch.dtype,
@@ -151,5 +179,6 @@ class PipelineKind(ABC):
     # -- count ---------------------------------------------------------------------------------------
     @abstractmethod
     def flop_counter(self) -> Any:
-        """FLOP counts per shape: an object with ``for_pattern(...)`` and ``latent_size(h, w)``
+        """FLOP counts per shape: an object with ``step_costs(...)`` (one step's full and retrieval FLOPs and the VAE
+        decode's), ``for_pattern(...)`` (a generation's, and its FLOP-ideal speedups) and ``latent_size(h, w)``
         (:class:`DeepCache.tools.flops.FlopCache` and :class:`~.dit_flops.DiTFlopCache`)."""

@@ -79,9 +79,18 @@ class DiTFlopCache:
         split = self.layout.split(branch, front, back)
         return self.counts(images, height, width, guidance_scale).step(*split)
 
-    def for_pattern(self, pattern: Sequence[bool], *, images: int, latent: tuple[int, int], branch: int,
-                    guidance_scale: float, uniform_interval: int | None = None) -> PatternFlops:
-        """As :meth:`DeepCache.tools.flops.FlopCache.for_pattern` (``latent``: here the image size)."""
+    def step_costs(self, *, images: int, latent: tuple[int, int], branch: int, guidance_scale: float,
+                   front: int | None = None, back: int | None = None) -> tuple[StepFlops, int]:
+        """As :meth:`DeepCache.tools.flops.FlopCache.step_costs` (``latent``: here the image size), the split
+        ``front``/``back`` (``front_blocks``/``back_blocks``) honoured: the retrieval step skips its middle."""
         counted = self.counts(images, *latent, guidance_scale)
-        split = self.layout.split(branch)
-        return pattern_flops(pattern, counted.step(*split), counted.vae_decode, uniform_interval)
+        return counted.step(*self.layout.split(branch, front, back)), counted.vae_decode
+
+    def for_pattern(self, pattern: Sequence[bool], *, images: int, latent: tuple[int, int], branch: int,
+                    guidance_scale: float, uniform_interval: int | None = None, front: int | None = None,
+                    back: int | None = None) -> PatternFlops:
+        """As :meth:`DeepCache.tools.flops.FlopCache.for_pattern` (``latent``: here the image size; ``front``/``back``:
+        an asymmetric split)."""
+        step, vae = self.step_costs(images=images, latent=latent, branch=branch, guidance_scale=guidance_scale,
+                                    front=front, back=back)
+        return pattern_flops(pattern, step, vae, uniform_interval)

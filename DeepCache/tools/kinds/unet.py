@@ -5,8 +5,8 @@ Example::
 
     >>> from DeepCache.tools.kinds.unet import UNetKind
     >>> kind = UNetKind.load(None, "cpu", None)
-    >>> kind.embedded, kind.classifier_path().name
-    (True, 'demo-classifier')
+    >>> kind.embedded, kind.classifier.name, kind.default_batch_size
+    (True, 'demo-classifier', 16)
 """
 
 from __future__ import annotations
@@ -32,6 +32,16 @@ class UNetKind(PipelineKind):
     family = "unet"
     denoiser_attribute = "unet"
 
+    def __init__(self, pipe: Any, *, embedded: bool | None = None) -> None:
+        """``embedded``: whether ``pipe`` is a demo model (``None``: its folder says, by the marker file that
+        ``deepcache train-demo-model`` writes); its classifier is the one trained beside it (``../demo-classifier``)."""
+        super().__init__(pipe)
+        folder = Path(self.source) if self.source else None
+        self.embedded = folder is not None and is_demo_pipeline_dir(folder) if embedded is None else embedded
+        self.default_batch_size = 16 if self.embedded else 1
+        classifier = folder.parent / CLASSIFIER_DIR if self.embedded and folder is not None else None
+        self.classifier = classifier if classifier is not None and classifier.is_dir() else None
+
     @classmethod
     def load(cls, model: str | None, device: str | torch.device, dtype: torch.dtype | None) -> UNetKind:
         """``None``: the embedded demo pipeline (offline); else any diffusers pipeline folder or cached hub id."""
@@ -40,34 +50,12 @@ class UNetKind(PipelineKind):
                 raise FileNotFoundError(
                     f"the embedded demo model is missing from {EMBEDDED_MODEL}; reinstall DeepCache, or rebuild it "
                     "with `deepcache train-demo-model --out DeepCache/assets`.")
-            return cls(from_pretrained("StableDiffusionPipeline", EMBEDDED_MODEL, device, dtype))
+            return cls(from_pretrained("StableDiffusionPipeline", EMBEDDED_MODEL, device, dtype), embedded=True)
         return cls(from_pretrained("DiffusionPipeline", model, device, dtype))
 
     @classmethod
     def folder_batch_size(cls, model: str | Path | None) -> int:
         return 16 if model is None or is_demo_pipeline_dir(Path(model).expanduser()) else 1
-
-    # -- the demo model ------------------------------------------------------------------------------
-    def _folder(self) -> Path | None:
-        return Path(self.source) if self.source else None
-
-    @property
-    def embedded(self) -> bool:
-        """Loaded from a folder written by ``deepcache train-demo-model`` (captions checkable)."""
-        folder = self._folder()
-        return folder is not None and is_demo_pipeline_dir(folder)
-
-    @property
-    def default_batch_size(self) -> int:
-        return 16 if self.embedded else 1
-
-    def classifier_path(self) -> Path | None:
-        """The classifier trained beside a demo pipeline (``../demo-classifier``), if there is one."""
-        folder = self._folder()
-        if folder is None or not is_demo_pipeline_dir(folder):
-            return None
-        path = folder.parent / CLASSIFIER_DIR
-        return path if path.is_dir() else None
 
     # -- call and count ------------------------------------------------------------------------------
     def prompt_kwargs(self, prompts: Sequence[str], negatives: Sequence[str]) -> dict[str, Any]:

@@ -34,13 +34,18 @@ original, the order rotating, until each has ``--repeats`` timings (default 3 on
 load changes from call to call; 1 on CUDA); the median counts. If that lowers the best, the candidates it brings
 back in reach are run too. A progress bar on stderr says which stage runs.
 
-``tune`` decides on evidence: every measured speedup is printed beside its FLOP-ideal one (the U-Net and VAE FLOPs
-the schedule saves); a measured speedup more than 10 % above that bound is noise: ``tune`` warns, and ranks that
-candidate at its bound. It prints every candidate, then the fastest that meets ``--min-psnr`` and/or ``--min-ssim``
+``tune`` decides on evidence: every measured speedup is printed beside its FLOP-ideal one (the denoiser's and the
+VAE's FLOPs the schedule saves); a measured speedup more than 10 % above that bound is noise: ``tune`` warns, and
+ranks that candidate at its bound. It prints every candidate, then the fastest that meets ``--min-psnr`` and/or ``--min-ssim``
 as a ``helper.set_params(...)`` line; it writes that setting as ``CacheParams`` JSON (``--save``) and a
 speed-vs-PSNR plot of the judged candidates with their Pareto front, the choice labelled as the printed line
 (``--plot``). When nothing meets the bound it says what the best candidate reached and exits with status 2.
 Adaptive schedules decide per batch: they are tuned and measured at ``--batch-size``.
+
+A diffusion-transformer pipeline (``--model`` folder: PixArt, Sana, SD3, Flux, ...) is searched the same way, through
+its kind (:mod:`DeepCache.tools.kinds`): branches ``0..N//2`` of its N blocks, FLOPs counted block by block, its
+calibration recorded on the transformer (each CFG branch replayed on its own); every kind, the calibrated forecast
+included.
 
 Example::
 
@@ -60,6 +65,7 @@ from typing import Any
 from ..cli_common import (add_device_options, add_generation_arguments, add_json_option, add_model_option,
                           add_prompt_options, add_table_options, add_threads_option, apply_threads,
                           pipeline_from_args, positive_int, quiet_third_party, register)
+from ..kinds import denoiser_name, kind_of
 from ..pipelines import is_demo_pipeline, model_name
 from ..prompts import PromptItem, calibration_prompts, prompt_seeds
 from ..quality import COLUMNS as EVAL_COLUMNS
@@ -68,6 +74,7 @@ from ..settings import Setting
 from .choice import NOISE_MARGIN, bound_text, choose, credible_speedup, full_step_budget, pareto_front, \
     search_threshold, unmet_bound
 from .calibrated import FORECAST_MAX_GAP, LINEAR_MAX_INTERVAL
+from .denoiser import kinds_for
 from .pareto import KIND_STYLE, chosen_label, pareto_plot, plot_series
 from .search import DEFAULT_BRANCHES, DEFAULT_INTERVALS, KINDS, Candidate, PromptSplit, TuneConfig, TuneResult, tune
 
@@ -85,7 +92,8 @@ CPU_REPEATS, CUDA_REPEATS = 3, 1
 def header(result: TuneResult) -> str:
     """One line: model, steps, prompts, guidance, batch, repeats, threads, device."""
     m = result.meta
-    return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps ({m['evaluations']} U-Net evaluations), "
+    return (f"{model_name(m)}; {m['steps']} {m['scheduler']} steps ({m['evaluations']} {denoiser_name(m.get('family'))} "
+            "evaluations), "
             f"{len(m['prompts'])} judging + {len(m['calibration_prompts'])} calibration prompts (disjoint), guidance "
             f"{m['guidance']}, batch {m['batch_size']}, {m['judged']} candidates judged and {m['pruned']} pruned, "
             f"contenders' median of {m['repeats']} repeat(s), {m['torch_threads']} CPU thread(s), {m['device']} "
@@ -175,7 +183,8 @@ def _kinds(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``deepcache tune``."""
-    add_model_option(parser, "local folder or hub id of an SD/SDXL pipeline (default: the embedded demo model, offline)")
+    add_model_option(parser, "local folder or hub id of a U-Net (SD/SDXL) or diffusion-transformer (PixArt, Sana, SD3, "
+                     "Flux, ...) pipeline (default: the embedded demo model, offline)")
     parser.add_argument("--min-psnr", type=float, metavar="DB",
                         help=f"quality bound: mean PSNR vs the uncached images, dB (default {DEFAULT_MIN_PSNR:g} when "
                         "--min-ssim is not given either)")
@@ -185,8 +194,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     branches = parser.add_mutually_exclusive_group()
     branches.add_argument("--branches", type=_int_list(0), default=DEFAULT_BRANCHES, metavar="B,B,...",
                           help="cache_branch_id values (default 0,1,2)")
-    branches.add_argument("--all-branches", action="store_true", help="every valid branch of the U-Net")
-    parser.add_argument("--kinds", type=_kinds, default=KINDS, metavar="KIND,...",
+    branches.add_argument("--all-branches", action="store_true", help="every valid branch of the denoiser (a "
+                          "transformer of N blocks: 0..N//2)")
+    parser.add_argument("--kinds", type=_kinds, metavar="KIND,...",
                         help=f"schedules to try (default {','.join(KINDS)})")
     add_prompt_options(parser, default_count=EVAL_PROMPTS)
     parser.add_argument("--calibration-prompt", action="append", metavar="PROMPT",
@@ -226,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
                                           exclude=prompts, given=args.calibration_prompt)
         branches = tuple(range(_num_branches(pipe))) if args.all_branches else args.branches
         repeats = args.repeats or (CUDA_REPEATS if pipe.device.type == "cuda" else CPU_REPEATS)
-        config = TuneConfig(args.intervals, branches, args.kinds, args.steps, args.guidance, repeats,
+        kinds = kinds_for(pipe, args.kinds)
+        config = TuneConfig(args.intervals, branches, kinds, args.steps, args.guidance, repeats,
                             args.batch_size or (16 if embedded else 1))
         _check_branches(pipe, branches)
         items = [PromptItem(p, s) for p, s in zip(prompts, prompt_seeds(prompts, args.seed))]
@@ -264,7 +275,8 @@ def _check_branches(pipe: Any, branches: Sequence[int]) -> None:
     valid = _num_branches(pipe)
     bad = [b for b in branches if b >= valid]
     if bad:
-        raise ValueError(f"--branches {','.join(map(str, bad))}: valid ids for this U-Net are 0..{valid - 1}.")
+        raise ValueError(f"--branches {','.join(map(str, bad))}: valid ids for this {denoiser_name(kind_of(pipe).family)} "
+                         f"are 0..{valid - 1}.")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]

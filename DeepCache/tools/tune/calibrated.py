@@ -1,8 +1,8 @@
 """``deepcache tune``'s calibrated candidates: one recording on the calibration prompts, solved for any branch and K.
 
-The calibration prompts run once uncached (recorded; the U-Net's inputs do not depend on the branch, so one
-recording serves every branch). Each branch's replay runs the first time a candidate of that branch is built, and
-each budget K is solved only when its candidate can still win (:mod:`.plan`):
+The calibration prompts run once uncached (recorded; the denoiser's inputs, a U-Net's or a transformer's, do not
+depend on the branch, so one recording serves every branch). Each branch's replay runs the first time a candidate of
+that branch is built, and each budget K is solved only when its candidate can still win (:mod:`.plan`):
 
 * ``calibrated``: the reuse errors (gaps up to ``reuse_gap``), then the exact programme for K: the full steps
   :meth:`DeepCacheSDHelper.calibrate` picks;
@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
-from ...schedules import calibration
+from ...schedules import calibration, closed_loop
 from ...schedules import forecast_calibration as fc
 from ...schedules import forecast_heldout
 from ...schedules.params import CacheParams
 from ...schedules.schedule import optimal_full_steps
+from ..kinds import kind_of
 from ..settings import Setting
 
 __all__ = ["CALIBRATED_KINDS", "FORECAST_MAX_GAP", "FORECAST_MAX_SPAN", "LINEAR_MAX_INTERVAL", "Calibration",
@@ -60,7 +61,7 @@ def forecast_choice(pipe: Any, measured: fc.ForecastErrors, budget: int, referen
     when the rule keeps reuse (calibrated reuse is a candidate of its own). Whatever it picks is judged by tune on
     the judging prompts, never on the calibration prompts it was chosen on.
     """
-    choice = forecast_heldout.choose(pipe, pipe.unet, measured, budget, reference, rewind, call)
+    choice = forecast_heldout.choose(pipe, kind_of(pipe).denoiser, measured, budget, reference, rewind, call)
     return None if choice.option == "reuse" else choice.params
 
 
@@ -74,6 +75,7 @@ class Calibration:
     def __init__(self, pipe: Any, call: dict[str, Any], *, reuse_gap: int, forecast: bool,
                  on_stage: Callable[[str], None] = lambda text: None) -> None:
         self.pipe, self.call, self.reuse_gap, self.forecast = pipe, call, reuse_gap, forecast
+        self.denoiser = kind_of(pipe).denoiser  # the U-Net or the transformer
         self.on_stage = on_stage
         self.runs = 0
         self._stack = contextlib.ExitStack()
@@ -91,7 +93,7 @@ class Calibration:
     def _recording(self) -> tuple[Any, torch.Tensor, Callable[[], None]]:
         if self._recorded is None:
             self.on_stage("calibration: recording the uncached run")
-            self._recorded = self._stack.enter_context(fc.recorded(self.pipe, self.pipe.unet, self.call))
+            self._recorded = self._stack.enter_context(closed_loop.recorded(self.pipe, self.denoiser, self.call))
             self.runs += 1
         return self._recorded
 
@@ -103,7 +105,7 @@ class Calibration:
                 self._reuse[branch] = reuse_within(self._forecast_errors(branch).reuse, self.reuse_gap)
             else:
                 self.on_stage(f"calibration: reuse errors B={branch}")
-                self._reuse[branch] = calibration.reuse_errors(self.pipe.unet, rec, branch, self.reuse_gap)
+                self._reuse[branch] = calibration.reuse_errors(self.denoiser, rec, branch, self.reuse_gap)
         return self._reuse[branch]
 
     def _forecast_errors(self, branch: int) -> fc.ForecastErrors:
@@ -111,7 +113,7 @@ class Calibration:
             rec = self._recording()[0]
             self.on_stage(f"calibration: forecast replay B={branch}")
             samples = self._recording()[1].shape[0]  # per-sample errors: the held-out choice splits them
-            self._measured[branch] = fc.forecast_errors(self.pipe.unet, rec, branch, max_gap=FORECAST_MAX_GAP,
+            self._measured[branch] = fc.forecast_errors(self.denoiser, rec, branch, max_gap=FORECAST_MAX_GAP,
                                                         max_span=FORECAST_MAX_SPAN, samples=samples)
         return self._measured[branch]
 

@@ -1,7 +1,7 @@
 """``deepcache tune``'s decisions, as pure functions: the full-step budget, the adaptive threshold search, the
 Pareto front, and which candidate the evidence supports.
 
-A measured speedup is trusted up to the candidate's FLOP-ideal speedup (the U-Net and VAE FLOPs it saves; text
+A measured speedup is trusted up to the candidate's FLOP-ideal speedup (the denoiser's and VAE's FLOPs it saves; text
 encoding and scheduler work only lower the real figure): a measurement more than :data:`NOISE_MARGIN` above that
 bound is noise, flagged (:func:`beats_bound`), and the candidate is ranked at its bound (:func:`credible_speedup`).
 

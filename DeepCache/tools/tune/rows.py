@@ -11,7 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ..flops import FlopCache, ideal_speedup_pattern, unet_batch
+from ..flops import ideal_speedup_pattern
+from ..kinds import kind_of
 from ..runs import SettingRun
 from ..settings import BASELINE
 from .choice import beats_bound
@@ -20,25 +21,28 @@ __all__ = ["Flops", "baseline_row", "judged_row", "pruned_row", "refresh_speedup
 
 
 class Flops:
-    """FLOP-ideal end-to-end speedups (U-Net steps and the VAE decode), per branch; ``None`` where the U-Net or
-    VAE is not SD-like."""
+    """FLOP-ideal end-to-end speedups (the denoiser's steps and the VAE decode) per branch, at the image size
+    ``size`` tune generates, counted by the pipeline's kind (:meth:`DeepCache.tools.kinds.PipelineKind.flop_counter`:
+    a U-Net on the meta device, a transformer block by block on a real forward); ``None`` where a U-Net or its VAE is
+    not SD-like."""
 
-    def __init__(self, pipe: Any, guidance: float) -> None:
-        self.counter: FlopCache | None = None
+    def __init__(self, pipe: Any, guidance: float, size: tuple[int, int]) -> None:
+        self.counter: Any = None
+        self.guidance = guidance
         try:
-            self.counter = FlopCache(pipe.unet.config, pipe.vae.config)
+            self.counter = kind_of(pipe).flop_counter()
         except (AttributeError, TypeError, ValueError, KeyError, RuntimeError):  # not an SD-like U-Net and VAE
             return
-        size = pipe.unet.config.sample_size
-        self.latent = (size, size) if isinstance(size, int) else tuple(size)
-        self.unet_batch = unet_batch(pipe.unet.config, 1, guidance)
+        self.latent = self.counter.latent_size(*size)
 
-    def of_patterns(self, branch: int, patterns: Sequence[Sequence[bool]], images: Sequence[int]) -> float | None:
-        """Original FLOPs over the FLOPs of these step patterns, each weighted by its images."""
+    def of_patterns(self, branch: int, patterns: Sequence[Sequence[bool]], images: Sequence[int], *,
+                    front: int | None = None, back: int | None = None) -> float | None:
+        """Original FLOPs over the FLOPs of these step patterns, each weighted by its images, caching at ``branch``
+        (or the split ``front``/``back`` of a transformer's blocks)."""
         if self.counter is None or not patterns:
             return None
-        step = self.counter.step(self.unet_batch, *self.latent, branch)
-        vae = self.counter.vae_decode(1, *self.latent)
+        step, vae = self.counter.step_costs(images=1, latent=self.latent, branch=branch, guidance_scale=self.guidance,
+                                            front=front, back=back)
         per_image = [f for p, n in zip(patterns, images) for _ in range(n) for f in p]
         return ideal_speedup_pattern(per_image, step.full, step.retrieval, vae * sum(images))
 
@@ -63,7 +67,8 @@ def judged_row(kind: str, interval: int | None, budget: int, run: SettingRun, st
         "kind": kind, "interval": interval, "budget": budget, "branch": branch, "setting": run.setting.label,
         "params": run.setting.for_steps(steps).helper_kwargs(), "full_steps": run.full_steps,
         "seconds": None, "seconds_all": run.seconds, "timings": None, "speedup": None,
-        "ideal_speedup": flops.of_patterns(branch, run.patterns, run.batch_sizes),
+        "ideal_speedup": flops.of_patterns(branch, run.patterns, run.batch_sizes, front=run.setting.front_blocks,
+                                           back=run.setting.back_blocks),
         "beats_bound": False, "psnr": means["psnr"], "ssim": means["ssim"], "meets": None, "pareto": False,
         "status": "judged",
     }

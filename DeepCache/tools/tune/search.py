@@ -24,11 +24,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from ...schedules.params import CacheParams
 from ...schedules.schedule import schedule_pattern
 from ..cli_common import Progress
+from ..kinds import kind_of
 from ..pipelines import pipeline_device, run_meta
 from ..prompts import PromptItem
 from ..report import environment, json_document
@@ -36,13 +35,13 @@ from ..runs import DEFAULT_GUIDANCE, DEFAULT_STEPS, RunSpec, SettingRun, generat
 from ..settings import Setting
 from .calibrated import CALIBRATED_KINDS, LINEAR_MAX_INTERVAL, Calibration
 from .choice import choose, full_step_budget, meets, pareto_front, search_threshold
+from .denoiser import KINDS, kinds_for, probe
 from .judge import Judge
 from .plan import Slot, best_credible, contenders, could_win, order
 from .rows import Flops, baseline_row, judged_row, pruned_row, refresh_speedups
 
 __all__ = ["DEFAULT_BRANCHES", "DEFAULT_INTERVALS", "KINDS", "Candidate", "PromptSplit", "TuneConfig", "TuneResult", "tune"]
 
-KINDS: tuple[str, ...] = ("uniform", "non-uniform", "calibrated", "adaptive", "forecast", "linear")
 DEFAULT_INTERVALS: tuple[int, ...] = (2, 3, 4, 5, 6)
 DEFAULT_BRANCHES: tuple[int, ...] = (0, 1, 2)
 #: Where the non-uniform schedule is densest, as a share of the generation (the paper: step 15 of 50).
@@ -82,15 +81,15 @@ class TuneConfig:
 
     intervals: tuple[int, ...] = DEFAULT_INTERVALS
     branches: tuple[int, ...] = DEFAULT_BRANCHES
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] | None = None  # None: every kind the pipeline supports (:func:`.denoiser.kinds_for`)
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     repeats: int = 1
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.kinds) - set(KINDS))
-        if unknown or not self.kinds:
+        unknown = sorted(set(self.kinds or ()) - set(KINDS))
+        if unknown or self.kinds == ():
             raise ValueError(f"unknown kind(s) {unknown}; choose from {', '.join(KINDS)}.")
         if not self.intervals or min(self.intervals) < 2:
             raise ValueError(f"intervals must be integers >= 2 (1 is the uncached pipeline), got {list(self.intervals)}.")
@@ -135,24 +134,6 @@ class TuneResult:
         return json_document("deepcache tune", meta=self.meta, env=self.env, rows=self.rows, chosen=self.chosen)
 
 
-def count_evaluations(pipe: Any, prompt: str, seed: int, steps: int, guidance: float) -> int:
-    """U-Net evaluations of one uncached generation (``steps`` for DDIM, about twice that for Heun)."""
-    calls = 0
-
-    def count(*_: Any) -> None:
-        nonlocal calls
-        calls += 1
-
-    handle = pipe.unet.register_forward_pre_hook(count)
-    try:
-        with torch.no_grad():
-            pipe(prompt, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
-                 guidance_scale=guidance, output_type="latent")
-    finally:
-        handle.remove()
-    return calls
-
-
 def calibrated_budgets(evaluations: int, intervals: Sequence[int]) -> dict[int, int | None]:
     """``{K: N}``: every budget from the largest interval's to the smallest's, with the smallest interval that
     gives it (``None`` for a K no interval gives).
@@ -190,7 +171,7 @@ def slots(config: TuneConfig, evaluations: int, flops: Flops) -> list[Slot]:
     FLOP-ideal speedup, K full steps' for the calibrated kinds, the cap's forced full steps' for ``adaptive``."""
     out = []
     for branch in config.branches:
-        for kind in config.kinds:
+        for kind in config.kinds or KINDS:
             if kind in CALIBRATED_KINDS:
                 for budget, n in calibrated_budgets(evaluations, config.intervals).items():
                     out.append(Slot(kind, branch, n, budget, flops.of_full_steps(branch, budget, evaluations)))
@@ -239,20 +220,20 @@ def tune(pipe: Any, config: TuneConfig, split: PromptSplit, *, min_psnr: float |
          progress: bool = False) -> TuneResult:
     """Build, judge and time the candidates that can win (module docstring); choose the fastest the evidence
     supports that meets the bound (:func:`.choice.choose`; ``chosen=None`` if none does)."""
-    first = split.calibration[0]
-    evaluations = count_evaluations(pipe, first.prompt, int(first.seed), config.steps, config.guidance)  # type: ignore[arg-type]
-    flops = Flops(pipe, config.guidance)
+    config = dataclasses.replace(config, kinds=kinds_for(pipe, config.kinds))  # a kind it cannot build: clear error
+    sample = probe(pipe, split.calibration[0], steps=config.steps, guidance=config.guidance)
+    evaluations = sample.evaluations
+    flops = Flops(pipe, config.guidance, (sample.height, sample.width))
     todo = order(slots(config, evaluations, flops))
     bar = Progress(len(todo), progress, desc="deepcache tune", unit="candidate")
-    call = {"prompt": [i.prompt for i in split.calibration], "num_inference_steps": config.steps,
-            "guidance_scale": config.guidance, "output_type": "latent",
-            "generator": [torch.Generator().manual_seed(int(i.seed)) for i in split.calibration]}  # type: ignore[arg-type]
+    prompts, seeds = [i.prompt for i in split.calibration], [int(i.seed) for i in split.calibration]  # type: ignore[arg-type]
+    call = kind_of(pipe).call_kwargs(prompts, seeds, steps=config.steps, guidance=config.guidance, output_type="latent")
     built: dict[Setting, Candidate] = {}
     rows: list[dict[str, Any]] = []
     runs: list[SettingRun] = []
     pruned: list[Slot] = []
     try:
-        with Calibration(pipe, call, reuse_gap=2 * max(config.intervals), forecast="forecast" in config.kinds,
+        with Calibration(pipe, call, reuse_gap=2 * max(config.intervals), forecast="forecast" in (config.kinds or ()),
                          on_stage=bar.stage) as cal:
             bar.stage("judging: the uncached images of the judging prompts")
             judge = Judge(pipe, split.judging, config.spec)
@@ -301,7 +282,7 @@ def _result(pipe: Any, config: TuneConfig, split: PromptSplit, evaluations: int,
         pipe, config.steps, config.guidance, [i.prompt for i in judging], [i.seed for i in judging],  # type: ignore[misc]
         evaluations=evaluations, calibration_prompts=[i.prompt for i in split.calibration],
         calibration_seeds=[i.seed for i in split.calibration], intervals=list(config.intervals),
-        branches=list(config.branches), kinds=list(config.kinds), batch_size=config.batch_size,
+        branches=list(config.branches), kinds=list(config.kinds or ()), batch_size=config.batch_size,
         repeats=config.repeats, min_psnr=min_psnr, min_ssim=min_ssim, judged=len(rows) - len(pruned),
         pruned=len(pruned), calibration_runs=calibration_runs)
     return TuneResult([baseline_row(judge.baseline, evaluations), *rows], chosen, meta,
