@@ -50,22 +50,25 @@ class CalibrateMixin:
         also measures, for each pair of full steps ``a' < a`` (at most 4 apart), each step ``k`` at most ``max_gap``
         (default 8) after ``a`` and each candidate weight, the same error for ``F_a + w*(k-a)*(F_a - F_a')/(a-a')``;
         the full steps come from a DP over the last two full steps, with the best weight per evaluation (reuse,
-        weight 0, wins ties). A few such choices (caps on ``w*(k-a)/(a-a')``) run through the pipeline with the
-        same noise (closed loop), and the best is possibly refined in closed loop (one weight per segment of at
-        least 5 retrieval steps, possibly negative). **The result is chosen on samples it was not fitted on**
-        (:mod:`DeepCache.schedules.forecast_heldout`): the calibration batch (prompts x images per prompt) is split into 4
-        folds (leave one out for 2-3 samples); for each fold the options (the best closed-loop candidate, its
-        refinement, and both with weights halved) are fitted on the other folds and scored against the calibrated
-        reuse schedule of the same folds on the held-out one. An option is accepted only if it gains on a clear
-        majority of the held-out samples (one-sided sign test, p <= 0.15: 6 of 8, 5 of 6, all of 4) by more than
-        twice the standard error of its gains; the accepted option with the largest mean gain is fitted again on
-        all samples and returned. None accepted: the calibrated reuse schedule (``forecast=None``), so asking for a
+        weight 0, wins ties). **The result is chosen on samples it was not fitted on**
+        (:mod:`DeepCache.schedules.forecast_heldout`): the calibration batch (prompts x images per prompt) is split
+        into 4 folds (leave one out for 2-3 samples). The options form a ladder, mildest first: the best weights for
+        the calibrated reuse steps, times 0.25, 0.5, 0.75 and 1, then the last refined in closed loop (one weight
+        per segment of at least 5 retrieval steps, possibly negative). For each fold each option is fitted on the
+        other folds and run (closed loop, the same noise) against the calibrated reuse schedule of the same folds,
+        scored on the held-out one. An option is accepted only if it gains on a clear majority of the held-out
+        samples (one-sided sign test, p <= 0.15: 6 of 8, 5 of 6, all of 4) by more than twice the standard error of
+        its gains (each gain capped at 3 dB for this test, losses in full); the ladder is climbed until the first
+        option not accepted, and the accepted option with the largest mean gain is fitted again on all samples and
+        returned (testing in a fixed order and stopping at the first failure keeps the risk of any wrong acceptance
+        at that of one test). None accepted: the calibrated reuse schedule (``forecast=None``), so asking for a
         forecast is meant never to give worse images than not asking. With 1-3 samples a forecast is kept only if it
         gains at least 3 dB on every held-out sample (with one sample: on that sample, unrefined), and a
         ``UserWarning`` says that few prompts are risky: calibrate on 4 or more (8 recommended). Cost: about 10
         pipeline calls' worth of U-Net work for the replay (25 steps, branch 0; a transformer: per CFG branch),
-        then per fold and on all samples the closed-loop runs (a few, plus up to 14 per long segment for the
-        refinement). On a transformer each CFG branch's middle residual is forecast along its own line.
+        then per fold two closed-loop runs and one more per option climbed (plus up to 14 per long segment if the
+        climb reaches the refinement). On a transformer each CFG branch's middle residual is forecast along its own
+        line.
 
         Returns:
             ``CacheParams(skip_mode="custom", full_steps=..., cache_branch_id=...)``, also set on the helper (with

@@ -195,7 +195,7 @@ def test_refine_keeps_a_change_only_if_it_gains_the_margin(gain: float) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_choose_fits_on_other_samples_and_refits_the_kept_option_on_all(batch: int, monkeypatch) -> None:
+def test_choose_fits_each_rung_on_other_samples_and_refits_the_kept_one_on_all(batch: int, monkeypatch) -> None:
     pipe = tiny_sd_pipe()
     call = _call(batch)
     runs: dict = {}  # every closed-loop run, by its parameters: the checks below rerun none
@@ -217,22 +217,81 @@ def test_choose_fits_on_other_samples_and_refits_the_kept_option_on_all(batch: i
             choice = fh.choose(pipe, pipe.unet, measured, 2, final, rewind, call)
         assert choice.runs == len(runs)
         score = lambda p: cached(pipe, pipe.unet, [p], final, rewind, call)[0]  # noqa: E731
-        # the held-out gains are what the options fitted without each fold score on it
+        rungs = {r.name: r for r in fh.LADDER}
+        assert set(choice.gains) == set(choice.verdicts) and list(choice.verdicts) == [
+            name for name in rungs if name in choice.verdicts]  # judged in climbing order
+        assert batch > 1 or not any(rungs[name].refined for name in choice.verdicts)
+        # the held-out gains are what the rung fitted without each fold scores on it
         for held in fr.kfold(batch) or [[0]]:
             train = [s for s in range(batch) if s not in held] or [0]
-            options = fh.fit_options(score, measured, 2, train, refined=batch > 1)
             for name, gains in choice.gains.items():
-                expected = 10.0 * (score(options["reuse"])[held] - score(options[name])[held])
-                np.testing.assert_allclose(gains[held], expected, rtol=1e-9, atol=1e-9)
-        assert set(choice.verdicts) == set(fh.OPTIONS if batch > 1 else fh.OPTIONS[:1])
-        expected = fr.pick([choice.verdicts[name] for name in choice.verdicts])
-        if expected is None:
+                reuse, params = fh.fit_rung(score, measured, 2, rungs[name], train)
+                np.testing.assert_allclose(gains[held], 10.0 * (score(reuse)[held] - score(params)[held]), atol=1e-9)
+        verdicts = list(choice.verdicts.values())
+        assert all(v.accept for v in verdicts[:-1])  # the climb stopped at its first rejection, if any
+        accepted = [name for name, v in choice.verdicts.items() if v.accept]
+        if not accepted:
             assert choice.option == "reuse" and choice.params == measured.reuse_params(2)
         else:
-            option = list(choice.verdicts)[expected]
-            refit = fh.fit_options(score, measured, 2, range(batch), refined="refined" in option)[option]
-            assert choice.option in (option, "reuse") and choice.params in (refit, measured.reuse_params(2))
+            kept = max(accepted, key=lambda name: choice.verdicts[name].mean_db)
+            refit = fh.fit_rung(score, measured, 2, rungs[kept], range(batch))[1]
+            assert (choice.option, choice.params) in ((kept, refit), ("reuse", measured.reuse_params(2)))
         assert len(runs) == choice.runs  # the checks reran nothing
+
+
+def test_a_rung_names_its_recipe_and_refuses_unknown_steps() -> None:
+    assert [r.name for r in fh.LADDER] == ["reuse steps x0.25", "reuse steps x0.5", "reuse steps x0.75",
+                                           "reuse steps x1", "reuse steps x1, refined"]
+    with pytest.raises(ValueError, match="'reuse' .* or 'dp'"):
+        fh.Rung("own", 1.0)
+
+
+def _synthetic_errors(samples: int = 8, n: int = 6) -> fc.ForecastErrors:
+    """A replay where reuse costs the gap and the forecast with weight w costs (1 - w/2) of it: weight 1 wins."""
+    a, k = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    reuse = np.where(k >= a, (k - a).astype(float), math.inf)
+    w = np.asarray(fc.CANDIDATE_WEIGHTS)
+    p3, a3, k3 = np.meshgrid(np.arange(n), np.arange(n), np.arange(n), indexing="ij")
+    errors = np.where(((p3 < a3) & (a3 < k3))[..., None], (k3 - a3)[..., None] * (1 - w / 2), math.inf)
+    branch_reuse, branch_errors = np.stack([reuse] * samples)[None], np.stack([errors] * samples)[None]  # one branch
+    return fc.ForecastErrors(reuse.tolist(), errors, tuple(w), 0, (n, 0), branch_reuse, branch_errors,
+                             np.ones((1, samples, n)))
+
+
+@pytest.mark.parametrize("bad, kept, judged", [
+    # the gain of sample 7 at each factor f of the forecast (the other samples gain 4 f dB): the climb stops at the
+    # first rung whose held-out gains fail the rule, never running a later one, and keeps the accepted rung with
+    # the largest mean gain
+    (lambda f: 4 * f - 20 * f**3, "reuse steps x0.5", 3),  # x0.75: 7 of 8 win but the mean is within 2 SE
+    (lambda f: 4 * f - 5.0, "reuse", 1),  # x0.25 loses 4 dB on sample 7: 7 of 8 win, but within the spread
+    (lambda f: -0.5, "reuse steps x1", 4),  # 7 of 8 win at every factor: the boldest reuse-steps rung
+])
+def test_choose_climbs_the_ladder_and_stops_at_the_first_rung_that_fails(bad, kept, judged, monkeypatch) -> None:
+    measured, samples = _synthetic_errors(), 8
+    factors = []
+
+    def closed_loop(pipeline, unet, candidates, reference, rewind, call_kwargs):  # latent error, log10 MSE
+        f = max(max(p.forecast_weights or (0.0,)) for p in candidates)
+        factors.append(f)
+        return np.asarray([[-(bad(f) if s == 7 else 4 * f) / 10 if f else 0.0 for s in range(samples)]])
+
+    monkeypatch.setattr(fh, "closed_loop_sample_errors", closed_loop)
+    choice = fh.choose(None, None, measured, 3, torch.zeros(samples, 1), lambda: None, {})
+    names = [r.name for r in fh.LADDER]
+    assert list(choice.verdicts)[:judged] == names[:judged] and choice.option == kept
+    assert all(choice.verdicts[name].accept for name in names[:judged - 1])
+    if judged < 4:
+        assert list(choice.verdicts) == names[:judged] and not choice.verdicts[names[judged - 1]].accept
+        assert sorted(set(factors)) == [0.0] + [r.factor for r in fh.LADDER[:judged]]  # later rungs never ran
+    reuse = measured.reuse_params(3)
+    if kept == "reuse":
+        assert choice.params == reuse
+    else:
+        weights = set(choice.params.forecast_weights)
+        assert choice.params.full_steps == reuse.full_steps and weights == {0.0, float(kept.split("x")[1])}
+    for name, gains in choice.gains.items():
+        f = fh.LADDER[names.index(name)].factor
+        np.testing.assert_allclose(gains, [4 * f] * 7 + [bad(f)], atol=1e-9)
 
 
 # -- the held-out rule (pure) ----------------------------------------------------------------------------------
@@ -274,6 +333,18 @@ def test_held_out_rule_rejects_a_mean_within_the_spread() -> None:
     assert not fr.held_out_verdict([0.02, 0.02, 0.02, 1.0]).accept
 
 
+def test_held_out_rule_caps_gains_for_the_spread_test_but_never_losses() -> None:
+    gains = [1.0, 1.2, 0.9, 1.1, 1.0, 0.8, 1.3, 30.0]  # every sample wins; uncapped: mean 4.66 < 2 x 3.62
+    assert np.mean(gains) < 2 * np.std(gains, ddof=1) / math.sqrt(8)
+    v = fr.held_out_verdict(gains)
+    assert v.accept and v.mean_db == pytest.approx(np.mean(gains)) and v.stderr_db == pytest.approx(
+        np.std(gains, ddof=1) / math.sqrt(8))  # reported: the gains themselves
+    capped = np.minimum(gains, fr.GAIN_CAP_DB)
+    assert f"capped {capped.mean():.3f} dB > 2 x {np.std(capped, ddof=1) / math.sqrt(8):.3f} dB" in v.reason
+    v = fr.held_out_verdict([30.0] * 7 + [-20.0])  # a loss counts in full: capped mean 0.125 < 2 x 2.87
+    assert not v.accept and v.mean_db == pytest.approx(23.75) and "within" in v.reason
+
+
 def test_held_out_rule_counts_ties_and_nans_against_the_forecast() -> None:
     ties = fr.held_out_verdict([0.0] * 8)
     assert not ties.accept and (ties.wins, ties.losses) == (0, 0)
@@ -292,20 +363,24 @@ def test_held_out_rule_with_1_to_3_samples_needs_a_large_gain_on_each(gains: lis
     assert v.accept is accept and f"few samples ({len(gains)})" in v.reason
 
 
-def test_pick_keeps_the_accepted_option_with_the_largest_lower_bound_first_on_ties() -> None:
-    def verdict(accept: bool, mean: float, se: float = 0.0) -> fr.Verdict:
-        return fr.Verdict(accept, "", 0, 0, mean, se)
+def test_climb_stops_at_the_first_rejection_and_keeps_the_largest_accepted_mean() -> None:
+    def verdict(accept: bool, mean: float) -> fr.Verdict:
+        return fr.Verdict(accept, "", 0, 0, mean, 0.1)
 
-    assert fr.pick([]) is None and fr.pick([verdict(False, 9.0)]) is None
-    assert fr.pick([verdict(True, 1.0), verdict(False, 9.0), verdict(True, 2.0)]) == 2
-    assert fr.pick([verdict(True, 2.0), verdict(True, 2.0)]) == 0
-    assert fr.pick([verdict(True, 3.0, 1.0), verdict(True, 1.5, 0.2)]) == 1  # 3 - 2 x 1 < 1.5 - 2 x 0.2
+    asked = []
 
+    def judge(ladder):
+        return lambda i: asked.append(i) or ladder[i]
 
-def test_lower_bound_is_the_mean_less_two_standard_errors() -> None:
-    assert fr.lower_bound([1.0, 3.0, 2.0, 2.0]) == pytest.approx(2.0 - 2 * np.std([1, 3, 2, 2], ddof=1) / 2)
-    assert fr.lower_bound([0.0] * 5) == 0.0 and fr.lower_bound([7.0]) == 7.0
-    assert fr.lower_bound([]) == fr.lower_bound([1.0, float("nan")]) == -math.inf
+    ladder = [verdict(True, 1.0), None, verdict(True, 3.0), verdict(True, 2.0), verdict(False, 9.0), verdict(True, 8.0)]
+    best, judged = fr.climb(judge(ladder), len(ladder))
+    assert best == 2 and judged == ladder[:5] + [None] and asked == [0, 1, 2, 3, 4]  # rung 5 never judged
+    asked.clear()
+    assert fr.climb(judge([verdict(False, 5.0), verdict(True, 9.0)]), 2) == (None, [verdict(False, 5.0), None])
+    assert asked == [0]
+    assert fr.climb(judge([None, None]), 2) == (None, [None, None])
+    assert fr.climb(judge([verdict(True, 2.0), verdict(True, 2.0)]), 2)[0] == 0  # the first of equals
+    assert fr.climb(judge([]), 0) == (None, [])
 
 
 def test_shrink_scales_every_weight_toward_reuse() -> None:

@@ -5,7 +5,8 @@ used for calibration, never below 0.00 dB on the three sets measured) with margi
 both calibrated on the same 8 other prompts: >= +3 dB at N = 3, and not worse than reuse - 0.1 dB at N = 3, 5 and 8
 (the held-out choice of :mod:`DeepCache.schedules.forecast_heldout` keeps reuse where a forecast does not clearly win). One
 recording and one replay, solved for each budget (as ``deepcache tune`` and tools/forecast_evidence.py do). Measured:
-16 min on the shared, heavily loaded 2-core machine (one thread); not measured idle.
+6.4 min with the ladder (16 min with the first held-out rule, whose folds refined at 5 and 4 full steps) on the
+shared, heavily loaded 2-core machine (one thread); not measured idle.
 """
 
 from __future__ import annotations

@@ -26,9 +26,13 @@ steps and a weight per step, and check the choice in closed loop.
 5. Steps 3 and 4 fitted on the calibration prompts and judged on the same prompts overfit them (issue 25: up to
    3.9 dB worse than calibrated reuse on other prompts). Every measurement here is therefore kept per sample of the
    calibration batch (:attr:`ForecastErrors.sample_errors`, :meth:`ForecastErrors.subset`), and
-   :mod:`DeepCache.schedules.forecast_heldout` fits steps 3-4 on some samples and judges them on the others (k-fold), keeping
-   a forecast only when it clearly beat calibrated reuse on samples it was not fitted on
-   (:func:`~DeepCache.schedules.forecast_refine.held_out_verdict`); otherwise calibrated reuse (``forecast=None``).
+   :mod:`DeepCache.schedules.forecast_heldout` fits a ladder of options on some samples and judges them on the others
+   (k-fold): the replay's forecast at the calibrated reuse steps with its weights shrunk (x0.25 .. x1), then step 4
+   from it, keeping a forecast only when it clearly beat calibrated reuse on samples it was not fitted on
+   (:func:`~DeepCache.schedules.forecast_refine.held_out_verdict`, climbed by
+   :func:`~DeepCache.schedules.forecast_refine.climb`); otherwise calibrated reuse (``forecast=None``). Step 3's
+   capped candidates (:func:`candidate_params`) are not on that ladder: chosen among on the same samples, they
+   generalized worse than the shrunk forecast at the reuse steps (issue 25).
 """
 
 from __future__ import annotations

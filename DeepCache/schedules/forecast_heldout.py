@@ -8,23 +8,30 @@ they are scored per sample (:func:`~DeepCache.schedules.forecast_calibration.sam
 :func:`~DeepCache.schedules.closed_loop.latent_errors`), so fitting on part of the batch is an average over those
 samples with no extra replay; each closed-loop run scores every sample at once.
 
-The rule (:func:`choose`):
+The rule (:func:`choose`), a *ladder* of options (``LADDER``, mildest first, fixed in advance):
 
 1. Split the ``S`` samples of the calibration batch (prompts x images per prompt) into folds
    (:func:`~DeepCache.schedules.forecast_refine.kfold`: 4 interleaved folds for ``S >= 4``, leave one out for 2-3).
-2. For each fold, on the other folds' samples only: the calibrated reuse schedule, the closed-loop candidate whose
-   per-sample gains over it have the largest lower bound, mean - 2 standard errors (``"fitted"``), its closed-loop refinement (``"refined"``), and both with every weight halved (``", shrunk"``,
-   toward reuse). Score each on the fold's samples: gain = 10 x (reuse - option) latent error (dB).
-3. Each option's held-out gains (one per sample) go to :func:`~DeepCache.schedules.forecast_refine.held_out_verdict`: with 4
-   or more samples a clear majority by a sign test (p <= 0.15: 6 of 8, 5 of 6, 4 of 4) and a mean gain above twice
-   its standard error; with 1-3 samples every gain must reach 3 dB (and a warning says few samples are risky);
-   ties are reuse. :func:`~DeepCache.schedules.forecast_refine.pick` keeps the accepted option with the largest lower bound
-   (mean - 2 standard errors of its held-out gains).
-4. The kept option is fitted again on all the samples and returned; none accepted: calibrated reuse.
+2. Each rung is a recipe fitted on the other folds' samples by the replay alone (no closed-loop selection): the
+   replay's forecast at the calibrated reuse steps of those samples (``"reuse steps"``), its weights times a factor
+   (``x0.25`` .. ``x1``: shrunk toward reuse); the last rung refines the boldest one in closed loop on the other
+   folds (``"refined"``, :func:`~DeepCache.schedules.forecast_refine.refine`). Scored on the
+   held-out fold against the calibrated reuse schedule of the same other folds: gain = 10 x (reuse - option)
+   latent error (dB), one per sample.
+3. Climb the ladder (:func:`~DeepCache.schedules.forecast_refine.climb`): each rung's held-out gains go to
+   :func:`~DeepCache.schedules.forecast_refine.held_out_verdict` (with 4 or more samples a clear majority by a sign test,
+   p <= 0.15: 6 of 8, 5 of 6, 4 of 4, and a mean gain above twice its standard error, each gain capped at 3 dB
+   for that test, losses in full; with 1-3 samples every
+   gain must reach 3 dB, and a warning says few samples are risky); the climb stops at the first rung not
+   accepted (a rung that equals reuse or an earlier rung on every fold is passed over), and of the accepted rungs
+   the one with the largest mean held-out gain is kept. Testing in a fixed order and stopping at the first failure
+   keeps the chance of accepting any rung that does not beat reuse at the level of a single test, however many
+   rungs there are; so the boldest rung that still passes may be kept, not only the safest.
+4. The kept rung is fitted again on all the samples and returned; none accepted: calibrated reuse.
 
-With one sample there is nothing to hold out: only ``"fitted"`` is judged, on that sample itself, and it must gain
-3 dB. Cost: per fold, the closed-loop candidates and the refinement's runs (about ``folds + 1`` times the cost of
-choosing on all samples at once); no extra replay.
+With one sample there is nothing to hold out: the unrefined rungs are judged on that sample itself, each must gain
+3 dB. Cost: per fold, one closed-loop run per rung climbed (and the refinement's runs if the climb reaches it), the
+reuse run per fold, and no extra replay; a ladder that stops at its first rung costs 2 runs per fold.
 """
 
 from __future__ import annotations
@@ -38,20 +45,52 @@ import torch
 from torch import nn
 
 from .closed_loop import closed_loop_sample_errors, recorded
-from .forecast_calibration import MAX_GAP, MAX_SPAN, ForecastErrors, candidate_params, forecast_errors
-from .forecast_refine import MIN_HELD_OUT, Verdict, as_forecast, held_out_verdict, kfold, lower_bound, pick, refine, \
-    shrink
+from .forecast_calibration import MAX_GAP, MAX_SPAN, ForecastErrors, forecast_errors
+from .forecast_refine import MIN_HELD_OUT, Verdict, as_forecast, climb, held_out_verdict, kfold, refine, shrink
 from .params import CacheParams
 
-#: The options judged on held-out samples, simplest first (the first of equal gains wins); the shrink factor.
-OPTIONS = ("fitted", "fitted, shrunk", "refined", "refined, shrunk")
-SHRINK = 0.5
+
+@dataclass(frozen=True)
+class Rung:
+    """One option of the ladder: the forecast fitted by the replay at the calibrated reuse steps (``steps="reuse"``)
+    or at the forecast DP's steps (``"dp"``), coefficients capped at ``cap`` (None: any), weights times ``factor``;
+    ``refined``: then refined in closed loop on the fitting samples."""
+
+    steps: str
+    factor: float
+    cap: float | None = None
+    refined: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps not in ("reuse", "dp"):
+            raise ValueError(f"Rung steps must be 'reuse' (the calibrated reuse steps) or 'dp' (the forecast DP's "
+                             f"steps), got {self.steps!r}.")
+
+    @property
+    def name(self) -> str:
+        """What :class:`Choice` calls the rung.
+
+        >>> Rung("reuse", 0.5).name, Rung("dp", 1.0, cap=0.25, refined=True).name
+        ('reuse steps x0.5', 'DP steps x1, cap 0.25, refined')
+        """
+        cap = "" if self.cap is None else f", cap {self.cap:g}"
+        return f"{'reuse' if self.steps == 'reuse' else 'DP'} steps x{self.factor:g}{cap}" + (", refined" if self.refined else "")
+
+
+#: The ladder, mildest first (the order is part of the rule: the climb stops at the first rung not accepted). The
+#: forecast DP's own steps are not on it: on the demo model (3 prompt sets, N = 3) rungs at those steps were accepted
+#: as often and gained more on the calibration samples, but they were kept over the reuse-steps rungs and then
+#: gained less on other prompts (+0.4 and +3.7 dB against +2.2 and +5.4 at the reuse steps); ``Rung("dp", ...)``
+#: builds them for a ladder of your own (``choose(..., ladder=...)``).
+LADDER: tuple[Rung, ...] = (Rung("reuse", 0.25), Rung("reuse", 0.5), Rung("reuse", 0.75), Rung("reuse", 1.0),
+                            Rung("reuse", 1.0, refined=True))
 
 
 @dataclass
 class Choice:
-    """What :func:`choose` decided: the parameters, the option kept (``"reuse"`` or one of ``OPTIONS``), each
-    option's held-out gains (dB, one per sample) and verdict, and the closed-loop runs it cost."""
+    """What :func:`choose` decided: the parameters, the rung kept (``"reuse"`` or a :attr:`Rung.name`), the held-out
+    gains (dB, one per sample) and verdict of each rung judged (in climbing order), and the closed-loop runs it
+    cost."""
 
     params: CacheParams
     option: str
@@ -60,31 +99,24 @@ class Choice:
     runs: int = 0
 
 
-def fit_options(score: Callable[[CacheParams], np.ndarray], measured: ForecastErrors, num_full: int,
-                train: Sequence[int], refined: bool = True) -> dict[str, CacheParams]:
-    """The reuse schedule and each of ``OPTIONS`` fitted on the samples ``train`` only: ``score(params)`` is the
-    per-sample latent error of a closed-loop run (lower is better), of which only ``train`` is looked at.
-
-    ``"fitted"`` is the closed-loop candidate whose per-sample gains over reuse have the largest lower bound
-    (:func:`~DeepCache.schedules.forecast_refine.lower_bound`: mean - 2 standard errors; reuse itself scores 0 and wins ties),
-    not the largest mean: on the demo model the best mean was often a candidate that gained much on most samples and
-    lost 10-20 dB on one, and it generalized worst."""
+def fit_rung(score: Callable[[CacheParams], np.ndarray], measured: ForecastErrors, num_full: int, rung: Rung,
+             train: Sequence[int]) -> tuple[CacheParams, CacheParams]:
+    """The calibrated reuse schedule and ``rung``'s forecast, both fitted on the samples ``train`` only. Only a
+    refined rung runs the pipeline: ``score(params)`` is the per-sample latent error of a closed-loop run (lower is
+    better), of which only ``train`` is looked at."""
     train = list(train)
     sub = measured.subset(train)
-    mean = lambda p: float(score(p)[train].mean())  # noqa: E731
-    candidates = candidate_params(sub, num_full)
-    gains = [10.0 * (score(candidates[0])[train] - score(p)[train]) for p in candidates]  # reuse: all 0
-    best = max(range(len(candidates)), key=lambda i: (lower_bound(gains[i]), -i))
-    fitted = as_forecast(candidates[best], measured.num_steps)
-    options = {"reuse": candidates[0], "fitted": fitted, "fitted, shrunk": shrink(fitted, SHRINK)}
-    if refined:
-        best, _, _ = refine(mean, fitted, mean(fitted))
-        options.update({"refined": best, "refined, shrunk": shrink(best, SHRINK)})
-    return options
+    reuse = sub.reuse_params(num_full)
+    fitted = sub.params(num_full, rung.cap, reuse.full_steps if rung.steps == "reuse" else None)
+    params = shrink(as_forecast(fitted, measured.num_steps), rung.factor)
+    if rung.refined:
+        mean = lambda p: float(score(p)[train].mean())  # noqa: E731
+        params, _, _ = refine(mean, params, mean(params))
+    return reuse, params
 
 
 def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: int, reference: torch.Tensor,
-           rewind: Callable[[], None], call_kwargs: dict) -> Choice:
+           rewind: Callable[[], None], call_kwargs: dict, ladder: Sequence[Rung] = LADDER) -> Choice:
     """The held-out choice (module docstring) among closed-loop runs of ``pipeline(**call_kwargs)`` with the same
     noise (``rewind``), scored per sample against ``reference`` (the uncached final latents)."""
     samples = measured.samples
@@ -104,24 +136,32 @@ def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: i
             f"{'held-out ' if samples > 1 else ''}sample. Calibrate on {MIN_HELD_OUT} or more prompts (or images per "
             f"prompt) for a safer choice.", stacklevel=3)
     folds = kfold(samples)
-    names = OPTIONS if folds else OPTIONS[:1]
-    gains = {name: np.full(samples, np.nan) for name in names}
     everyone = list(range(samples))
-    for held in folds or [everyone]:
-        train = [s for s in everyone if s not in held] or everyone
-        options = fit_options(score, measured, num_full, train, refined=bool(folds))
-        for name in names:
-            gains[name][held] = 10.0 * (score(options["reuse"])[held] - score(options[name])[held])
-    verdicts = {name: held_out_verdict(gains[name]) for name in names}
-    best = pick([verdicts[name] for name in names])
+    splits = [([s for s in everyone if s not in held], held) for held in folds] or [(everyone, everyone)]
+    rungs = [r for r in ladder if folds or not r.refined]
+    seen: list[list[CacheParams]] = [[] for _ in splits]  # per split: reuse and the rungs judged so far
+    gains: dict[str, np.ndarray] = {}
+
+    def judge(i: int) -> Verdict | None:
+        fits = [fit_rung(score, measured, num_full, rungs[i], train) for train, _ in splits]
+        if all(p in seen[j] or not any(p.forecast_weights) for j, (_, p) in enumerate(fits)):
+            return None  # nothing new: reuse or an earlier rung on every fold
+        g = np.full(samples, np.nan)
+        for j, ((reuse, p), (_, held)) in enumerate(zip(fits, splits)):
+            g[held] = 10.0 * (score(reuse)[held] - score(p)[held])
+            seen[j].append(p)
+        gains[rungs[i].name] = g
+        return held_out_verdict(g)
+
+    best, judged = climb(judge, len(rungs))
+    verdicts = {rungs[i].name: v for i, v in enumerate(judged) if v is not None}
     reuse = measured.reuse_params(num_full)
     if best is None:
         return Choice(reuse, "reuse", gains, verdicts, len(cache))
-    option = names[best]
-    params = fit_options(score, measured, num_full, everyone, refined="refined" in option)[option]
+    params = fit_rung(score, measured, num_full, rungs[best], everyone)[1]
     if not any(params.forecast_weights):
         return Choice(reuse, "reuse", gains, verdicts, len(cache))
-    return Choice(params, option, gains, verdicts, len(cache))
+    return Choice(params, rungs[best].name, gains, verdicts, len(cache))
 
 
 def calibrate_forecast(pipeline: Any, unet: nn.Module, branch: int, num_full: int, max_gap: int | None = MAX_GAP,
