@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from DeepCache.tools.demo_model import ASSETS
-from DeepCache.tools.demo_model.train_dit import (CALL_KWARGS, DIT_DIR, SMOKE, SUMMARY, _batches, held_out_prompts,
+from DeepCache.tools.demo_model import DIT_CALL_KWARGS as CALL_KWARGS
+from DeepCache.tools.demo_model.train_dit import (DIT_DIR, SMOKE, SUMMARY, _batches, held_out_prompts,
                                                   train_dit)
 
 SHIPPED = ASSETS / DIT_DIR

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-CALL_KWARGS: dict[str, int] = {"height": 32, "width": 32, "max_sequence_length": 16}
+from DeepCache.tools.demo_model import DIT_CALL_KWARGS as CALL_KWARGS
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from DeepCache import DeepCacheHelper  # noqa: E402
 from DeepCache.tools.demo_model import ASSETS, EMBEDDED_CLASSIFIER, EMBEDDED_MODEL  # noqa: E402
 from DeepCache.tools.demo_model.classifier import load_classifier  # noqa: E402
 from DeepCache.tools.demo_model.data import ATTRIBUTE_CLASSES  # noqa: E402
-from DeepCache.tools.demo_model.train_dit import CALL_KWARGS, DIT_DIR  # noqa: E402
+from DeepCache.tools.demo_model import DIT_CALL_KWARGS as CALL_KWARGS  # noqa: E402
+from DeepCache.tools.demo_model import DIT_DIR  # noqa: E402
 from DeepCache.tools.metrics import psnr  # noqa: E402
 from DeepCache.tools.prompts import embedded_prompts  # noqa: E402
 from DeepCache.tools.scoring import classify, prompt_labels  # noqa: E402

@@ -11,7 +11,7 @@ conditioned by the demo model's CLIP text encoder (both frozen, both reused as t
 * the 64 prompts ``deepcache eval`` scores by default are held out of training.
 
 The result is a ``FluxPipeline`` folder (``save_pretrained``) with the same CLIP model and tokenizer
-as both text encoders; call it with ``height=32, width=32, max_sequence_length=16`` (:data:`CALL_KWARGS`).
+as both text encoders; call it with ``height=32, width=32, max_sequence_length=16`` (:data:`~DeepCache.tools.demo_model.DIT_CALL_KWARGS`).
 
 Example (a smoke run of a few steps, seconds on a CPU)::
 
@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from ..cli_common import add_out_option, add_threads_option, positive_int, register, standalone
-from . import DIT_CALL_KWARGS as CALL_KWARGS
 from . import DIT_DIR, EMBEDDED_MODEL
 from . import DIT_MARKER as SUMMARY
 from .data import all_attributes, caption, images_to_tensor, iter_batches, make_dataset

@@ -79,7 +79,7 @@ def resolve_model(model: str | Path | None) -> str | Path | None:
 
 
 def _folder_kind(model: str | Path | None) -> type[PipelineKind]:
-    model = resolve_model(model)
+    """The kind that claims a resolved ``model`` folder (:func:`resolve_model`); the U-Net kind otherwise."""
     if model is not None:
         for cls in KINDS:
             if cls.claims_folder(Path(model).expanduser()):
@@ -95,7 +95,8 @@ def load_kind(model: str | None = None, device: str | torch.device = "cpu",
     A local folder is read with ``local_files_only``; ``dtype`` (default: the weights' own) is passed as
     ``torch_dtype``. The progress bar of generation is switched off.
     """
-    return _folder_kind(model).load(resolve_model(model), device, dtype)
+    model = resolve_model(model)
+    return _folder_kind(model).load(model, device, dtype)
 
 
 def default_batch_size(model: Any) -> int:
@@ -106,5 +107,6 @@ def default_batch_size(model: Any) -> int:
     (16, 1)
     """
     if model is None or isinstance(model, (str, Path)):
-        return _folder_kind(model).folder_batch_size(resolve_model(model))
+        model = resolve_model(model)
+        return _folder_kind(model).folder_batch_size(model)
     return kind_of(model).default_batch_size

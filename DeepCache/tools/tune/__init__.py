@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
                                           exclude=prompts, given=args.calibration_prompt)
         branches = tuple(range(_num_branches(pipe))) if args.all_branches else args.branches
         repeats = args.repeats or (CUDA_REPEATS if pipe.device.type == "cuda" else CPU_REPEATS)
-        kinds = kinds_for(pipe, args.kinds)
+        kinds = kinds_for(args.kinds)
         config = TuneConfig(args.intervals, branches, kinds, args.steps, args.guidance, repeats,
                             args.batch_size or (16 if embedded else 1))
         _check_branches(pipe, branches)

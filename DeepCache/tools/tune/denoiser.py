@@ -1,6 +1,6 @@
 """What ``deepcache tune`` asks of the pipeline's kind (:mod:`DeepCache.tools.kinds`), U-Net or transformer: how
-many denoiser evaluations one generation has and at what image size (:func:`probe`), and which candidate kinds it can
-build (:func:`kinds_for`).
+many denoiser evaluations one generation has and at what image size (:func:`probe`); and the candidate kinds asked
+for, checked (:func:`kinds_for`: every kind is built on U-Nets and transformers alike).
 
 Example::
 
@@ -9,7 +9,7 @@ Example::
     >>> pipe = load_kind().pipe                                 # the embedded demo model (a U-Net), offline
     >>> probe(pipe, PromptItem("a red circle", 0), steps=4, guidance=7.5)
     Probe(evaluations=4, height=32, width=32)
-    >>> kinds_for(pipe, None)[-2:]
+    >>> kinds_for(None)[-2:]
     ('forecast', 'linear')
 """
 
@@ -54,10 +54,10 @@ def probe(pipe: Any, item: PromptItem, *, steps: int, guidance: float) -> Probe:
     return Probe(len(helper.last_steps), height, width)
 
 
-def kinds_for(pipe: Any, asked: Sequence[str] | None) -> tuple[str, ...]:
-    """The candidate kinds ``tune`` tries on ``pipe``: ``asked``, or (``None``) every kind ``pipe`` supports.
+def kinds_for(asked: Sequence[str] | None) -> tuple[str, ...]:
+    """The candidate kinds ``tune`` tries: ``asked``, or (``None``) every kind.
 
-    Raises ``ValueError`` naming the kinds to ask for instead when ``asked`` holds one ``pipe`` does not support.
+    Raises ``ValueError`` naming the valid kinds when ``asked`` is empty or holds an unknown one.
     """
     if asked is None:
         return KINDS

@@ -81,7 +81,7 @@ class TuneConfig:
 
     intervals: tuple[int, ...] = DEFAULT_INTERVALS
     branches: tuple[int, ...] = DEFAULT_BRANCHES
-    kinds: tuple[str, ...] | None = None  # None: every kind the pipeline supports (:func:`.denoiser.kinds_for`)
+    kinds: tuple[str, ...] | None = None  # None: every kind (:func:`.denoiser.kinds_for`)
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     repeats: int = 1
@@ -220,7 +220,7 @@ def tune(pipe: Any, config: TuneConfig, split: PromptSplit, *, min_psnr: float |
          progress: bool = False) -> TuneResult:
     """Build, judge and time the candidates that can win (module docstring); choose the fastest the evidence
     supports that meets the bound (:func:`.choice.choose`; ``chosen=None`` if none does)."""
-    config = dataclasses.replace(config, kinds=kinds_for(pipe, config.kinds))  # a kind it cannot build: clear error
+    config = dataclasses.replace(config, kinds=kinds_for(config.kinds))  # an unknown kind: clear error
     sample = probe(pipe, split.calibration[0], steps=config.steps, guidance=config.guidance)
     evaluations = sample.evaluations
     flops = Flops(pipe, config.guidance, (sample.height, sample.width))
