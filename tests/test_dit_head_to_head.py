@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +14,8 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 from dit_h2h_core import MacCounter, count_table, generate  # noqa: E402
-from dit_h2h_methods import (Context, cache_dit_method, first_block_cache, ours_uniform, parse_mag_ratios,  # noqa: E402
-                             uncached)
+from dit_h2h_methods import (Context, cache_dit_method, first_block_cache, ours_forecast, ours_uniform,  # noqa: E402
+                             parse_mag_ratios, uncached)
 from dit_head_to_head import DEMO_FLUX, evaluate_mode, load_pipe  # noqa: E402
 
 PROMPT = "a large red circle on a blue background, top left"
@@ -61,6 +62,27 @@ def test_uniform_interval_2_branch_0_macs_are_the_hand_count(tiny_pipe, cfg: flo
     # steps 0 and 2 full, 1 and 3 run all but the 3 blocks (branch 0 keeps none), per CFG branch
     retrieval = table.per_call - sum(table.blocks)
     assert macs == branches * (2 * table.per_call + 2 * retrieval)
+
+
+@pytest.mark.parametrize("warmup,full", [(0, 3), (3, 4)])
+def test_uniform_forecast_counts_warmup_and_forecasts(tiny_pipe, warmup: int, full: int) -> None:
+    """I=2 over 5 steps: full 0, 2, 4 (W=0) or 0, 1, 2, 4 (W=3: steps before 3 full, then every 2nd of the
+    schedule); retrieval steps hand out the line through the last two full steps, so the image is not reuse's."""
+    table = count_table(tiny_pipe)
+    images = {}
+    for method in (ours_forecast(2, 0, warmup), ours_uniform(2, 0)):
+        helper = method.enable(tiny_pipe, Context(5, 1.0, []))
+        try:
+            with MacCounter(tiny_pipe.transformer, table) as counter:
+                images[method.family], macs, _ = generate(tiny_pipe, PROMPT, 0, steps=5, cfg=1.0, counter=counter)
+            if method.family == "ours: uniform forecast":
+                assert helper.params.forecast == "linear" and helper.params.start_step == warmup
+                retrieval = table.per_call - sum(table.blocks)
+                assert macs == full * table.per_call + (5 - full) * retrieval
+        finally:
+            method.disable(tiny_pipe, helper)
+    assert ours_forecast(3, 0, 3).label == "I=3 B=0 W=3" and ours_forecast(3, 0).label == "I=3 B=0"
+    assert not np.array_equal(images["ours: uniform forecast"], images["ours: uniform"])
 
 
 def test_core_runs_ours_and_a_diffusers_hook_and_resets_state(tiny_pipe) -> None:
@@ -119,3 +141,20 @@ def test_merge_keeps_one_row_per_setting_and_an_ok_rerun_replaces_a_failure() ->
     again = merge([merged, {"modes": [{"cfg": 1.0, "rows": [row("c", "ok")]}]}])  # a rerun merged into the result
     assert [r["label"] for r in again["modes"][1]["rows"]] == ["uncached", "a", "b", "c"]
     assert again["modes"][1]["timing_runs"] == merged["modes"][1]["timing_runs"]
+
+
+def test_equal_mac_gaps_compare_each_peer_with_ours_at_no_more_macs() -> None:
+    from dit_h2h_report import equal_mac_gaps, equal_mac_table
+
+    def row(family: str, macs: float, psnr: float, status: str = "ok") -> dict:
+        return {"family": family, "label": f"{macs}", "status": status, "mac_fraction": macs, "psnr": psnr}
+    rows = [row("uncached", 1.0, 100.0), row("ours: uniform", 0.5, 40.0), row("ours: adaptive", 0.3, 35.0),
+            row("ours: calibrated", 0.2, 50.0, "failed"), row("diffusers: TaylorSeer", 0.5, 39.0),
+            row("cache-dit: DBCache F1B0", 0.35, 36.0), row("fewer steps", 0.25, 45.0),
+            row("diffusers: MagCache", 0.25, 30.0)]
+    gaps = [(p["family"], o and o["family"], gap) for p, o, gap in equal_mac_gaps({"rows": rows})]
+    assert gaps == [("diffusers: TaylorSeer", "ours: uniform", 1.0), ("cache-dit: DBCache F1B0", "ours: adaptive", -1.0),
+                    ("diffusers: MagCache", None, None)]
+    table = equal_mac_table({"rows": rows}).splitlines()
+    assert table[2].startswith("| cache-dit: DBCache F1B0") and table[2].endswith("| -1.00 |")
+    assert table[-1].startswith("| diffusers: MagCache") and "none" in table[-1]

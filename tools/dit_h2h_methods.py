@@ -1,8 +1,9 @@
 """The contenders of ``tools/dit_head_to_head.py``: each a :class:`Method` that switches one caching setting on a
 ``FluxPipeline`` and off again, as its own documentation says (nothing here changes how a method decides).
 
-* ours: :class:`DeepCache.DeepCacheSDHelper` (uniform intervals x branches, ``calibrate(K)`` and ``calibrate(K,
-  forecast=True)`` on calibration prompts disjoint from the evaluation prompts, ``skip_mode="adaptive"``); every
+* ours: :class:`DeepCache.DeepCacheSDHelper` (uniform intervals x branches, uniform with ``forecast="linear"`` (with
+  and without 3 full warm-up steps, as TaylorSeer's default), ``calibrate(K)`` and ``calibrate(K, forecast=True)`` on
+  calibration prompts disjoint from the evaluation prompts, ``skip_mode="adaptive"`` with and without the forecast); every
   ``pipe(...)`` call is one generation (the helper starts each afresh);
 * diffusers' hooks (``transformer.enable_cache(config)`` / ``disable_cache()``; the pipeline resets stateful hooks
   at the end of every call): FirstBlockCache, MagCache (ratios from ``calibrate=True`` runs on the calibration
@@ -94,6 +95,18 @@ def ours_uniform(interval: int, branch: int) -> Method:
     return Method("ours: uniform", f"I={interval} B={branch}", enable, _disable_helper, fullgraph=True)
 
 
+def ours_forecast(interval: int, branch: int, start_step: int = 0) -> Method:
+    """Uniform full steps, retrieval steps forecast the middle residual along the line of the last two full steps
+    (``forecast="linear"``); ``start_step`` full warm-up steps first (TaylorSeer's ``disable_cache_before_step``)."""
+    def enable(pipe: Any, ctx: Context) -> Any:
+        helper = _helper(pipe, cache_interval=interval, cache_branch_id=branch, forecast="linear",
+                         start_step=start_step)
+        helper.enable()
+        return helper
+    label = f"I={interval} B={branch}" + (f" W={start_step}" if start_step else "")
+    return Method("ours: uniform forecast", label, enable, _disable_helper, fullgraph=True)
+
+
 def ours_calibrated(full_steps: int, branch: int, forecast: bool = False) -> Method:
     def enable(pipe: Any, ctx: Context) -> Any:
         helper = _helper(pipe, cache_branch_id=branch)
@@ -104,12 +117,14 @@ def ours_calibrated(full_steps: int, branch: int, forecast: bool = False) -> Met
     return Method(family, f"K={full_steps} B={branch}", enable, _disable_helper, fullgraph=True)
 
 
-def ours_adaptive(threshold: float, cap: int, branch: int = 0) -> Method:
+def ours_adaptive(threshold: float, cap: int, branch: int = 0, forecast: bool = False) -> Method:
     def enable(pipe: Any, ctx: Context) -> Any:
-        helper = _helper(pipe, cache_interval=cap, cache_branch_id=branch, skip_mode="adaptive", threshold=threshold)
+        helper = _helper(pipe, cache_interval=cap, cache_branch_id=branch, skip_mode="adaptive", threshold=threshold,
+                         forecast="linear" if forecast else None)
         helper.enable()
         return helper
-    return Method("ours: adaptive", f"t={threshold:g} cap={cap} B={branch}", enable, _disable_helper, threshold=True,
+    family = "ours: adaptive forecast" if forecast else "ours: adaptive"
+    return Method(family, f"t={threshold:g} cap={cap} B={branch}", enable, _disable_helper, threshold=True,
                   fullgraph=True)
 
 
@@ -237,11 +252,13 @@ def catalogue(table: CountTable, steps: int, budgets: tuple[float, ...] = (0.5, 
         return [uncached(), ours_uniform(2, 0), first_block_cache(0.2), cache_dit_method(1, 0.2, 1)]
     methods = [uncached()] + [uncached(s) for s in (14, 9, 7)]
     methods += [ours_uniform(i, b) for b in (0, 1, 2) for i in (2, 3, 4)]
+    methods += [ours_forecast(i, 0, w) for w in (0, 1, 2, 3) for i in (2, 3, 4, 5)] + [ours_forecast(2, 0, 26)]
     methods += [ours_calibrated(full_steps_for(table, steps, x, b), b) for b in (0, 1) for x in budgets]
     methods += [ours_calibrated(full_steps_for(table, steps, 1 / 3, 0), 0, forecast=True)]
     methods += [taylorseer()] + [taylorseer(i, 1) for i in (2, 3, 4)] + [taylorseer(3, 2)]
     methods += [taylorseer(lite=True)] + [taylorseer(i, 1, lite=True) for i in (2, 3, 4)]
     methods += [ours_adaptive(t, 6) for t in (0.05, 0.1, 0.2, 0.4)]
+    methods += [ours_adaptive(t, 6, forecast=True) for t in (0.05, 0.1, 0.2, 0.4)]
     methods += [first_block_cache(t) for t in (0.05, 0.1, 0.2, 0.4)]
     methods += [mag_cache(t, k) for t, k in ((0.06, 3), (0.15, 5), (0.4, 10))]
     # cache-dit last: after cache_dit.disable_cache(pipe) diffusers' hooks failed on the same pipeline (docs/dit.md)

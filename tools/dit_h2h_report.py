@@ -54,9 +54,12 @@ def failures(mode: dict[str, Any]) -> list[str]:
 
 
 def group_colour(family: str) -> int:
-    """The palette index of a family's group: ours, diffusers, cache-dit, cache-dit with a calibrator, fewer steps."""
+    """The palette index of a family's group: ours (reuse), ours with a forecast, diffusers, cache-dit, cache-dit with a
+    calibrator, fewer steps."""
     if family.startswith("cache-dit: DBCache +"):
         return 4
+    if family.startswith("ours") and "forecast" in family:
+        return 5
     return {"ours": 3, "diffusers": 0, "cache-dit": 1, "fewer steps": 2}.get(family.split(":")[0], 5)
 
 
@@ -116,8 +119,7 @@ def goal_table(modes: Sequence[dict[str, Any]], budgets: Sequence[float] = BUDGE
         for budget in budgets:
             best = best_per_family(mode["rows"], budget).values()
             pick = {}
-            for group, test in (("ours", lambda f: f.startswith("ours")),
-                                ("peer", lambda f: f.startswith(("diffusers", "cache-dit"))),
+            for group, test in (("ours", _is_ours), ("peer", _is_peer),
                                 ("steps", lambda f: f == "fewer steps")):
                 rows = [r for r in best if test(r["family"])]
                 pick[group] = max(rows, key=lambda r: r["psnr"]) if rows else None
@@ -128,4 +130,43 @@ def goal_table(modes: Sequence[dict[str, Any]], budgets: Sequence[float] = BUDGE
             cfg = f"{mode['cfg']:g}" if mode["cfg"] > 1 else "off"
             lines.append(f"| {cfg} | {budget * 100:.0f} % | " + " | ".join(cells) +
                          f" | {_fmt(gap, '+.2f')} | {verdict} |")
+    return "\n".join(lines)
+
+
+def _is_ours(family: str) -> bool:
+    return family.startswith("ours")
+
+
+def _is_peer(family: str) -> bool:
+    return family.startswith(("diffusers", "cache-dit"))
+
+
+def equal_mac_gaps(mode: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any] | None, float | None]]:
+    """Per ok peer setting, the best ok setting of ours that spends **no more** of the MACs (mean fraction; none if
+    ours has no setting that cheap) and ours' PSNR minus the peer's: "never behind at equal MACs" is every gap >= 0.
+
+    >>> rows = [{"family": "ours: u", "label": "a", "status": "ok", "mac_fraction": 0.5, "psnr": 40.0},
+    ...         {"family": "diffusers: x", "label": "b", "status": "ok", "mac_fraction": 0.6, "psnr": 41.0},
+    ...         {"family": "cache-dit: y", "label": "c", "status": "ok", "mac_fraction": 0.4, "psnr": 30.0}]
+    >>> [(p["label"], o and o["label"], gap) for p, o, gap in equal_mac_gaps({"rows": rows})]
+    [('b', 'a', -1.0), ('c', None, None)]
+    """
+    ok = [r for r in mode["rows"] if r.get("status") == "ok"]
+    out: list[tuple[dict[str, Any], dict[str, Any] | None, float | None]] = []
+    for peer in (r for r in ok if _is_peer(r["family"])):
+        cheaper = [r for r in ok if _is_ours(r["family"]) and r["mac_fraction"] <= peer["mac_fraction"]]
+        best = max(cheaper, key=lambda r: r["psnr"]) if cheaper else None
+        out.append((peer, best, None if best is None else best["psnr"] - peer["psnr"]))
+    return out
+
+
+def equal_mac_table(mode: dict[str, Any]) -> str:
+    """Markdown: every peer setting against the best of ours at no more MACs, worst gap first."""
+    lines = ["| peer: setting | MACs | PSNR dB | best ours at <= its MACs | MACs | PSNR dB | ours - peer |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for peer, ours, gap in sorted(equal_mac_gaps(mode), key=lambda t: float("inf") if t[2] is None else t[2]):
+        theirs = f"{peer['family']}: {peer['label']} | {peer['mac_fraction']:.3f} | {peer['psnr']:.2f}"
+        mine = "none | - | -" if ours is None else \
+            f"{ours['family']}: {ours['label']} | {ours['mac_fraction']:.3f} | {ours['psnr']:.2f}"
+        lines.append(f"| {theirs} | {mine} | {_fmt(gap, '+.2f')} |")
     return "\n".join(lines)

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from DeepCache.tools.metrics import psnr  # noqa: E402
 from dit_h2h_core import MacCounter, count_table, generate, generate_batch, image_metrics, mac_summary, quiet  # noqa: E402
 from dit_h2h_methods import Context, Method, catalogue, uncached  # noqa: E402
-from dit_h2h_report import BUDGETS, best_per_family, budget_table, failures, pareto_plot, timing_table  # noqa: E402
+from dit_h2h_report import (BUDGETS, best_per_family, budget_table, equal_mac_table, failures, goal_table,  # noqa: E402
+                            pareto_plot, timing_table)
 
 DEMO_FLUX = Path(__file__).resolve().parents[1] / "DeepCache" / "assets" / "demo-flux"
 
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEMO_FLUX, help="FluxPipeline folder (default: the demo DiT)")
     parser.add_argument("--num-prompts", type=int, default=64, help="evaluation prompts (deepcache eval's, held out)")
+    parser.add_argument("--first-prompt", type=int, default=0,
+                        help="skip this many of eval's prompts (e.g. 16 --num-prompts 48: prompts that did not choose "
+                             "the settings in an earlier run on the first 16)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     parser.add_argument("--calibration-prompts", type=int, default=8, help="disjoint prompts for calibrations")
     parser.add_argument("--steps", type=int, default=28)
@@ -206,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     print("\n".join(line for mode in report["modes"] for line in failures(mode)))
     for mode in report["modes"]:
-        print(budget_table(mode, BUDGETS) + "\n\n" + timing_table(mode) + "\n")
+        print(budget_table(mode, BUDGETS) + "\n\n" + timing_table(mode) + "\n\n" + equal_mac_table(mode) + "\n")
+    print(goal_table(report["modes"]))
     if args.plot:
         pareto_plot(report["modes"]).save(args.plot)
     return 0
@@ -239,17 +244,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from DeepCache.tools.prompts import calibration_prompts, embedded_prompts
 
     pipe = load_pipe(args.model)
-    prompts = embedded_prompts(args.num_prompts)
-    calibration = calibration_prompts(embedded=True, count=args.calibration_prompts, exclude=embedded_prompts(64))
-    items = [(p, 1000 * s + k) for s in range(args.seeds) for k, p in enumerate(prompts)]
+    prompts = embedded_prompts(args.first_prompt + args.num_prompts)[args.first_prompt:]
+    calibration = calibration_prompts(embedded=True, count=args.calibration_prompts,
+                                      exclude=embedded_prompts(max(64, args.first_prompt + args.num_prompts)))
+    items = [(p, 1000 * s + k) for s in range(args.seeds) for k, p in enumerate(prompts, start=args.first_prompt)]
     classifier = None
     if not args.no_classifier:
         from DeepCache.tools.demo_model import EMBEDDED_CLASSIFIER
         from DeepCache.tools.demo_model.classifier import load_classifier
 
         classifier = load_classifier(EMBEDDED_CLASSIFIER)
-    report: dict[str, Any] = {"model": str(args.model), "prompts": len(prompts), "seeds": args.seeds,
-                              "steps": args.steps, "calibration_prompts": calibration,
+    report: dict[str, Any] = {"model": str(args.model), "prompts": len(prompts), "first_prompt": args.first_prompt,
+                              "seeds": args.seeds, "steps": args.steps, "calibration_prompts": calibration,
                               "torch": torch.__version__, "modes": []}
     table = count_table(pipe)
     methods = catalogue(table, args.steps, quick=args.quick)
