@@ -95,6 +95,18 @@ def ours_uniform(interval: int, branch: int) -> Method:
     return Method("ours: uniform", f"I={interval} B={branch}", enable, _disable_helper, fullgraph=True)
 
 
+def ours_split(interval: int, front: int, back: int, forecast: bool = False) -> Method:
+    """Uniform full steps with an asymmetric split (cache-dit's FnBn): a retrieval step runs the first ``front`` and
+    the last ``back`` blocks around the cached (or, ``forecast``, extrapolated) middle residual."""
+    def enable(pipe: Any, ctx: Context) -> Any:
+        helper = _helper(pipe, cache_interval=interval, front_blocks=front, back_blocks=back,
+                         forecast="linear" if forecast else None)
+        helper.enable()
+        return helper
+    family = "ours: split forecast" if forecast else "ours: split"
+    return Method(family, f"I={interval} F{front}B{back}", enable, _disable_helper, fullgraph=True)
+
+
 def ours_forecast(interval: int, branch: int, start_step: int = 0) -> Method:
     """Uniform full steps, retrieval steps forecast the middle residual along the line of the last two full steps
     (``forecast="linear"``); ``start_step`` full warm-up steps first (TaylorSeer's ``disable_cache_before_step``)."""
@@ -253,6 +265,7 @@ def catalogue(table: CountTable, steps: int, budgets: tuple[float, ...] = (0.5, 
     methods = [uncached()] + [uncached(s) for s in (14, 9, 7)]
     methods += [ours_uniform(i, b) for b in (0, 1, 2) for i in (2, 3, 4)]
     methods += [ours_forecast(i, 0, w) for w in (0, 1, 2, 3) for i in (2, 3, 4, 5)] + [ours_forecast(2, 0, 26)]
+    methods += [ours_split(i, 1, 0, f) for f in (False, True) for i in (2, 3, 4)]
     methods += [ours_calibrated(full_steps_for(table, steps, x, b), b) for b in (0, 1) for x in budgets]
     methods += [ours_calibrated(full_steps_for(table, steps, 1 / 3, 0), 0, forecast=True)]
     methods += [taylorseer()] + [taylorseer(i, 1) for i in (2, 3, 4)] + [taylorseer(3, 2)]
