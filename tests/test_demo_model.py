@@ -172,9 +172,9 @@ def test_train_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_iter_batches_is_the_training_stream() -> None:
-    from DeepCache.tools.demo_model.train import _batches
+    from DeepCache.tools.demo_model.vae_stages import image_batches
 
-    images, captions = next(_batches(3, stream_seed=7))
+    images, captions = next(image_batches(3, stream_seed=7))
     batch = next(data.iter_batches(3, seed=7))
     assert captions == batch.captions and torch.equal(images, data.images_to_tensor(batch.images))
     assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1

@@ -25,11 +25,9 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,243 +35,10 @@ import torch.nn.functional as F
 
 from ..cli_common import add_out_option, add_threads_option, positive_int, register, standalone
 from . import CLASSIFIER_DIR, MARKER, PIPELINE_DIR
-from .data import IMAGE_SIZE, caption_words, images_to_tensor, iter_batches, make_dataset
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Sizes and schedule of one training run; the defaults produced the shipped weights."""
-
-    seed: int = 0
-    threads: int = 1
-    batch_size: int = 64
-    # Autoencoder: len(vae_channels) levels -> latent side IMAGE_SIZE / 2**(levels-1).
-    vae_channels: tuple[int, ...] = (16, 32, 64)
-    vae_batch_size: int = 32
-    vae_steps: int = 600
-    vae_lr: float = 2e-3
-    kl_weight: float = 1e-4
-    decoder_steps: int = 1500
-    # Denoiser and text encoder.
-    unet_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = 2
-    norm_groups: int = 8
-    text_hidden: int = 64
-    text_layers: int = 2
-    max_length: int = 16
-    unet_steps: int = 5000
-    unet_lr: float = 5e-4
-    warmup_steps: int = 200
-    cfg_dropout: float = 0.1
-    ema_decay: float = 0.999
-    # Classifier.
-    classifier_steps: int = 400
-    # Housekeeping.
-    checkpoint_every: int = 500
-    log_every: int = 25
-    max_minutes: float = math.inf
-
-    def __post_init__(self) -> None:
-        if len(self.unet_channels) < 3:
-            raise ValueError(
-                f"unet_channels={self.unet_channels} has fewer than 3 levels; DeepCache's branches need >= 3."
-            )
-        if IMAGE_SIZE % 2 ** (len(self.vae_channels) - 1):
-            raise ValueError(f"vae_channels={self.vae_channels} downsamples {IMAGE_SIZE}px too far.")
-        if not 0.0 <= self.cfg_dropout < 1.0:
-            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}.")
-
-    @property
-    def latent_size(self) -> int:
-        return IMAGE_SIZE // 2 ** (len(self.vae_channels) - 1)
-
-
-SMOKE = TrainConfig(
-    batch_size=8,
-    vae_batch_size=8,
-    vae_channels=(8, 16),
-    vae_steps=3,
-    unet_channels=(8, 16, 16),
-    norm_groups=4,
-    text_hidden=16,
-    text_layers=1,
-    unet_steps=3,
-    warmup_steps=1,
-    classifier_steps=3,
-    decoder_steps=3,
-    checkpoint_every=2,
-    log_every=1,
-)
-
-
-@dataclasses.dataclass
-class Components:
-    """The pipeline's parts during training (diffusers/transformers models, typed loosely)."""
-
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    train_scheduler: Any
-    scheduler: Any
-
-
-def build_components(config: TrainConfig) -> Components:
-    """Fresh (untrained) tokenizer, text encoder, autoencoder, U-Net and schedulers."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .tokenizer import BOS, EOS, build_tokenizer
-
-    torch.manual_seed(config.seed)
-    tokenizer = build_tokenizer(caption_words(), max_length=config.max_length)
-    vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=config.text_hidden,
-            intermediate_size=config.text_hidden * 2,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=4,
-            max_position_embeddings=config.max_length,
-            bos_token_id=vocab[BOS],
-            eos_token_id=vocab[EOS],
-            pad_token_id=vocab[EOS],
-        )
-    )
-    levels = len(config.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=config.vae_channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=min(16, config.vae_channels[0]),
-        sample_size=IMAGE_SIZE,
-        mid_block_add_attention=False,
-    )
-    n = len(config.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=config.latent_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        block_out_channels=config.unet_channels,
-        layers_per_block=config.layers_per_block,
-        cross_attention_dim=config.text_hidden,
-        attention_head_dim=4,
-        norm_num_groups=config.norm_groups,
-    )
-    betas = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-    train_scheduler = DDPMScheduler(**betas, clip_sample=False)
-    scheduler = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return Components(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        unet=unet,
-        train_scheduler=train_scheduler,
-        scheduler=scheduler,
-    )
-
-
-def _batches(batch_size: int, stream_seed: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Training batches as (images in [-1, 1], captions), from :func:`~DeepCache.tools.demo_model.data.iter_batches`."""
-    for batch in iter_batches(batch_size, stream_seed):
-        yield images_to_tensor(batch.images), batch.captions
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 10 %."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-Log = Callable[[str], None]
-
-
-def train_vae(vae: Any, config: TrainConfig, log: Log) -> dict[str, float]:
-    """Fit the autoencoder; returns its final losses (mean of the last 50 steps)."""
-    vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    history: list[tuple[float, float]] = []
-    data = _batches(config.vae_batch_size, stream_seed=config.seed * 10 + 1)
-    for step in range(config.vae_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.vae_lr * _lr_factor(step, config.vae_steps, max(1, config.vae_steps // 10))
-        images, _ = next(data)
-        posterior = vae.encode(images).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        recon = vae.decode(latents).sample
-        mse = F.mse_loss(recon, images)
-        kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()
-        loss = mse + config.kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append((mse.item(), kl.item()))
-        if step % config.log_every == 0 or step == config.vae_steps - 1:
-            log(f"vae step {step}/{config.vae_steps} mse {mse.item():.5f} kl {kl.item():.3f}")
-    vae.eval().requires_grad_(False)
-    tail = history[-50:]
-    return {"vae_mse": float(np.mean([h[0] for h in tail])), "vae_kl": float(np.mean([h[1] for h in tail]))}
-
-
-def finetune_decoder(vae: Any, config: TrainConfig, log: Log) -> dict[str, float]:
-    """Train only the decoder (and ``post_quant_conv``) with the encoder frozen.
-
-    The latent space does not move, so this can run after (or beside) the U-Net stage; it sharpens
-    the decoded shapes, which the short joint autoencoder stage leaves blurry.
-    """
-    decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())  # type: ignore[union-attr]
-    vae.requires_grad_(False)
-    for param in decoder_params:
-        param.requires_grad_(True)
-    vae.decoder.train()  # type: ignore[union-attr]
-    optimizer = torch.optim.AdamW(decoder_params, lr=config.vae_lr / 2, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(config.seed + 3)
-    data = _batches(config.vae_batch_size, stream_seed=config.seed * 10 + 4)
-    history: list[float] = []
-    for step in range(config.decoder_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.vae_lr / 2 * _lr_factor(step, config.decoder_steps, max(1, config.decoder_steps // 20))
-        images, _ = next(data)
-        with torch.no_grad():
-            posterior = vae.encode(images).latent_dist  # type: ignore[operator]
-            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        mse = F.mse_loss(vae.decode(latents).sample, images)  # type: ignore[operator]
-        optimizer.zero_grad(set_to_none=True)
-        mse.backward()
-        optimizer.step()
-        history.append(mse.item())
-        if step % config.log_every == 0 or step == config.decoder_steps - 1:
-            log(f"decoder step {step}/{config.decoder_steps} mse {mse.item():.5f}")
-    vae.eval().requires_grad_(False)
-    return {"decoder_mse": float(np.mean(history[-50:]))}
-
-
-@torch.no_grad()
-def latent_scaling_factor(vae: Any, config: TrainConfig) -> float:
-    """1 / std of the autoencoder's latent means on 512 fresh images (SD's 0.18215 plays this role)."""
-    images = images_to_tensor(make_dataset(512, seed=config.seed * 10 + 2).images)
-    return float(1.0 / vae.encode(images).latent_dist.mean.std())
-
-
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1.0 - decay)
+from .data import caption_words
+from .components import SMOKE, Components, TrainConfig, build_components
+from .optim import ema_update, lr_factor
+from .vae_stages import Log, finetune_decoder, image_batches, latent_scaling_factor, train_vae
 
 
 def train_denoiser(
@@ -293,13 +58,13 @@ def train_denoiser(
     generator = torch.Generator().manual_seed(config.seed + 2)
     alphas = noise_scheduler.alphas_cumprod  # type: ignore[attr-defined]
     scale = vae.config.scaling_factor  # type: ignore[attr-defined]
-    data = _batches(config.batch_size, stream_seed=config.seed * 10 + 3)
+    data = image_batches(config.batch_size, stream_seed=config.seed * 10 + 3)
     losses: list[float] = []
     start = time.monotonic()
     step = 0
     for step in range(config.unet_steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.unet_lr * _lr_factor(step, config.unet_steps, config.warmup_steps)
+            group["lr"] = config.unet_lr * lr_factor(step, config.unet_steps, config.warmup_steps)
         images, captions = next(data)
         drop = torch.rand(len(captions), generator=generator) < config.cfg_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -321,8 +86,8 @@ def train_denoiser(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         decay = min(config.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
         losses.append(loss.item())
         elapsed = time.monotonic() - start
         if step % config.log_every == 0 or step == config.unet_steps - 1:

@@ -39,6 +39,7 @@ from ..cli_common import add_out_option, add_threads_option, positive_int, regis
 from . import DIT_DIR, EMBEDDED_MODEL
 from . import DIT_MARKER as SUMMARY
 from .data import all_attributes, caption, images_to_tensor, iter_batches, make_dataset
+from .optim import ema_update, lr_factor
 
 Log = Callable[[str], None]
 
@@ -75,13 +76,6 @@ class DiTConfig:
 
 SMOKE = DiTConfig(batch_size=8, num_layers=1, num_single_layers=1, heads=2, head_dim=8, axes_dims_rope=(2, 2, 4),
                   steps=3, warmup_steps=1, checkpoint_every=2, log_every=1)
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 10 % (the U-Net stage's schedule; commands do not import each other)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def held_out_prompts(count: int) -> frozenset[str]:
@@ -170,7 +164,7 @@ def train_transformer(transformer: Any, vae: Any, embeds: dict[str, tuple[torch.
     step = 0
     for step in range(config.steps):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, config.steps, config.warmup_steps)
+            group["lr"] = config.lr * lr_factor(step, config.steps, config.warmup_steps)
         images, captions = next(data)
         drop = (torch.rand(len(captions), generator=generator) < config.cfg_dropout).tolist()
         hidden, pooled = (torch.stack(x) for x in zip(*(embeds["" if d else c] for c, d in zip(captions, drop))))
@@ -191,8 +185,7 @@ def train_transformer(transformer: Any, vae: Any, embeds: dict[str, tuple[torch.
         optimizer.step()
         with torch.no_grad():
             decay = min(config.ema_decay, (1 + step) / (10 + step))
-            for e, p in zip(ema.parameters(), transformer.parameters()):
-                e.lerp_(p, 1.0 - decay)
+            ema_update(ema, transformer, decay)
         losses.append(loss.item())
         elapsed = time.monotonic() - start
         if step % config.log_every == 0 or step == config.steps - 1:
