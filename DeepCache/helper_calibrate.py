@@ -6,9 +6,9 @@ The measuring lives elsewhere: the reuse errors in :mod:`DeepCache.schedules.cal
 :func:`~DeepCache.schedules.schedule.optimal_full_steps`; measured per sample by the replay of
 :mod:`DeepCache.schedules.forecast_calibration`, which also forecasts), the guard of those steps in
 :mod:`DeepCache.schedules.reuse_guard`, the closed-loop runs in :mod:`DeepCache.schedules.closed_loop` and the
-forecast's held-out choice in :mod:`DeepCache.schedules.forecast_heldout`. U-Nets and transformers alike (a transformer's CFG
-branches are replayed each on its own). This module runs one or the other with the helper disabled (and enabled
-again if it was), and sets the result.
+forecast's held-out choice in :mod:`DeepCache.schedules.forecast_heldout`. U-Nets and transformers alike (a
+transformer's CFG branches are replayed each on its own). This module runs one or the other with the helper disabled
+(and enabled again if it was), and sets the result.
 
 Example::
 

@@ -74,7 +74,8 @@ def test_decide_switches_only_on_a_clear_held_out_win(even_db: float, switched: 
     assert got.dp_steps == BAD and got.even_steps == (0, 2, 5) and got.switched == switched
     assert got.params == CacheParams(skip_mode="custom", full_steps=(0, 2, 5) if switched else BAD)
     np.testing.assert_allclose(got.gains, [even_db] * 8)
-    assert got.verdict == fr.held_out_verdict(got.gains, keep="DP steps") and got.runs == 2 and set(seen) == {BAD, (0, 2, 5)}
+    assert got.verdict == fr.held_out_verdict(got.gains, keep="DP steps")
+    assert got.runs == 2 and set(seen) == {BAD, (0, 2, 5)}
     assert got.reason.startswith("evenly spread steps: 8 of 8 held-out samples gain" if switched else "DP steps:")
 
 
@@ -83,7 +84,8 @@ def test_decide_judges_each_fold_against_the_dp_fitted_without_it() -> None:
     # sample 3 makes reusing step 5 expensive: the DP fitted on the folds that hold it changes
     reuse = measured.branch_reuse.copy()
     reuse[0, 3, 5, 6:] = 100.0
-    measured = dataclasses.replace(measured, branch_reuse=reuse, reuse=fc._pooled(reuse, measured.branch_weight).tolist())
+    pooled = fc._pooled(reuse, measured.branch_weight).tolist()
+    measured = dataclasses.replace(measured, branch_reuse=reuse, reuse=pooled)
     folds = {tuple(held): measured.subset([s for s in range(8) if s not in held]).reuse_params(3).full_steps
              for held in fr.kfold(8)}
     assert folds[(3, 7)] == BAD and len(set(folds.values())) == 2  # the fold without sample 3 fits BAD
@@ -159,7 +161,8 @@ def test_calibrate_with_forecast_builds_its_ladder_on_the_guarded_steps(unet_cal
     seen = {}
     choose = fh.choose
     monkeypatch.setattr(fh, "choose", lambda *a, **kw: seen.update(kw) or choose(*a, **kw))
-    params = DeepCacheSDHelper(pipe=pipe).calibrate(3, forecast=True, generator=torch.Generator().manual_seed(0), **call)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    params = helper.calibrate(3, forecast=True, generator=torch.Generator().manual_seed(0), **call)
     assert seen["steps"] == (0, 2, 5) and params.full_steps == (0, 2, 5)  # reuse, or a forecast at those steps
     assert set(seen["scores"]) >= {CacheParams(skip_mode="custom", full_steps=s) for s in (BAD, (0, 2, 5))}
 

@@ -3,10 +3,11 @@
 For budgets K = ceil(25/N), N = 2..8, at one branch and for each of several disjoint prompt sets: PSNR/SSIM of
 held-out prompts against their uncached images for uniform reuse (interval N), calibrated reuse
 (``helper.calibrate(K)``: the DP's steps, or the evenly spread ones where the guard of
-:mod:`DeepCache.schedules.reuse_guard` chose them; then also the DP's own steps, "DP reuse (unguarded)") and
-calibrated forecast (``helper.calibrate(K, forecast=True)``, the held-out choice of
-:mod:`DeepCache.schedules.forecast_heldout`), all calibrated on one recording of the set's calibration prompts (measured once,
-solved for every K, as ``deepcache tune`` does). Also the cost of each calibration stage. Offline, CPU:
+:mod:`DeepCache.schedules.reuse_guard` chose them; to judge the guard, also the DP's own steps, "DP reuse
+(unguarded)", and the evenly spread ones) and calibrated forecast (``helper.calibrate(K, forecast=True)``, the
+held-out choice of :mod:`DeepCache.schedules.forecast_heldout`), all calibrated on one recording of the set's
+calibration prompts (measured once, solved for every K, as ``deepcache tune`` does). Also the cost of each
+calibration stage. Offline, CPU:
 
     python tools/forecast_evidence.py --branch 0 --prompt-seeds 1,2,3 --threads 1 --out docs/forecast-b0-sets.json
 
@@ -20,6 +21,7 @@ rerun after a change to the choice costs only the closed-loop runs and the held-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pickle
@@ -98,9 +100,16 @@ def run_set(pipe, seed: int, prompts: list[str], args) -> dict:
                     verdicts={name: v.reason for name, v in choice.verdicts.items()},
                     held_out_gains_db={name: g.tolist() for name, g in choice.gains.items()})
                 scored[k, "params"] = {"calibrated reuse": guarded.params, "calibrated forecast": choice.params,
-                                       "DP reuse (unguarded)": measured.reuse_params(k)}
-            for name in SCHEDULES + (("DP reuse (unguarded)",) if scored[k, "guard"]["guard"] == EVEN else ()):
+                                       "DP reuse (unguarded)": measured.reuse_params(k),
+                                       "evenly spread": dataclasses.replace(measured.reuse_params(k),
+                                                                            full_steps=guarded.even_steps)}
+            for name in SCHEDULES + ("evenly spread", "DP reuse (unguarded)"):
                 key = (n if name == "uniform" else k, name)
+                switched = scored[k, "guard"]["guard"] == EVEN
+                same = {"DP reuse (unguarded)": None if switched else "calibrated reuse",
+                        "evenly spread": "calibrated reuse" if switched else None}.get(name)
+                if key not in scored and same and (k, same) in scored:  # the same schedule: not run twice
+                    scored[key] = scored[k, same]
                 if key not in scored:
                     params = CacheParams(cache_interval=n, cache_branch_id=args.branch) if name == "uniform" \
                         else scored[k, "params"][name]
@@ -123,18 +132,19 @@ def run_set(pipe, seed: int, prompts: list[str], args) -> dict:
 def summary(sets: list[dict]) -> list[str]:
     """A markdown table: per set and N, uniform / reuse / forecast PSNR and forecast - reuse (mean, and the spread:
     the standard deviation over the held-out prompts of the per-prompt difference)."""
-    lines = ["| seed | N | K | uniform | calibrated reuse | calibrated forecast | forecast − reuse (± sd over prompts) | kept "
-             "| reuse steps (guard) | DP steps (unguarded) |",
-             "|---|---|---|---:|---:|---:|---:|---|---|---:|"]
+    lines = ["| seed | N | K | uniform | calibrated reuse | calibrated forecast | forecast − reuse (± sd over prompts) "
+             "| kept | reuse steps (guard) | DP steps (unguarded) | evenly spread |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
     for s in sets:
         by = {(r["N"], r["schedule"]): r for r in s["rows"]}
         for n in sorted({r["N"] for r in s["rows"]}):
             u, r, f = (by[n, name] for name in SCHEDULES)
             d = np.asarray(f["psnr_per_prompt"]) - np.asarray(r["psnr_per_prompt"])
-            dp = by.get((n, "DP reuse (unguarded)"), r)  # the guard kept the DP's steps: the same row
+            dp = by.get((n, "DP reuse (unguarded)"), r)
+            even = by.get((n, "evenly spread"))
             lines.append(f"| {s['seed']} | {n} | {r['K']} | {u['psnr']:.2f} | {r['psnr']:.2f} | {f['psnr']:.2f} | "
                          f"{d.mean():+.2f} ± {d.std(ddof=1):.2f} | {f['option']} | {r.get('guard', 'DP')} | "
-                         f"{dp['psnr']:.2f} |")
+                         f"{dp['psnr']:.2f} | {'-' if even is None else format(even['psnr'], '.2f')} |")
     return lines
 
 
