@@ -94,7 +94,7 @@ LADDER: tuple[Rung, ...] = (Rung("reuse", 0.25), Rung("reuse", 0.5), Rung("reuse
 class Choice:
     """What :func:`choose` decided: the parameters, the rung kept (``"reuse"`` or a :attr:`Rung.name`), the held-out
     gains (dB, one per sample) and verdict of each rung judged (in climbing order), and the closed-loop runs it
-    cost."""
+    cost (with ``choose(..., scores=)``: those it was handed too, the guard's in ``calibrate``)."""
 
     params: CacheParams
     option: str
