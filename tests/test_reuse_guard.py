@@ -1,7 +1,8 @@
 """The guard of ``calibrate(K)``: the evenly spread schedule (pure, every budget), the k-fold rule (pure: a score
 function stands in for the pipeline) and ``calibrate(K)`` itself on a tiny U-Net and a tiny Flux with true CFG,
 where the replay's errors are rigged so that the DP picks a bad schedule (it switches) or the evenly spread one
-(nothing runs)."""
+(nothing runs); the closed loop scores decoded images (a decoder rigged to ignore its input ties every run: no
+switch), or final latents for a pipeline that cannot decode."""
 
 from __future__ import annotations
 
@@ -137,12 +138,55 @@ def test_calibrate_switches_to_the_evenly_spread_steps_when_the_dp_picks_a_bad_s
     params = helper.calibrate(3, generator=torch.Generator().manual_seed(0), **call)
     assert calls == [dict(candidates=(0.0,), max_span=0, samples=4, reuse_gap=None)]  # reuse only, per sample
     assert params == helper.params == CacheParams(skip_mode="custom", full_steps=(0, 2, 5), cache_branch_id=1)
-    # what it judged: the two schedules in closed loop, the same noise, against the uncached latents
+    # what it judged: the two schedules in closed loop, the same noise, against the uncached decoded images
     call = {**call, "generator": torch.Generator().manual_seed(0)}
     with cl.recorded(pipe, pipe.unet, call) as (_, final, rewind):
         bad, even = cl.closed_loop_sample_errors(pipe, pipe.unet, [dataclasses.replace(params, full_steps=BAD), params],
                                                  final, rewind, call)
+    assert final.shape == (4, 3, 32, 32) and 0.0 <= final.min() and final.max() <= 1.0  # images, not latents
     assert (10 * (bad - even) > fr.TIE_DB).all()  # 4 of 4 held-out samples gain: the sign test's clear majority
+
+
+def _guarded(pipe, call, monkeypatch) -> rg.Guard:
+    seen, real = [], rg.guard
+    monkeypatch.setattr(rg, "guard", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    DeepCacheSDHelper(pipe=pipe).calibrate(3, generator=torch.Generator().manual_seed(0), **call)
+    return seen[0]
+
+
+def test_calibrate_scores_the_decoded_images(unet_call, monkeypatch) -> None:
+    pipe, call = unet_call
+    _rig(monkeypatch, rg, 4)
+    decoded = []
+    decode = pipe.vae.decode
+
+    def constant(z, *args, **kwargs):  # a decoder that ignores the latents: every run gives the same images
+        decoded.append(z.shape)
+        return (torch.zeros(z.shape[0], 3, 8, 8),)
+
+    monkeypatch.setattr(pipe.vae, "decode", constant)
+    got = _guarded(pipe, call, monkeypatch)  # the latents favour the evenly spread steps (previous test)
+    assert len(decoded) == 1 + got.runs == 3  # the recording and each closed-loop run decode once
+    assert got.option == rg.DP and got.params.full_steps == BAD and (got.gains == 0.0).all()
+    assert got.reason.startswith("DP steps: 0 of 4 held-out samples gain")
+    monkeypatch.setattr(pipe.vae, "decode", decode)
+    assert _guarded(pipe, call, monkeypatch).switched  # the real decoder: the images favour them too
+
+
+def test_calibrate_scores_final_latents_when_the_pipeline_cannot_decode(monkeypatch) -> None:
+    pipe = tiny_sd_pipe()
+    pipe.vae = None
+    call = dict(num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent", **prompt_kwargs(batch=4))
+    assert cl.scored_call(pipe, call) == (call, False)
+    _rig(monkeypatch, rg, 4)
+    got = _guarded(pipe, call, monkeypatch)
+    assert got.switched and got.runs == 2
+    call = {**call, "generator": torch.Generator().manual_seed(0)}
+    with cl.recorded(pipe, pipe.unet, call) as (_, final, rewind):
+        bad, even = cl.closed_loop_sample_errors(pipe, pipe.unet, [dataclasses.replace(got.params, full_steps=BAD),
+                                                                   got.params], final, rewind, call)
+    assert final.shape == (4, 4, 16, 16)  # the final latents
+    np.testing.assert_allclose(got.gains, 10 * (bad - even))
 
 
 def test_calibrate_keeps_the_dp_steps_when_they_are_the_evenly_spread_ones(unet_call, monkeypatch) -> None:
