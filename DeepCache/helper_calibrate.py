@@ -49,9 +49,12 @@ class CalibrateMixin:
         **The DP's choice is guarded** (:mod:`DeepCache.schedules.reuse_guard`): it minimises a one-step error, which
         can mispredict a real run's, so its steps are checked against the evenly spread schedule of the same
         ``num_full_steps`` (:func:`~DeepCache.schedules.schedule.even_full_steps`, the forced steps kept) in closed
-        loop: the calibration call runs again with the same noise under each, scored per sample against the uncached
-        final latents. Split as for the forecast (4 folds, leave one out for 2-3 samples), the DP is solved without
-        each fold (from per-sample reuse errors of the same replay, no extra model run) and compared on the fold.
+        loop: the calibration call runs again with the same noise under each, scored per sample on its **decoded
+        image** against the uncached call's (PSNR; the pipeline's own decode, the call run with ``output_type="pt"``
+        whatever it asks for; a pipeline that cannot decode in the call, no ``output_type`` or no ``vae``, is scored
+        on its final latents: :func:`~DeepCache.schedules.closed_loop.scored_call`). Split as for the forecast (4
+        folds, leave one out for 2-3 samples), the DP is solved without each fold (from per-sample reuse errors of
+        the same replay, no extra model run) and compared on the fold.
         The evenly spread steps are returned only if they gain on a clear majority of the samples (sign test, p <=
         0.15: 6 of 8, 5 of 6, all of 4) by more than twice the standard error of their gains (capped at 3 dB; with
         1-3 samples: at least 3 dB on each); otherwise the DP's. Equal schedules, or evenly spread steps needing a

@@ -18,7 +18,7 @@ steps and a weight per step, and check the choice in closed loop.
    forecasts from 4 full steps in 25 down). So :func:`candidate_params` solves the DP for a few caps on the
    forecast coefficient ``w*(k-a)/(a-a')``, and each candidate runs once through the pipeline
    (:func:`~DeepCache.schedules.closed_loop.closed_loop_sample_errors`: closed loop, the same noise), scored per
-   sample by its final latents' distance to the uncached ones.
+   sample by its decoded image's distance to the uncached one (:mod:`DeepCache.schedules.closed_loop`).
 4. Over long gaps the replay cannot see what a weight does to the *next* full steps (stepping *back* along the line
    after a long gap, a negative weight, can damp the error that the next full steps inherit), so
    :func:`~DeepCache.schedules.forecast_refine.refine` can go on from the best candidate in closed loop: one weight per segment

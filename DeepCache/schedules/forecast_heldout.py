@@ -19,7 +19,8 @@ The rule (:func:`choose`), a *ladder* of options (``LADDER``, mildest first, fix
    (``x0.25`` .. ``x1``: shrunk toward reuse); the last rung refines the boldest one in closed loop on the other
    folds (``"refined"``, :func:`~DeepCache.schedules.forecast_refine.refine`). Scored on the
    held-out fold against the calibrated reuse schedule of the same other folds: gain = 10 x (reuse - option)
-   latent error (dB), one per sample.
+   image error (dB: the PSNR gain of the decoded image, :mod:`DeepCache.schedules.closed_loop`), one per
+   sample.
 3. Climb the ladder (:func:`~DeepCache.schedules.forecast_refine.climb`): each rung's held-out gains go to
    :func:`~DeepCache.schedules.forecast_refine.held_out_verdict` (with 4 or more samples a clear majority by a sign test,
    p <= 0.15: 6 of 8, 5 of 6, 4 of 4, and a mean gain above twice its standard error, each gain capped at 3 dB
@@ -112,7 +113,7 @@ def reuse_schedule(measured: ForecastErrors, num_full: int, steps: Sequence[int]
 def fit_rung(score: Callable[[CacheParams], np.ndarray], measured: ForecastErrors, num_full: int, rung: Rung,
              train: Sequence[int], steps: Sequence[int] | None = None) -> tuple[CacheParams, CacheParams]:
     """The calibrated reuse schedule and ``rung``'s forecast, both fitted on the samples ``train`` only. Only a
-    refined rung runs the pipeline: ``score(params)`` is the per-sample latent error of a closed-loop run (lower is
+    refined rung runs the pipeline: ``score(params)`` is the per-sample error of a closed-loop run (lower is
     better), of which only ``train`` is looked at. ``steps``: the reuse schedule's full steps are these (the guard
     of :mod:`DeepCache.schedules.reuse_guard` chose the evenly spread ones: fitted on no sample); None: the DP's,
     fitted on ``train``."""
@@ -131,7 +132,8 @@ def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: i
            rewind: Callable[[], None], call_kwargs: dict, ladder: Sequence[Rung] = LADDER,
            steps: Sequence[int] | None = None, scores: dict | None = None) -> Choice:
     """The held-out choice (module docstring) among closed-loop runs of ``pipeline(**call_kwargs)`` with the same
-    noise (``rewind``), scored per sample against ``reference`` (the uncached final latents). ``steps``: the
+    noise (``rewind``), scored per sample against ``reference`` (the uncached decoded images, or final latents:
+    :func:`~DeepCache.schedules.closed_loop.recorded`). ``steps``: the
     calibrated reuse steps when the guard (:mod:`DeepCache.schedules.reuse_guard`) replaced the DP's by the evenly
     spread ones (every fold's reuse schedule and ``"reuse"`` rungs use them); None: the DP's, fitted per fold.
     ``scores``: closed-loop runs of this call already made (parameters -> per-sample scores; the guard's), reused

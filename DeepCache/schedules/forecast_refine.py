@@ -23,7 +23,7 @@ from .params import CacheParams
 
 #: The weights tried per segment (negative: back along the line), the sweeps over the segments, the shortest
 #: segment refined (in retrieval steps; shorter ones are left as the replay fitted them) and the least improvement
-#: of the score (the latent error, log10 MSE) that counts.
+#: of the score (the closed loop's image error, log10 MSE) that counts.
 SEGMENT_WEIGHTS = (-0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3)
 REFINE_SWEEPS, REFINE_MIN_LENGTH, REFINE_MARGIN = 2, 5, 1e-3
 
@@ -86,7 +86,7 @@ def refine(score: Callable[[CacheParams], float], params: CacheParams, start: fl
 #: The held-out rule (:func:`held_out_verdict`): fewer held-out samples than ``MIN_HELD_OUT`` take the few-samples
 #: branch; a sign test at ``SIGN_ALPHA`` (one-sided); the mean gain above ``SPREAD_Z`` standard errors; gains within
 #: ``TIE_DB`` of 0 are ties (never wins); with few samples every gain must reach ``FEW_GAIN_DB``. Gains in dB
-#: (``10 * (reuse - forecast)`` latent errors, log10 MSE: the PSNR gain of the final latents).
+#: (``10 * (reuse - forecast)`` closed-loop errors, log10 MSE: the PSNR gain of the decoded images).
 MIN_HELD_OUT, SIGN_ALPHA, SPREAD_Z, TIE_DB, FEW_GAIN_DB = 4, 0.15, 2.0, 0.01, 3.0
 #: The spread test caps each gain at ``GAIN_CAP_DB`` first (losses count in full): a sample that gains 20 dB must
 #: not widen the spread enough to reject a forecast that gains on every sample. ``mean(min(g, cap)) > 0`` implies

@@ -19,7 +19,9 @@ The rule (:func:`decide`), on the per-sample reuse errors of the calibration bat
    one out for 2-3); for each fold the DP is solved on the other folds' samples (no model run) and run once through
    the pipeline with the same noise (:func:`~DeepCache.schedules.closed_loop.closed_loop_sample_errors`: one run per
    distinct schedule scores every sample), as is the evenly spread schedule (fitted on nothing); gain = 10 x (DP of
-   the other folds - even) latent error on the fold's samples (dB, log10 MSE). One sample: that sample itself.
+   the other folds - even) error on the fold's samples (dB, log10 MSE of the decoded image: its PSNR gain; final
+   latents where the pipeline cannot decode, :func:`~DeepCache.schedules.closed_loop.scored_call`). One sample:
+   that sample itself.
 3. The gains go to the held-out rule of the forecast (:func:`~DeepCache.schedules.forecast_refine.held_out_verdict`,
    one rule in one place): the evenly spread steps replace the DP's only if they win on a clear majority of the
    held-out samples (one-sided sign test, p <= 0.15: 6 of 8, 5 of 6, all of 4; a fold whose DP gives the evenly
@@ -102,7 +104,7 @@ def measurable(errors: Sequence[Sequence[float]], steps: Sequence[int]) -> bool:
 
 def decide(measured: ForecastErrors, num_full: int, score: Callable[[CacheParams], np.ndarray]) -> Guard:
     """The rule (module docstring) on ``measured`` (per-sample reuse errors); ``score(params)`` runs a schedule in
-    closed loop: the latent error of each sample (lower is better). Pure given ``score``."""
+    closed loop: the error of each sample (log10 MSE of its decoded image; lower is better). Pure given ``score``."""
     dp = measured.reuse_params(num_full)
     even_steps = even_full_steps(measured.num_steps, num_full, forced_full_steps(measured.reuse))
     if even_steps == dp.full_steps:
@@ -128,9 +130,10 @@ def decide(measured: ForecastErrors, num_full: int, score: Callable[[CacheParams
 def guard(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: int, reference: torch.Tensor,
           rewind: Callable[[], None], call_kwargs: dict, cache: dict | None = None) -> Guard:
     """The guarded reuse schedule of ``num_full`` full steps (:func:`decide`): the closed-loop runs repeat
-    ``pipeline(**call_kwargs)`` with the same noise (``rewind``), scored against ``reference`` (the uncached final
-    latents); ``cache`` (parameters -> per-sample scores) keeps them for later choices on the same call. Logs its
-    decision (``logging``, logger ``DeepCache.schedules.reuse_guard``, level INFO)."""
+    ``pipeline(**call_kwargs)`` with the same noise (``rewind``), scored against ``reference`` (the uncached decoded
+    images, or final latents: :func:`~DeepCache.schedules.closed_loop.recorded`); ``cache`` (parameters ->
+    per-sample scores) keeps them for later choices on the same call. Logs its decision (``logging``, logger
+    ``DeepCache.schedules.reuse_guard``, level INFO)."""
     cache = {} if cache is None else cache
 
     def score(params: CacheParams) -> np.ndarray:
