@@ -4,7 +4,7 @@ run's decoded images against the uncached call's, per sample of the batch.
 The one-step judgement of a replay (:mod:`DeepCache.schedules.calibration`, :mod:`DeepCache.schedules.forecast_calibration`)
 sees each retrieval step with the *recorded* inputs; in a real run a step's error reaches the next steps. What
 ``calibrate(K, forecast=True)`` finally decides on is therefore judged here: :func:`recorded` runs the call once
-uncached (the recording, its final latents and ``rewind()``, which puts the call's random state back), and
+uncached (the recording, the reference it scores against and ``rewind()``, which puts the call's random state back), and
 :func:`closed_loop_sample_errors` runs it again per candidate under DeepCache (a U-Net or a transformer: the
 generation of the model's family), scored by :func:`latent_errors` (log10 MSE per sample, lower is better).
 
