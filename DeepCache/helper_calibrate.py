@@ -3,11 +3,12 @@ user's own pipeline and calls, and set them on the helper.
 
 :class:`CalibrateMixin` gives :class:`~DeepCache.helper.DeepCacheSDHelper` its :meth:`~CalibrateMixin.calibrate`.
 The measuring lives elsewhere: the reuse errors in :mod:`DeepCache.schedules.calibration` (then the exact dynamic programme
-:func:`~DeepCache.schedules.schedule.optimal_full_steps`), the forecast replay in
-:mod:`DeepCache.schedules.forecast_calibration`, its closed-loop runs in :mod:`DeepCache.schedules.closed_loop` and the
-held-out choice in :mod:`DeepCache.schedules.forecast_heldout`. U-Nets and transformers alike (a transformer's CFG
-branches are replayed each on its own). This module runs one or the other with the helper disabled (and enabled
-again if it was), and sets the result.
+:func:`~DeepCache.schedules.schedule.optimal_full_steps`; measured per sample by the replay of
+:mod:`DeepCache.schedules.forecast_calibration`, which also forecasts), the guard of those steps in
+:mod:`DeepCache.schedules.reuse_guard`, the closed-loop runs in :mod:`DeepCache.schedules.closed_loop` and the
+forecast's held-out choice in :mod:`DeepCache.schedules.forecast_heldout`. U-Nets and transformers alike (a
+transformer's CFG branches are replayed each on its own). This module runs one or the other with the helper disabled
+(and enabled again if it was), and sets the result.
 
 Example::
 
@@ -21,7 +22,6 @@ from typing import Any
 
 from .attach import resolve
 from .schedules.params import CacheParams
-from .schedules.schedule import optimal_full_steps
 
 
 class CalibrateMixin:
@@ -46,11 +46,28 @@ class CalibrateMixin:
         (step 0 included) that minimise the total error are chosen by an exact dynamic programme
         (:func:`~DeepCache.schedules.schedule.optimal_full_steps`). The enabled state is left as it was.
 
+        **The DP's choice is guarded** (:mod:`DeepCache.schedules.reuse_guard`): it minimises a one-step error, which
+        can mispredict a real run's, so its steps are checked against the evenly spread schedule of the same
+        ``num_full_steps`` (:func:`~DeepCache.schedules.schedule.even_full_steps`, the forced steps kept) in closed
+        loop: the calibration call runs again with the same noise under each, scored per sample on its **decoded
+        image** against the uncached call's (PSNR; the pipeline's own decode, the call run with ``output_type="pt"``
+        whatever it asks for; a pipeline that cannot decode in the call, no ``output_type`` or no ``vae``, is scored
+        on its final latents: :func:`~DeepCache.schedules.closed_loop.scored_call`). Split as for the forecast (4
+        folds, leave one out for 2-3 samples), the DP is solved without each fold (from per-sample reuse errors of
+        the same replay, no extra model run) and compared on the fold.
+        The evenly spread steps are returned only if they gain on a clear majority of the samples (sign test, p <=
+        0.15: 6 of 8, 5 of 6, all of 4) by more than twice the standard error of their gains (capped at 3 dB; with
+        1-3 samples: at least 3 dB on each); otherwise the DP's. Equal schedules, or evenly spread steps needing a
+        gap beyond ``max_gap``, run nothing. Cost: 2-5 pipeline calls more (one for the evenly spread steps, one
+        per distinct DP of the folds). The decision is logged (``logging``, ``DeepCache.schedules.reuse_guard``,
+        INFO: which won and why).
+
         With ``forecast=True`` retrieval steps may forecast the feature (``forecast="linear"``) instead: the replay
         also measures, for each pair of full steps ``a' < a`` (at most 4 apart), each step ``k`` at most ``max_gap``
         (default 8) after ``a`` and each candidate weight, the same error for ``F_a + w*(k-a)*(F_a - F_a')/(a-a')``;
         the full steps come from a DP over the last two full steps, with the best weight per evaluation (reuse,
-        weight 0, wins ties). **The result is chosen on samples it was not fitted on**
+        weight 0, wins ties). The calibrated reuse steps the options build on are the guarded ones (above; the
+        guard's runs are shared). **The result is chosen on samples it was not fitted on**
         (:mod:`DeepCache.schedules.forecast_heldout`): the calibration batch (prompts x images per prompt) is split
         into 4 folds (leave one out for 2-3 samples). The options form a ladder, mildest first: the best weights for
         the calibrated reuse steps, times 0.25, 0.5, 0.75 and 1, then the last refined in closed loop (one weight
@@ -79,7 +96,7 @@ class CalibrateMixin:
 
             params = helper.calibrate(num_full_steps=9, prompt=calibration_prompts, num_inference_steps=25)
         """
-        from .schedules import calibration
+        from .schedules.reuse_guard import calibrate_reuse
 
         pipeline, unet = resolve(self.pipe)
         if pipeline is None:
@@ -99,10 +116,7 @@ class CalibrateMixin:
                     params, _ = calibrate_forecast(pipeline, unet, branch, num_full_steps, max_gap=gap,
                                                    **call_kwargs)
                 else:
-                    errors = calibration.measure_reuse_errors(pipeline, unet, branch, max_gap, **call_kwargs)
-                    params = CacheParams(
-                        skip_mode="custom", full_steps=optimal_full_steps(errors, num_full_steps), cache_branch_id=branch
-                    )
+                    params = calibrate_reuse(pipeline, unet, branch, num_full_steps, max_gap, **call_kwargs).params
             finally:
                 if was_enabled:
                     self.enable()

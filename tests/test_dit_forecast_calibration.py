@@ -24,6 +24,8 @@ from DeepCache.schedules import calibration
 from DeepCache.schedules import forecast_calibration as fc
 from DeepCache.schedules import forecast_heldout as fh
 from DeepCache.schedules import forecast_refine as fr
+from DeepCache.schedules import reuse_guard as rg
+from DeepCache.schedules.schedule import even_full_steps
 
 from .dit_reference import ReferenceBranch
 from .tiny import untouched
@@ -160,23 +162,25 @@ def test_calibrate_with_forecast_sets_k_full_steps_and_keeps_the_held_out_guaran
                 runs[p] = closed_loop(pipeline, model, [p], reference, rewind, call_kwargs)[0]
         return np.stack([runs[p] for p in candidates])
 
-    def spy(pipeline, model, measured_, num_full, *args):
-        seen["measured"] = measured_
-        seen["choice"] = choose(pipeline, model, measured_, num_full, *args)
+    def spy(pipeline, model, measured_, num_full, *args, steps=None, scores=None):
+        seen["measured"], seen["steps"] = measured_, steps
+        seen["choice"] = choose(pipeline, model, measured_, num_full, *args, steps=steps, scores=scores)
         return seen["choice"]
 
     monkeypatch.setattr(fh, "closed_loop_sample_errors", cached)
+    monkeypatch.setattr(rg, "closed_loop_sample_errors", cached)  # the guard's runs, shared with the ladder
     monkeypatch.setattr(fh, "choose", spy)
     helper = DeepCacheHelper(pipe=pipe)
     helper.set_params(cache_branch_id=BRANCH)
     k, n = BUDGET[name], 4
     params = helper.calibrate(k, forecast=True, **_call(kwargs))
-    choice, errors = seen["choice"], seen["measured"]
+    choice, errors, steps = seen["choice"], seen["measured"], seen["steps"]
+    assert steps in (None, even_full_steps(n, k))  # the guard's evenly spread steps, or the DP's per fold
     assert helper.params == params == choice.params and not helper.enabled and untouched(pipe.transformer)
     assert params.skip_mode == "custom" and params.cache_branch_id == BRANCH
     assert len(params.full_steps) == k and params.full_steps[0] == 0
     if params.forecast is None:
-        assert choice.option == "reuse" and params == errors.reuse_params(k)
+        assert choice.option == "reuse" and params == fh.reuse_schedule(errors, k, steps)
     else:
         assert params.forecast == "linear" and len(params.forecast_weights) == n and params.forecast_weight == 0.0
         assert all(params.forecast_weights[s] == 0.0 for s in params.full_steps) and any(params.forecast_weights)
@@ -189,7 +193,7 @@ def test_calibrate_with_forecast_sets_k_full_steps_and_keeps_the_held_out_guaran
     for held in fr.kfold(SAMPLES):
         train = [s for s in range(SAMPLES) if s not in held]
         for option, gains in choice.gains.items():
-            reuse, fitted = fh.fit_rung(score, errors, k, rungs[option], train)
+            reuse, fitted = fh.fit_rung(score, errors, k, rungs[option], train, steps)
             np.testing.assert_allclose(gains[held], 10.0 * (score(reuse)[held] - score(fitted)[held]),
                                        rtol=1e-9, atol=1e-9)
     # ... and a forecast comes back only if its held-out gains passed the rule: a clear majority, mean above the spread
@@ -199,6 +203,6 @@ def test_calibrate_with_forecast_sets_k_full_steps_and_keeps_the_held_out_guaran
         assert choice.verdicts[choice.option].accept and (gains > fr.TIE_DB).sum() == SAMPLES
         capped = np.minimum(gains, fr.GAIN_CAP_DB)  # the spread test caps gains (never losses)
         assert capped.mean() > fr.SPREAD_Z * capped.std(ddof=1) / math.sqrt(SAMPLES)
-        assert params == fh.fit_rung(score, errors, k, rungs[choice.option], range(SAMPLES))[1]
+        assert params == fh.fit_rung(score, errors, k, rungs[choice.option], range(SAMPLES), steps)[1]
     else:
-        assert params == errors.reuse_params(k)
+        assert params == fh.reuse_schedule(errors, k, steps)

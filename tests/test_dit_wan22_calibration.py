@@ -24,8 +24,9 @@ from DeepCache import CacheParams, DeepCacheHelper, engine
 from DeepCache.engine.transformer.discovery import MIN_DIFFUSERS, _diffusers_version
 from DeepCache.schedules import calibration
 from DeepCache.schedules import forecast_calibration as fc
+from DeepCache.schedules import reuse_guard as rg
 from DeepCache.schedules.forecast import fit_weights, schedule_error
-from DeepCache.schedules.schedule import optimal_full_steps
+from DeepCache.schedules.schedule import even_full_steps, optimal_full_steps
 
 from .dit_reference import ReferenceBranch
 from .tiny import untouched
@@ -171,8 +172,14 @@ def test_calibrate_chooses_over_both_transformers_and_the_engine_makes_the_predi
     reuse, got = replayed()
     helper = DeepCacheHelper(pipe=pipe)
     helper.set_params(cache_branch_id=BRANCH)
-    params = helper.calibrate(num_full, **_call(kwargs))
+    seen, real = [], rg.guard
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rg, "guard", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+        params = helper.calibrate(num_full, **_call(kwargs))
     full = params.full_steps
+    # the guard's evenly spread steps keep the switch, as the DP does; one sample: the DP's unless even gains 3 dB
+    assert seen[0].even_steps == even_full_steps(STEPS, num_full, (SWITCH,)) and SWITCH in seen[0].even_steps
+    assert not seen[0].switched and seen[0].dp_steps == full
     assert full == optimal_full_steps(reuse, num_full) and len(full) == num_full and {0, SWITCH} <= set(full)
     best = min(sum(reuse[a][k] for k in range(STEPS) if k not in s for a in [max(x for x in s if x <= k)])
                for s in ({0, SWITCH, *rest} for rest in _subsets(num_full - 2)))

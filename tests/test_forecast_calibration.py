@@ -108,10 +108,12 @@ def test_calibrate_with_forecast_returns_and_sets_a_valid_schedule_and_rewinds_t
     assert not helper.enabled
 
 
-def test_the_closed_loop_keeps_reuse_when_it_is_best_and_scores_by_final_latents() -> None:
+def test_the_closed_loop_keeps_reuse_when_it_is_best_and_scores_by_decoded_images() -> None:
     pipe = tiny_sd_pipe()
     call = _call()
+    uncached_images = pipe(**{**call, "generator": torch.Generator().manual_seed(0), "output_type": "pt"}).images
     with cl.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
+        assert torch.equal(final, uncached_images)  # output_type="latent" asked for; the images are scored
         measured = fc.forecast_errors(pipe.unet, rec, 0, max_gap=2, max_span=2)
         uncached = CacheParams()  # every step full: exactly the recorded call
         scores = cl.closed_loop_errors(pipe, pipe.unet, [uncached, measured.reuse_params(3)], final, rewind, call)
@@ -270,7 +272,7 @@ def test_choose_climbs_the_ladder_and_stops_at_the_first_rung_that_fails(bad, ke
     measured, samples = _synthetic_errors(), 8
     factors = []
 
-    def closed_loop(pipeline, unet, candidates, reference, rewind, call_kwargs):  # latent error, log10 MSE
+    def closed_loop(pipeline, unet, candidates, reference, rewind, call_kwargs):  # image error, log10 MSE
         f = max(max(p.forecast_weights or (0.0,)) for p in candidates)
         factors.append(f)
         return np.asarray([[-(bad(f) if s == 7 else 4 * f) / 10 if f else 0.0 for s in range(samples)]])

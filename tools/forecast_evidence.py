@@ -2,9 +2,12 @@
 
 For budgets K = ceil(25/N), N = 2..8, at one branch and for each of several disjoint prompt sets: PSNR/SSIM of
 held-out prompts against their uncached images for uniform reuse (interval N), calibrated reuse
-(``helper.calibrate(K)``) and calibrated forecast (``helper.calibrate(K, forecast=True)``, the held-out choice of
-:mod:`DeepCache.schedules.forecast_heldout`), all calibrated on one recording of the set's calibration prompts (measured once,
-solved for every K, as ``deepcache tune`` does). Also the cost of each calibration stage. Offline, CPU:
+(``helper.calibrate(K)``: the DP's steps, or the evenly spread ones where the guard of
+:mod:`DeepCache.schedules.reuse_guard` chose them; to judge the guard, also the DP's own steps, "DP reuse
+(unguarded)", and the evenly spread ones) and calibrated forecast (``helper.calibrate(K, forecast=True)``, the
+held-out choice of :mod:`DeepCache.schedules.forecast_heldout`), all calibrated on one recording of the set's
+calibration prompts (measured once, solved for every K, as ``deepcache tune`` does). Also the cost of each
+calibration stage. Offline, CPU:
 
     python tools/forecast_evidence.py --branch 0 --prompt-seeds 1,2,3 --threads 1 --out docs/forecast-b0-sets.json
 
@@ -18,6 +21,7 @@ rerun after a change to the choice costs only the closed-loop runs and the held-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pickle
@@ -35,6 +39,7 @@ from DeepCache import CacheParams, DeepCacheSDHelper  # noqa: E402
 from DeepCache.schedules import closed_loop  # noqa: E402
 from DeepCache.schedules import forecast_calibration as fc
 from DeepCache.schedules import forecast_heldout as fh
+from DeepCache.schedules.reuse_guard import EVEN, guard  # noqa: E402
 from DeepCache.tools.metrics import psnr, ssim  # noqa: E402
 from DeepCache.tools.prompts import embedded_prompts  # noqa: E402
 from schedule_evidence import GUIDANCE, STEPS, images, load  # noqa: E402
@@ -80,14 +85,31 @@ def run_set(pipe, seed: int, prompts: list[str], args) -> dict:
             k = math.ceil(STEPS / n)
             if (k, "choice") not in scored:
                 t = time.perf_counter()
-                choice = fh.choose(pipe, pipe.unet, measured, k, final, rewind, call)
+                runs: dict = {}  # shared by the guard and the ladder, as in calibrate(K, forecast=True)
+                guarded = guard(pipe, pipe.unet, measured, k, final, rewind, call, runs)
+                scored[k, "guard"] = dict(
+                    guard=guarded.option, guard_reason=guarded.reason, guard_runs=guarded.runs,
+                    guard_s=time.perf_counter() - t, dp_steps=list(guarded.dp_steps),
+                    even_steps=list(guarded.even_steps or ()),
+                    guard_gains_db=None if guarded.gains is None else guarded.gains.tolist())
+                t = time.perf_counter()
+                choice = fh.choose(pipe, pipe.unet, measured, k, final, rewind, call,
+                                   steps=guarded.params.full_steps if guarded.switched else None, scores=runs)
                 scored[k, "choice"] = dict(
                     option=choice.option, closed_loop_runs=choice.runs, choose_s=time.perf_counter() - t,
                     verdicts={name: v.reason for name, v in choice.verdicts.items()},
                     held_out_gains_db={name: g.tolist() for name, g in choice.gains.items()})
-                scored[k, "params"] = {"calibrated reuse": measured.reuse_params(k), "calibrated forecast": choice.params}
-            for name in SCHEDULES:
+                scored[k, "params"] = {"calibrated reuse": guarded.params, "calibrated forecast": choice.params,
+                                       "DP reuse (unguarded)": measured.reuse_params(k),
+                                       "evenly spread": dataclasses.replace(measured.reuse_params(k),
+                                                                            full_steps=guarded.even_steps)}
+            for name in SCHEDULES + ("evenly spread", "DP reuse (unguarded)"):
                 key = (n if name == "uniform" else k, name)
+                switched = scored[k, "guard"]["guard"] == EVEN
+                same = {"DP reuse (unguarded)": None if switched else "calibrated reuse",
+                        "evenly spread": "calibrated reuse" if switched else None}.get(name)
+                if key not in scored and same and (k, same) in scored:  # the same schedule: not run twice
+                    scored[key] = scored[k, same]
                 if key not in scored:
                     params = CacheParams(cache_interval=n, cache_branch_id=args.branch) if name == "uniform" \
                         else scored[k, "params"][name]
@@ -99,24 +121,30 @@ def run_set(pipe, seed: int, prompts: list[str], args) -> dict:
                 row = {"seed": seed, "N": n, "K": k, "schedule": name, **scored[key]}
                 if name == "calibrated forecast":
                     row.update(scored[k, "choice"])
+                if name == "calibrated reuse":
+                    row.update(scored[k, "guard"])
                 rows.append(row)
-                print(json.dumps({key2: v for key2, v in row.items() if key2 not in ("params", "psnr_per_prompt",
-                                                                                       "held_out_gains_db")}), flush=True)
+                print(json.dumps({key2: v for key2, v in row.items() if key2 not in (
+                    "params", "psnr_per_prompt", "held_out_gains_db", "guard_gains_db")}), flush=True)
     return {"seed": seed, "calibration": calib, "held_out": held, "costs": costs, "rows": rows}
 
 
 def summary(sets: list[dict]) -> list[str]:
     """A markdown table: per set and N, uniform / reuse / forecast PSNR and forecast - reuse (mean, and the spread:
     the standard deviation over the held-out prompts of the per-prompt difference)."""
-    lines = ["| seed | N | K | uniform | calibrated reuse | calibrated forecast | forecast − reuse (± sd over prompts) | kept |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| seed | N | K | uniform | calibrated reuse | calibrated forecast | forecast − reuse (± sd over prompts) "
+             "| kept | reuse steps (guard) | DP steps (unguarded) | evenly spread |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
     for s in sets:
         by = {(r["N"], r["schedule"]): r for r in s["rows"]}
         for n in sorted({r["N"] for r in s["rows"]}):
             u, r, f = (by[n, name] for name in SCHEDULES)
             d = np.asarray(f["psnr_per_prompt"]) - np.asarray(r["psnr_per_prompt"])
+            dp = by.get((n, "DP reuse (unguarded)"), r)
+            even = by.get((n, "evenly spread"))
             lines.append(f"| {s['seed']} | {n} | {r['K']} | {u['psnr']:.2f} | {r['psnr']:.2f} | {f['psnr']:.2f} | "
-                         f"{d.mean():+.2f} ± {d.std(ddof=1):.2f} | {f['option']} |")
+                         f"{d.mean():+.2f} ± {d.std(ddof=1):.2f} | {f['option']} | {r.get('guard', 'DP')} | "
+                         f"{dp['psnr']:.2f} | {'-' if even is None else format(even['psnr'], '.2f')} |")
     return lines
 
 

@@ -18,7 +18,7 @@ steps and a weight per step, and check the choice in closed loop.
    forecasts from 4 full steps in 25 down). So :func:`candidate_params` solves the DP for a few caps on the
    forecast coefficient ``w*(k-a)/(a-a')``, and each candidate runs once through the pipeline
    (:func:`~DeepCache.schedules.closed_loop.closed_loop_sample_errors`: closed loop, the same noise), scored per
-   sample by its final latents' distance to the uncached ones.
+   sample by its decoded image's distance to the uncached one (:mod:`DeepCache.schedules.closed_loop`).
 4. Over long gaps the replay cannot see what a weight does to the *next* full steps (stepping *back* along the line
    after a long gap, a negative weight, can damp the error that the next full steps inherit), so
    :func:`~DeepCache.schedules.forecast_refine.refine` can go on from the best candidate in closed loop: one weight per segment
@@ -142,7 +142,8 @@ def _tree(fn: Callable[..., Any], *trees: Any) -> Any:
 
 
 def forecast_errors(unet: nn.Module, rec: Recording, branch: int, candidates: Sequence[float] = CANDIDATE_WEIGHTS,
-                    max_gap: int | None = MAX_GAP, max_span: int = MAX_SPAN, samples: int = 1) -> ForecastErrors:
+                    max_gap: int | None = MAX_GAP, max_span: int = MAX_SPAN, samples: int = 1,
+                    reuse_gap: int | None = None) -> ForecastErrors:
     """Replay ``rec`` and measure reuse and forecast errors (module docstring, step 1) of each CFG branch (a
     transformer may be evaluated once per branch and step; :func:`~DeepCache.schedules.calibration.replaying`), for
     each of ``samples`` samples of the batch (:func:`sample_l1`; 1: the batch as one).
@@ -150,10 +151,13 @@ def forecast_errors(unet: nn.Module, rec: Recording, branch: int, candidates: Se
     Cost per branch of ``n`` steps: ``n`` full evaluations, ``n(n-1)/2`` reuse retrievals (every gap, as
     :func:`~DeepCache.schedules.calibration.reuse_errors`) and about ``n*g*s*c`` forecast retrievals, with
     ``g = max_gap``, ``s = max_span`` and ``c`` the nonzero candidates (25 steps, defaults: 25 full and about
-    300 + 2,200 shallow evaluations).
+    300 + 2,200 shallow evaluations). ``reuse_gap`` bounds the reuse retrievals too (None: every gap); with
+    ``max_span=0`` no forecast runs: the reuse errors of ``calibrate(K)``, per sample (its guard's k-fold splits
+    them, :mod:`DeepCache.schedules.reuse_guard`).
     """
     n, scale = rec.num_steps, step_scales(rec)
     gap = n - 1 if max_gap is None else max(1, max_gap)
+    reach = n - 1 if reuse_gap is None else max(1, reuse_gap)
     weights = tuple(float(w) for w in candidates)
     groups = rec.branch_calls()
     # a step a branch does not run adds nothing (0); within a branch, unmeasured pairs and gaps are inf
@@ -169,15 +173,17 @@ def forecast_errors(unet: nn.Module, rec: Recording, branch: int, candidates: Se
             reuse[b, :, np.arange(m), np.arange(m)] = 0.0
             errors[b, :, :m, :m, :m] = math.inf
             magnitude[b, :, :m] = np.stack([_sample_mean(replay.output(k).abs(), samples) for k in range(m)], axis=1)
-            _replay_branch(replay, scale[:m], weights, gap, max_span, samples, reuse[b], errors[b], counts)
+            _replay_branch(replay, scale[:m], weights, (gap, reach), max_span, samples, reuse[b], errors[b], counts)
     return ForecastErrors(_pooled(reuse, magnitude).tolist(), _pooled(errors, magnitude), weights, branch,
                           (counts[0], counts[1]), reuse, errors, magnitude)
 
 
-def _replay_branch(replay: BranchReplay, scale: Sequence[float], weights: tuple[float, ...], gap: int, max_span: int,
-                   samples: int, reuse: np.ndarray, errors: np.ndarray, counts: list[int]) -> None:
+def _replay_branch(replay: BranchReplay, scale: Sequence[float], weights: tuple[float, ...], gaps: tuple[int, int],
+                   max_span: int, samples: int, reuse: np.ndarray, errors: np.ndarray, counts: list[int]) -> None:
     """Fill ``reuse[s, a, k]`` and ``errors[s, a', a, k, j]`` of one branch (its generation forecasts: a
-    :class:`~DeepCache.engine.forecast_feature.ForecastFeature` whose line and weight are set here)."""
+    :class:`~DeepCache.engine.forecast_feature.ForecastFeature` whose line and weight are set here); ``gaps``: the
+    longest forecast and reuse gaps."""
+    gap, reach = gaps
     m = len(replay.calls)
     current = [0.0]
     for gen in replay.gens:
@@ -196,7 +202,7 @@ def _replay_branch(replay: BranchReplay, scale: Sequence[float], weights: tuple[
         feature, segment = replay.generation(a).feature, replay.segment(a)
         f_a = engine.tensors.clone(feature.value)
         window = {p: f for p, f in window.items() if p >= max(a - max_span, segment.start)}
-        for k in range(a + 1, segment.stop):
+        for k in range(a + 1, min(segment.stop, a + reach + 1)):
             reuse[:, a, k] = error(k, 0.0)
         for p, f_p in window.items():
             feature.difference = _tree(torch.sub, f_a, f_p)

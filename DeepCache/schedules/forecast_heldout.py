@@ -13,11 +13,14 @@ The rule (:func:`choose`), a *ladder* of options (``LADDER``, mildest first, fix
 1. Split the ``S`` samples of the calibration batch (prompts x images per prompt) into folds
    (:func:`~DeepCache.schedules.forecast_refine.kfold`: 4 interleaved folds for ``S >= 4``, leave one out for 2-3).
 2. Each rung is a recipe fitted on the other folds' samples by the replay alone (no closed-loop selection): the
-   replay's forecast at the calibrated reuse steps of those samples (``"reuse steps"``), its weights times a factor
+   replay's forecast at the calibrated reuse steps of those samples (``"reuse steps"``: the DP's fitted on them, or
+   the evenly spread steps when the guard of ``calibrate(K)`` chose those on all samples,
+   :mod:`DeepCache.schedules.reuse_guard`), its weights times a factor
    (``x0.25`` .. ``x1``: shrunk toward reuse); the last rung refines the boldest one in closed loop on the other
    folds (``"refined"``, :func:`~DeepCache.schedules.forecast_refine.refine`). Scored on the
    held-out fold against the calibrated reuse schedule of the same other folds: gain = 10 x (reuse - option)
-   latent error (dB), one per sample.
+   image error (dB: the PSNR gain of the decoded image, :mod:`DeepCache.schedules.closed_loop`), one per
+   sample.
 3. Climb the ladder (:func:`~DeepCache.schedules.forecast_refine.climb`): each rung's held-out gains go to
    :func:`~DeepCache.schedules.forecast_refine.held_out_verdict` (with 4 or more samples a clear majority by a sign test,
    p <= 0.15: 6 of 8, 5 of 6, 4 of 4, and a mean gain above twice its standard error, each gain capped at 3 dB
@@ -36,6 +39,7 @@ reuse run per fold, and no extra replay; a ladder that stops at its first rung c
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -48,6 +52,7 @@ from .closed_loop import closed_loop_sample_errors, recorded
 from .forecast_calibration import MAX_GAP, MAX_SPAN, ForecastErrors, forecast_errors
 from .forecast_refine import MIN_HELD_OUT, Verdict, as_forecast, climb, held_out_verdict, kfold, refine, shrink
 from .params import CacheParams
+from .reuse_guard import guard
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ LADDER: tuple[Rung, ...] = (Rung("reuse", 0.25), Rung("reuse", 0.5), Rung("reuse
 class Choice:
     """What :func:`choose` decided: the parameters, the rung kept (``"reuse"`` or a :attr:`Rung.name`), the held-out
     gains (dB, one per sample) and verdict of each rung judged (in climbing order), and the closed-loop runs it
-    cost."""
+    cost (with ``choose(..., scores=)``: those it was handed too, the guard's in ``calibrate``)."""
 
     params: CacheParams
     option: str
@@ -99,14 +104,22 @@ class Choice:
     runs: int = 0
 
 
+def reuse_schedule(measured: ForecastErrors, num_full: int, steps: Sequence[int] | None = None) -> CacheParams:
+    """The calibrated reuse schedule: at ``steps`` (the guard's evenly spread steps), else the DP's on ``measured``."""
+    params = measured.reuse_params(num_full)
+    return params if steps is None else dataclasses.replace(params, full_steps=tuple(steps))
+
+
 def fit_rung(score: Callable[[CacheParams], np.ndarray], measured: ForecastErrors, num_full: int, rung: Rung,
-             train: Sequence[int]) -> tuple[CacheParams, CacheParams]:
+             train: Sequence[int], steps: Sequence[int] | None = None) -> tuple[CacheParams, CacheParams]:
     """The calibrated reuse schedule and ``rung``'s forecast, both fitted on the samples ``train`` only. Only a
-    refined rung runs the pipeline: ``score(params)`` is the per-sample latent error of a closed-loop run (lower is
-    better), of which only ``train`` is looked at."""
+    refined rung runs the pipeline: ``score(params)`` is the per-sample error of a closed-loop run (lower is
+    better), of which only ``train`` is looked at. ``steps``: the reuse schedule's full steps are these (the guard
+    of :mod:`DeepCache.schedules.reuse_guard` chose the evenly spread ones: fitted on no sample); None: the DP's,
+    fitted on ``train``."""
     train = list(train)
     sub = measured.subset(train)
-    reuse = sub.reuse_params(num_full)
+    reuse = reuse_schedule(sub, num_full, steps)
     fitted = sub.params(num_full, rung.cap, reuse.full_steps if rung.steps == "reuse" else None)
     params = shrink(as_forecast(fitted, measured.num_steps), rung.factor)
     if rung.refined:
@@ -116,13 +129,19 @@ def fit_rung(score: Callable[[CacheParams], np.ndarray], measured: ForecastError
 
 
 def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: int, reference: torch.Tensor,
-           rewind: Callable[[], None], call_kwargs: dict, ladder: Sequence[Rung] = LADDER) -> Choice:
+           rewind: Callable[[], None], call_kwargs: dict, ladder: Sequence[Rung] = LADDER,
+           steps: Sequence[int] | None = None, scores: dict | None = None) -> Choice:
     """The held-out choice (module docstring) among closed-loop runs of ``pipeline(**call_kwargs)`` with the same
-    noise (``rewind``), scored per sample against ``reference`` (the uncached final latents)."""
+    noise (``rewind``), scored per sample against ``reference`` (the uncached decoded images, or final latents:
+    :func:`~DeepCache.schedules.closed_loop.recorded`). ``steps``: the
+    calibrated reuse steps when the guard (:mod:`DeepCache.schedules.reuse_guard`) replaced the DP's by the evenly
+    spread ones (every fold's reuse schedule and ``"reuse"`` rungs use them); None: the DP's, fitted per fold.
+    ``scores``: closed-loop runs of this call already made (parameters -> per-sample scores; the guard's), reused
+    and added to (``Choice.runs`` counts them all)."""
     samples = measured.samples
     if samples != reference.shape[0]:
         raise ValueError(f"the replay measured {samples} samples, the call has {reference.shape[0]}.")
-    cache: dict[CacheParams, np.ndarray] = {}
+    cache: dict[CacheParams, np.ndarray] = {} if scores is None else scores
 
     def score(params: CacheParams) -> np.ndarray:
         if params not in cache:
@@ -143,7 +162,7 @@ def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: i
     gains: dict[str, np.ndarray] = {}
 
     def judge(i: int) -> Verdict | None:
-        fits = [fit_rung(score, measured, num_full, rungs[i], train) for train, _ in splits]
+        fits = [fit_rung(score, measured, num_full, rungs[i], train, steps) for train, _ in splits]
         if all(p in seen[j] or not any(p.forecast_weights) for j, (_, p) in enumerate(fits)):
             return None  # nothing new: reuse or an earlier rung on every fold
         g = np.full(samples, np.nan)
@@ -155,10 +174,10 @@ def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: i
 
     best, judged = climb(judge, len(rungs))
     verdicts = {rungs[i].name: v for i, v in enumerate(judged) if v is not None}
-    reuse = measured.reuse_params(num_full)
+    reuse = reuse_schedule(measured, num_full, steps)
     if best is None:
         return Choice(reuse, "reuse", gains, verdicts, len(cache))
-    params = fit_rung(score, measured, num_full, rungs[best], everyone)[1]
+    params = fit_rung(score, measured, num_full, rungs[best], everyone, steps)[1]
     if not any(params.forecast_weights):
         return Choice(reuse, "reuse", gains, verdicts, len(cache))
     return Choice(params, rungs[best].name, gains, verdicts, len(cache))
@@ -167,12 +186,16 @@ def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: i
 def calibrate_forecast(pipeline: Any, unet: nn.Module, branch: int, num_full: int, max_gap: int | None = MAX_GAP,
                        max_span: int = MAX_SPAN, **call_kwargs: Any) -> tuple[CacheParams, dict]:
     """The calibrated forecast (:mod:`DeepCache.schedules.forecast_calibration`, chosen as in this module's docstring): the
-    parameters and what was measured (``measured``, ``choice``)."""
+    parameters and what was measured (``measured``, ``guard``: the :class:`~DeepCache.schedules.reuse_guard.Guard` that
+    chose the calibrated reuse steps the ladder builds on, ``choice``)."""
     with recorded(pipeline, unet, call_kwargs) as (rec, reference, rewind):
         n = rec.num_steps
         if isinstance(num_full, bool) or not isinstance(num_full, int) or not 1 <= num_full <= n:
             raise ValueError(f"num_full_steps must be an integer in [1, {n}] for a {n}-step generation, "
                              f"got {num_full!r}.")
         measured = forecast_errors(unet, rec, branch, max_gap=max_gap, max_span=max_span, samples=reference.shape[0])
-        choice = choose(pipeline, unet, measured, num_full, reference, rewind, call_kwargs)
-    return choice.params, {"measured": measured, "choice": choice}
+        runs: dict = {}  # the guard's closed-loop runs, shared with the ladder (its folds run the same DPs)
+        guarded = guard(pipeline, unet, measured, num_full, reference, rewind, call_kwargs, runs)
+        choice = choose(pipeline, unet, measured, num_full, reference, rewind, call_kwargs,
+                        steps=guarded.params.full_steps if guarded.switched else None, scores=runs)
+    return choice.params, {"measured": measured, "guard": guarded, "choice": choice}

@@ -23,7 +23,7 @@ from .params import CacheParams
 
 #: The weights tried per segment (negative: back along the line), the sweeps over the segments, the shortest
 #: segment refined (in retrieval steps; shorter ones are left as the replay fitted them) and the least improvement
-#: of the score (the latent error, log10 MSE) that counts.
+#: of the score (the closed loop's image error, log10 MSE) that counts.
 SEGMENT_WEIGHTS = (-0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3)
 REFINE_SWEEPS, REFINE_MIN_LENGTH, REFINE_MARGIN = 2, 5, 1e-3
 
@@ -86,7 +86,7 @@ def refine(score: Callable[[CacheParams], float], params: CacheParams, start: fl
 #: The held-out rule (:func:`held_out_verdict`): fewer held-out samples than ``MIN_HELD_OUT`` take the few-samples
 #: branch; a sign test at ``SIGN_ALPHA`` (one-sided); the mean gain above ``SPREAD_Z`` standard errors; gains within
 #: ``TIE_DB`` of 0 are ties (never wins); with few samples every gain must reach ``FEW_GAIN_DB``. Gains in dB
-#: (``10 * (reuse - forecast)`` latent errors, log10 MSE: the PSNR gain of the final latents).
+#: (``10 * (reuse - forecast)`` closed-loop errors, log10 MSE: the PSNR gain of the decoded images).
 MIN_HELD_OUT, SIGN_ALPHA, SPREAD_Z, TIE_DB, FEW_GAIN_DB = 4, 0.15, 2.0, 0.01, 3.0
 #: The spread test caps each gain at ``GAIN_CAP_DB`` first (losses count in full): a sample that gains 20 dB must
 #: not widen the spread enough to reject a forecast that gains on every sample. ``mean(min(g, cap)) > 0`` implies
@@ -117,7 +117,7 @@ def sign_test(wins: int, n: int) -> float:
     return sum(math.comb(n, i) for i in range(max(0, wins), n + 1)) / 2**n
 
 
-def held_out_verdict(gains_db: Sequence[float]) -> Verdict:
+def held_out_verdict(gains_db: Sequence[float], what: str = "held-out samples", keep: str = "reuse") -> Verdict:
     """Accept a forecast over calibrated reuse only on clear held-out evidence (``gains_db``: one per held-out
     calibration sample, forecast minus reuse, each fitted without that sample; a tie or a NaN counts against it).
 
@@ -127,6 +127,9 @@ def held_out_verdict(gains_db: Sequence[float]) -> Verdict:
       capped gains (and ``TIE_DB``). ``mean_db`` and ``stderr_db`` are those of the gains themselves.
     * 1-3 samples: too few for either test: accept only if every gain is at least ``FEW_GAIN_DB`` (3 dB).
     * no samples: reuse.
+
+    ``what`` names the samples and ``keep`` the option kept on a rejection, in ``reason`` only (the guard of
+    ``calibrate(K)``, :mod:`DeepCache.schedules.reuse_guard`, applies the same rule to other options).
 
     >>> held_out_verdict([1.0, 1.2, 0.9, 1.1, 1.0, -0.1, 1.3, 0.8]).reason
     'accepted: 7 of 8 held-out samples gain, mean 0.900 dB; capped 0.900 dB > 2 x 0.154 dB (the spread; gains capped at 3 dB)'
@@ -140,26 +143,26 @@ def held_out_verdict(gains_db: Sequence[float]) -> Verdict:
     n = len(g)
     wins, losses = int((g > TIE_DB).sum()), int((g < -TIE_DB).sum())
     if n == 0:
-        return Verdict(False, "reuse: no held-out samples", 0, 0, math.nan, math.nan)
+        return Verdict(False, f"{keep}: no {what}", 0, 0, math.nan, math.nan)
     finite = np.isfinite(g).all()
     mean = float(g.mean()) if finite else -math.inf
     se = float(g.std(ddof=1) / math.sqrt(n)) if n > 1 and finite else math.inf
     if n < MIN_HELD_OUT:
         if float(g.min()) >= FEW_GAIN_DB:
             return Verdict(True, f"accepted: few samples ({n}), every gain >= {FEW_GAIN_DB:g} dB", wins, losses, mean, se)
-        return Verdict(False, f"reuse: few samples ({n}), a gain below {FEW_GAIN_DB:g} dB", wins, losses, mean, se)
+        return Verdict(False, f"{keep}: few samples ({n}), a gain below {FEW_GAIN_DB:g} dB", wins, losses, mean, se)
     capped = np.minimum(g, GAIN_CAP_DB)
     capped_mean = float(capped.mean()) if finite else -math.inf
     capped_se = float(capped.std(ddof=1) / math.sqrt(n)) if finite else math.inf
     p = sign_test(wins, n)
     if p > SIGN_ALPHA:
-        return Verdict(False, f"reuse: {wins} of {n} held-out samples gain (sign test p = {p:.3f} > {SIGN_ALPHA:g})",
+        return Verdict(False, f"{keep}: {wins} of {n} {what} gain (sign test p = {p:.3f} > {SIGN_ALPHA:g})",
                        wins, losses, mean, se)
     capped_text = f"{capped_mean:.3f} dB {{}} {SPREAD_Z:g} x {capped_se:.3f} dB (the spread; gains capped at {GAIN_CAP_DB:g} dB)"
     if not capped_mean > max(SPREAD_Z * capped_se, TIE_DB):
-        return Verdict(False, f"reuse: mean gain {mean:.3f} dB; capped {capped_text.format('within')}",
+        return Verdict(False, f"{keep}: mean gain {mean:.3f} dB; capped {capped_text.format('within')}",
                        wins, losses, mean, se)
-    return Verdict(True, f"accepted: {wins} of {n} held-out samples gain, mean {mean:.3f} dB; capped "
+    return Verdict(True, f"accepted: {wins} of {n} {what} gain, mean {mean:.3f} dB; capped "
                    f"{capped_text.format('>')}", wins, losses, mean, se)
 
 

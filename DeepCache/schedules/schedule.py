@@ -209,6 +209,35 @@ def optimal_full_steps(errors: Sequence[Sequence[float]], num_full: int) -> tupl
     return tuple([0] + sorted(steps))
 
 
+def even_full_steps(num_steps: int, num_full: int, forced: Sequence[int] = ()) -> tuple[int, ...]:
+    """The evenly spread schedule of exactly ``num_full`` full steps over ``num_steps`` evaluations: step 0 and the
+    ``forced`` steps (:func:`forced_full_steps`, Wan 2.2's switch to ``transformer_2``) are full, as in
+    :func:`optimal_full_steps`. The forced steps cut the run into parts; each part gets one full step (its first)
+    and the others go, one at a time, to the part with the longest mean gap (``length / full steps``; the earlier
+    of equals); within a part of length ``L`` with ``c`` full steps they sit at ``round(i * L / c)`` (halves up).
+    The guard of ``calibrate(K)`` (:mod:`DeepCache.schedules.reuse_guard`) checks the DP's steps against it.
+
+    >>> even_full_steps(25, 5), even_full_steps(25, 4), even_full_steps(10, 4, forced=(4,))
+    ((0, 5, 10, 15, 20), (0, 6, 13, 19), (0, 2, 4, 7))
+    """
+    if not _is_int(num_steps) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+    cuts = sorted(set(forced))
+    if any(not _is_int(f) or not 0 < f < num_steps for f in cuts):
+        raise ValueError(f"forced full steps must be step indices in [1, {num_steps - 1}], got {tuple(forced)!r}.")
+    if not _is_int(num_full) or not 1 + len(cuts) <= num_full <= num_steps:
+        raise ValueError(f"num_full must be an integer in [{1 + len(cuts)}, {num_steps}] for a {num_steps}-evaluation "
+                         f"generation with {len(cuts)} forced full step(s), got {num_full!r}.")
+    starts = [0, *cuts]
+    lengths = [b - a for a, b in zip(starts, [*cuts, num_steps])]
+    counts = [1] * len(starts)
+    for _ in range(num_full - len(starts)):
+        best = max(range(len(starts)), key=lambda i: (lengths[i] / counts[i] if counts[i] < lengths[i] else -1.0, -i))
+        counts[best] += 1
+    return tuple(start + int(math.floor(i * length / count + 0.5))
+                 for start, length, count in zip(starts, lengths, counts) for i in range(count))
+
+
 def calibrated_full_steps(drift: Sequence[float], num_full: int) -> tuple[int, ...]:
     """:func:`optimal_full_steps` when the reuse error is the accumulated drift of the cached feature.
 
