@@ -21,10 +21,10 @@ import torch
 from DeepCache import CacheParams, DeepCacheHelper
 from DeepCache.engine.transformer.discovery import MIN_DIFFUSERS, _diffusers_version
 from DeepCache.schedules import calibration
+from DeepCache.schedules import closed_loop as cl
 from DeepCache.schedules import forecast_calibration as fc
 from DeepCache.schedules import forecast_heldout as fh
 from DeepCache.schedules import forecast_refine as fr
-from DeepCache.schedules import reuse_guard as rg
 from DeepCache.schedules.schedule import even_full_steps
 
 from .dit_reference import ReferenceBranch
@@ -154,7 +154,7 @@ def test_the_replay_error_is_the_error_of_running_the_pipeline_with_those_params
 def test_calibrate_with_forecast_sets_k_full_steps_and_keeps_the_held_out_guarantee(name, monkeypatch) -> None:
     pipe, kwargs, _, _ = measured(name)
     runs: dict = {}  # every closed-loop run, by its parameters: the checks below rerun none
-    closed_loop, choose, seen = fh.closed_loop_sample_errors, fh.choose, {}
+    closed_loop, choose, seen = cl.closed_loop_sample_errors, fh.choose, {}
 
     def cached(pipeline, model, candidates, reference, rewind, call_kwargs):
         for p in candidates:
@@ -167,8 +167,7 @@ def test_calibrate_with_forecast_sets_k_full_steps_and_keeps_the_held_out_guaran
         seen["choice"] = choose(pipeline, model, measured_, num_full, *args, steps=steps, scores=scores)
         return seen["choice"]
 
-    monkeypatch.setattr(fh, "closed_loop_sample_errors", cached)
-    monkeypatch.setattr(rg, "closed_loop_sample_errors", cached)  # the guard's runs, shared with the ladder
+    monkeypatch.setattr(cl, "closed_loop_sample_errors", cached)  # the guard's and the ladder's runs (one scorer)
     monkeypatch.setattr(fh, "choose", spy)
     helper = DeepCacheHelper(pipe=pipe)
     helper.set_params(cache_branch_id=BRANCH)

@@ -201,7 +201,7 @@ def test_choose_fits_each_rung_on_other_samples_and_refits_the_kept_one_on_all(b
     pipe = tiny_sd_pipe()
     call = _call(batch)
     runs: dict = {}  # every closed-loop run, by its parameters: the checks below rerun none
-    run = fh.closed_loop_sample_errors
+    run = cl.closed_loop_sample_errors
 
     def cached(pipeline, unet, candidates, reference, rewind, call_kwargs):
         for p in candidates:
@@ -209,7 +209,7 @@ def test_choose_fits_each_rung_on_other_samples_and_refits_the_kept_one_on_all(b
                 runs[p] = run(pipeline, unet, [p], reference, rewind, call_kwargs)[0]
         return np.stack([runs[p] for p in candidates])
 
-    monkeypatch.setattr(fh, "closed_loop_sample_errors", cached)
+    monkeypatch.setattr(cl, "closed_loop_sample_errors", cached)
     with cl.recorded(pipe, pipe.unet, call) as (rec, final, rewind):
         measured = fc.forecast_errors(pipe.unet, rec, 0, max_gap=3, max_span=2, samples=batch)
         if batch < fr.MIN_HELD_OUT:
@@ -277,7 +277,7 @@ def test_choose_climbs_the_ladder_and_stops_at_the_first_rung_that_fails(bad, ke
         factors.append(f)
         return np.asarray([[-(bad(f) if s == 7 else 4 * f) / 10 if f else 0.0 for s in range(samples)]])
 
-    monkeypatch.setattr(fh, "closed_loop_sample_errors", closed_loop)
+    monkeypatch.setattr(cl, "closed_loop_sample_errors", closed_loop)
     choice = fh.choose(None, None, measured, 3, torch.zeros(samples, 1), lambda: None, {})
     names = [r.name for r in fh.LADDER]
     assert list(choice.verdicts)[:judged] == names[:judged] and choice.option == kept

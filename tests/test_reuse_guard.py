@@ -192,7 +192,7 @@ def test_calibrate_scores_final_latents_when_the_pipeline_cannot_decode(monkeypa
 def test_calibrate_keeps_the_dp_steps_when_they_are_the_evenly_spread_ones(unet_call, monkeypatch) -> None:
     pipe, call = unet_call
     _rig(monkeypatch, rg, 4)
-    monkeypatch.setattr(rg, "closed_loop_sample_errors", lambda *a: pytest.fail("no closed-loop run expected"))
+    monkeypatch.setattr(cl, "closed_loop_sample_errors", lambda *a: pytest.fail("no closed-loop run expected"))
     params = DeepCacheSDHelper(pipe=pipe).calibrate(1, generator=torch.Generator().manual_seed(0), **call)
     assert params.full_steps == (0,)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -291,19 +290,3 @@ def replay_generations(gens: list[Any], patches: list[Any], rec: Recording, call
             gen = gen.branch(patch.conditioning(*rec.calls[first]))
         out.append(None if first is None else gen)
     return out
-
-
-def measure_reuse_errors(pipeline: Any, unet: nn.Module, branch: int, max_gap: int | None = None,
-                         **call_kwargs: Any) -> list[list[float]]:
-    """Run ``pipeline(**call_kwargs)`` once under :func:`recording`, then :func:`reuse_errors` at ``branch``.
-
-    The U-Net must not be cached by this caller (the helper disables itself first). What
-    :meth:`DeepCacheSDHelper.calibrate` measures before its dynamic programme; ``deepcache tune`` measures once
-    per branch and solves for every budget.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", engine.DeepCacheWarning)  # uncached on purpose
-        with recording(pipeline, unet) as rec:
-            pipeline(**call_kwargs)
-    require_steps(rec)
-    return reuse_errors(unet, rec, branch, max_gap)

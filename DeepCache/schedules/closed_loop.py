@@ -166,6 +166,19 @@ def closed_loop_sample_errors(pipeline: Any, unet: nn.Module, candidates: Sequen
     return np.asarray(scores).reshape(len(candidates), -1)
 
 
+
+def memoized_scores(pipeline: Any, unet: nn.Module, reference: torch.Tensor, rewind: Callable[[], None],
+                    call_kwargs: dict, cache: dict | None = None) -> Callable[[CacheParams], np.ndarray]:
+    """``score(params)``: :func:`closed_loop_sample_errors` of one schedule, run once per distinct ``params``;
+    ``cache`` (parameters -> per-sample scores) keeps the runs, so choices on the same call can share them."""
+    cache = {} if cache is None else cache
+
+    def score(params: CacheParams) -> np.ndarray:
+        if params not in cache:
+            cache[params] = closed_loop_sample_errors(pipeline, unet, [params], reference, rewind, call_kwargs)[0]
+        return cache[params]
+    return score
+
 @contextlib.contextmanager
 def recorded(pipeline: Any, unet: nn.Module, call_kwargs: dict) -> Iterator[tuple[Recording, torch.Tensor, Callable[[], None]]]:
     """Run the call once uncached under :func:`~DeepCache.schedules.calibration.recording`; yield the recording, the

@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .closed_loop import closed_loop_sample_errors, recorded
+from .closed_loop import memoized_scores, recorded
 from .forecast_calibration import MAX_GAP, MAX_SPAN, ForecastErrors, forecast_errors
-from .forecast_refine import MIN_HELD_OUT, Verdict, as_forecast, climb, held_out_verdict, kfold, refine, shrink
+from .forecast_refine import MIN_HELD_OUT, Verdict, as_forecast, climb, fold_splits, held_out_verdict, refine, shrink
 from .params import CacheParams
 from .reuse_guard import guard
 
@@ -142,11 +142,7 @@ def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: i
     if samples != reference.shape[0]:
         raise ValueError(f"the replay measured {samples} samples, the call has {reference.shape[0]}.")
     cache: dict[CacheParams, np.ndarray] = {} if scores is None else scores
-
-    def score(params: CacheParams) -> np.ndarray:
-        if params not in cache:
-            cache[params] = closed_loop_sample_errors(pipeline, unet, [params], reference, rewind, call_kwargs)[0]
-        return cache[params]
+    score = memoized_scores(pipeline, unet, reference, rewind, call_kwargs, cache)
 
     if samples < MIN_HELD_OUT:
         warnings.warn(
@@ -154,10 +150,9 @@ def choose(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: i
             f"samples it was not fitted on; calibrated reuse is kept unless the forecast gains at least 3 dB on every "
             f"{'held-out ' if samples > 1 else ''}sample. Calibrate on {MIN_HELD_OUT} or more prompts (or images per "
             f"prompt) for a safer choice.", stacklevel=3)
-    folds = kfold(samples)
     everyone = list(range(samples))
-    splits = [([s for s in everyone if s not in held], held) for held in folds] or [(everyone, everyone)]
-    rungs = [r for r in ladder if folds or not r.refined]
+    splits = fold_splits(samples)
+    rungs = [r for r in ladder if samples > 1 or not r.refined]
     seen: list[list[CacheParams]] = [[] for _ in splits]  # per split: reuse and the rungs judged so far
     gains: dict[str, np.ndarray] = {}
 

@@ -57,9 +57,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .closed_loop import closed_loop_sample_errors, recorded
+from .closed_loop import memoized_scores, recorded
 from .forecast_calibration import ForecastErrors, forecast_errors
-from .forecast_refine import Verdict, held_out_verdict, kfold
+from .forecast_refine import Verdict, fold_splits, held_out_verdict
 from .params import CacheParams
 from .schedule import even_full_steps, forced_full_steps
 
@@ -113,11 +113,9 @@ def decide(measured: ForecastErrors, num_full: int, score: Callable[[CacheParams
         return Guard(dp, DP, "DP steps: the evenly spread steps need a gap the replay did not measure (max_gap)",
                      dp.full_steps, even_steps)
     even = dataclasses.replace(dp, full_steps=even_steps)
-    everyone = list(range(measured.samples))
-    splits = [([s for s in everyone if s not in held], held) for held in kfold(measured.samples)]
     gains = np.full(measured.samples, np.nan)
     ran = {even}
-    for train, held in splits or [(everyone, everyone)]:
+    for train, held in fold_splits(measured.samples):
         fold = measured.subset(train).reuse_params(num_full)
         ran.add(fold)
         gains[held] = 10.0 * (score(fold)[held] - score(even)[held])
@@ -134,14 +132,7 @@ def guard(pipeline: Any, unet: nn.Module, measured: ForecastErrors, num_full: in
     images, or final latents: :func:`~DeepCache.schedules.closed_loop.recorded`); ``cache`` (parameters ->
     per-sample scores) keeps them for later choices on the same call. Logs its decision (``logging``, logger
     ``DeepCache.schedules.reuse_guard``, level INFO)."""
-    cache = {} if cache is None else cache
-
-    def score(params: CacheParams) -> np.ndarray:
-        if params not in cache:
-            cache[params] = closed_loop_sample_errors(pipeline, unet, [params], reference, rewind, call_kwargs)[0]
-        return cache[params]
-
-    got = decide(measured, num_full, score)
+    got = decide(measured, num_full, memoized_scores(pipeline, unet, reference, rewind, call_kwargs, cache))
     logger.info("calibrate(%d): %s steps %s (DP %s, evenly spread %s): %s", num_full, got.option,
                 got.params.full_steps, got.dp_steps, got.even_steps, got.reason)
     return got
