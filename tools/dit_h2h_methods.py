@@ -82,27 +82,30 @@ def _helper(pipe: Any, **params: Any) -> Any:
     return helper
 
 
+def _enabling(**params: Any) -> Callable[[Any, Context], Any]:
+    """``enable(pipe, ctx)`` of a fixed setting: a helper with ``params``, enabled (the handle ``disable`` gets)."""
+    def enable(pipe: Any, ctx: Context) -> Any:
+        helper = _helper(pipe, **params)
+        helper.enable()
+        return helper
+    return enable
+
+
 def _calibration_call(ctx: Context) -> dict[str, Any]:
     generators = [torch.Generator().manual_seed(10_000 + i) for i in range(len(ctx.calibration))]
     return {**call_kwargs(list(ctx.calibration), ctx.cfg), "num_inference_steps": ctx.steps, "generator": generators}
 
 
 def ours_uniform(interval: int, branch: int) -> Method:
-    def enable(pipe: Any, ctx: Context) -> Any:
-        helper = _helper(pipe, cache_interval=interval, cache_branch_id=branch)
-        helper.enable()
-        return helper
-    return Method("ours: uniform", f"I={interval} B={branch}", enable, _disable_helper, fullgraph=True)
+    return Method("ours: uniform", f"I={interval} B={branch}",
+                  _enabling(cache_interval=interval, cache_branch_id=branch), _disable_helper, fullgraph=True)
 
 
 def ours_split(interval: int, front: int, back: int, forecast: bool = False) -> Method:
     """Uniform full steps with an asymmetric split (cache-dit's FnBn): a retrieval step runs the first ``front`` and
     the last ``back`` blocks around the cached (or, ``forecast``, extrapolated) middle residual."""
-    def enable(pipe: Any, ctx: Context) -> Any:
-        helper = _helper(pipe, cache_interval=interval, front_blocks=front, back_blocks=back,
-                         forecast="linear" if forecast else None)
-        helper.enable()
-        return helper
+    enable = _enabling(cache_interval=interval, front_blocks=front, back_blocks=back,
+                       forecast="linear" if forecast else None)
     family = "ours: split forecast" if forecast else "ours: split"
     return Method(family, f"I={interval} F{front}B{back}", enable, _disable_helper, fullgraph=True)
 
@@ -110,11 +113,7 @@ def ours_split(interval: int, front: int, back: int, forecast: bool = False) -> 
 def ours_forecast(interval: int, branch: int, start_step: int = 0) -> Method:
     """Uniform full steps, retrieval steps forecast the middle residual along the line of the last two full steps
     (``forecast="linear"``); ``start_step`` full warm-up steps first (TaylorSeer's ``disable_cache_before_step``)."""
-    def enable(pipe: Any, ctx: Context) -> Any:
-        helper = _helper(pipe, cache_interval=interval, cache_branch_id=branch, forecast="linear",
-                         start_step=start_step)
-        helper.enable()
-        return helper
+    enable = _enabling(cache_interval=interval, cache_branch_id=branch, forecast="linear", start_step=start_step)
     label = f"I={interval} B={branch}" + (f" W={start_step}" if start_step else "")
     return Method("ours: uniform forecast", label, enable, _disable_helper, fullgraph=True)
 
@@ -130,11 +129,8 @@ def ours_calibrated(full_steps: int, branch: int, forecast: bool = False) -> Met
 
 
 def ours_adaptive(threshold: float, cap: int, branch: int = 0, forecast: bool = False) -> Method:
-    def enable(pipe: Any, ctx: Context) -> Any:
-        helper = _helper(pipe, cache_interval=cap, cache_branch_id=branch, skip_mode="adaptive", threshold=threshold,
-                         forecast="linear" if forecast else None)
-        helper.enable()
-        return helper
+    enable = _enabling(cache_interval=cap, cache_branch_id=branch, skip_mode="adaptive", threshold=threshold,
+                       forecast="linear" if forecast else None)
     family = "ours: adaptive forecast" if forecast else "ours: adaptive"
     return Method(family, f"t={threshold:g} cap={cap} B={branch}", enable, _disable_helper, threshold=True,
                   fullgraph=True)

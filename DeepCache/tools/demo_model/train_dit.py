@@ -183,9 +183,7 @@ def train_transformer(transformer: Any, vae: Any, embeds: dict[str, tuple[torch.
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
-        with torch.no_grad():
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            ema_update(ema, transformer, decay)
+        ema_update(ema, transformer, min(config.ema_decay, (1 + step) / (10 + step)))
         losses.append(loss.item())
         elapsed = time.monotonic() - start
         if step % config.log_every == 0 or step == config.steps - 1:
