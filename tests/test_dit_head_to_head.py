@@ -64,25 +64,43 @@ def test_uniform_interval_2_branch_0_macs_are_the_hand_count(tiny_pipe, cfg: flo
     assert macs == branches * (2 * table.per_call + 2 * retrieval)
 
 
-@pytest.mark.parametrize("warmup,full", [(0, 3), (3, 4)])
-def test_uniform_forecast_counts_warmup_and_forecasts(tiny_pipe, warmup: int, full: int) -> None:
-    """I=2 over 5 steps: full 0, 2, 4 (W=0) or 0, 1, 2, 4 (W=3: steps before 3 full, then every 2nd of the
-    schedule); retrieval steps hand out the line through the last two full steps, so the image is not reuse's."""
+@pytest.mark.parametrize("warmup,end,full", [(0, None, 3), (3, None, 4), (0, 3, 4)])
+def test_uniform_forecast_counts_warmup_and_forecasts(tiny_pipe, warmup: int, end: int | None, full: int) -> None:
+    """I=2 over 5 steps: full 0, 2, 4 (W=0), 0, 1, 2, 4 (W=3: steps before 3 full, then every 2nd of the
+    schedule) or 0, 2, 3, 4 (E=3: full from step 3 on); retrieval steps hand out the line through the last two full
+    steps, so the image is not reuse's."""
     table = count_table(tiny_pipe)
     images = {}
-    for method in (ours_forecast(2, 0, warmup), ours_uniform(2, 0)):
+    for method in (ours_forecast(2, 0, warmup, end), ours_uniform(2, 0)):
         helper = method.enable(tiny_pipe, Context(5, 1.0, []))
         try:
             with MacCounter(tiny_pipe.transformer, table) as counter:
                 images[method.family], macs, _ = generate(tiny_pipe, PROMPT, 0, steps=5, cfg=1.0, counter=counter)
             if method.family == "ours: uniform forecast":
                 assert helper.params.forecast == "linear" and helper.params.start_step == warmup
+                assert helper.params.end_step == end
                 retrieval = table.per_call - sum(table.blocks)
                 assert macs == full * table.per_call + (5 - full) * retrieval
         finally:
             method.disable(tiny_pipe, helper)
     assert ours_forecast(3, 0, 3).label == "I=3 B=0 W=3" and ours_forecast(3, 0).label == "I=3 B=0"
+    assert ours_forecast(2, 0, end_step=27).label == "I=2 B=0 E=27"
     assert not np.array_equal(images["ours: uniform forecast"], images["ours: uniform"])
+
+
+def test_image_metrics_say_how_many_images_were_left_untouched() -> None:
+    """Three identical images of four (100 dB each in the mean) and one with MSE 1e-4 (40 dB): the mean of per-image
+    PSNR says 85 dB; the PSNR of the mean MSE (2.5e-5) says 46.02 dB."""
+    from dit_h2h_core import image_metrics
+
+    reference = np.full((4, 8, 8, 3), 0.5)
+    images = reference.copy()
+    images[3] += 0.01
+    row = image_metrics(images, reference, ["a"] * 4, None)
+    assert row["untouched"] == 3 and row["psnr"] == pytest.approx(85.0) and row["psnr_min"] == pytest.approx(40.0)
+    assert row["psnr_of_mean_mse"] == pytest.approx(10 * np.log10(1 / 2.5e-5))
+    same = image_metrics(reference, reference, ["a"] * 4, None)
+    assert same["untouched"] == 4 and same["psnr"] == same["psnr_of_mean_mse"] == 100.0
 
 
 def test_core_runs_ours_and_a_diffusers_hook_and_resets_state(tiny_pipe) -> None:
@@ -138,8 +156,11 @@ def test_merge_keeps_one_row_per_setting_and_an_ok_rerun_replaces_a_failure() ->
     rows = merged["modes"][1]["rows"]
     assert [(r["label"], r["status"]) for r in rows] == [("uncached", "ok"), ("a", "ok"), ("b", "ok")]
     assert rows[1]["replaces"] == "boom" and merged["modes"][1]["timing_runs"] == [{"timing_eager": {"x": {"ratio": 1.0}}}]
-    again = merge([merged, {"modes": [{"cfg": 1.0, "rows": [row("c", "ok")]}]}])  # a rerun merged into the result
+    again = merge([merged, {"modes": [{"cfg": 1.0, "rows": [row("c", "ok"), row("a", "ok", psnr=50.0),
+                                                            row("b", "no skipping")]}]}])  # reruns merged in
     assert [r["label"] for r in again["modes"][1]["rows"]] == ["uncached", "a", "b", "c"]
+    assert again["modes"][1]["rows"][1] == row("a", "ok", psnr=50.0)  # an ok rerun replaces its row in place
+    assert again["modes"][1]["rows"][2] == row("b", "ok")  # a rerun that did not run ok does not
     assert again["modes"][1]["timing_runs"] == merged["modes"][1]["timing_runs"]
 
 

@@ -120,7 +120,7 @@ def test_the_closed_loop_keeps_reuse_when_it_is_best_and_scores_by_decoded_image
     assert scores[0] == math.log10(1e-20) and scores[1] > scores[0]  # the same noise: uncached reproduces the call
     per = cl.closed_loop_sample_errors(pipe, pipe.unet, [measured.reuse_params(3)], final, rewind, call)
     assert per.shape == (1, 2) and per[0].mean() == pytest.approx(scores[1])
-    assert cl.latent_error(torch.ones(2, 3), torch.zeros(2, 3)) == 0.0
+    assert cl.log_mse(torch.ones(2, 3), torch.zeros(2, 3)).tolist() == [0.0, 0.0]  # log10 of MSE 1
     assert fc.candidate_params(measured, 3)[0] == measured.reuse_params(3)
     assert all(p.forecast == "linear" for p in fc.candidate_params(measured, 3)[1:])
 

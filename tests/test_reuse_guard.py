@@ -173,6 +173,50 @@ def test_calibrate_scores_the_decoded_images(unet_call, monkeypatch) -> None:
     assert _guarded(pipe, call, monkeypatch).switched  # the real decoder: the images favour them too
 
 
+class _FlagEverything:
+    """A safety checker that flags every image (Stable Diffusion blacks flagged images out)."""
+
+    calls = 0
+
+    def __call__(self, images, clip_input):
+        self.calls += 1
+        return torch.zeros_like(images), [True] * len(images)
+
+
+class _Features:
+    def __call__(self, images, return_tensors):
+        return self
+
+    def to(self, device):
+        self.pixel_values = torch.zeros(1, 3, 4, 4)
+        return self
+
+
+def test_the_closed_loop_scores_what_the_model_drew_not_what_a_safety_checker_blacked_out(monkeypatch) -> None:
+    pipe, checker = tiny_sd_pipe(), _FlagEverything()
+    object.__setattr__(pipe, "safety_checker", checker)
+    object.__setattr__(pipe, "feature_extractor", _Features())
+    config = dict(pipe.config)
+    call = lambda: dict(num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",  # noqa: E731
+                        generator=torch.Generator().manual_seed(0), **prompt_kwargs(batch=2))
+    shown = pipe(**{**call(), "output_type": "pt"}).images
+    assert checker.calls == 1 and (shown == 0).all()  # what the user sees: blacked out
+    scored = cl._output(pipe, call())
+    assert checker.calls == 1 and pipe.safety_checker is checker and dict(pipe.config) == config  # put back as it was
+    object.__setattr__(pipe, "safety_checker", None)
+    drawn = pipe(**{**call(), "output_type": "pt"}).images
+    object.__setattr__(pipe, "safety_checker", checker)
+    assert scored.shape == (2, 3, 32, 32) and scored.abs().sum() > 0 and torch.equal(scored, drawn)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder out of memory")
+
+    monkeypatch.setattr(pipe.vae, "decode", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cl._output(pipe, call())
+    assert pipe.safety_checker is checker  # also when the call fails
+
+
 def test_calibrate_scores_final_latents_when_the_pipeline_cannot_decode(monkeypatch) -> None:
     pipe = tiny_sd_pipe()
     pipe.vae = None

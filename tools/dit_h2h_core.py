@@ -188,13 +188,21 @@ def quiet() -> Iterator[io.StringIO]:
 
 def image_metrics(images: np.ndarray, reference: np.ndarray, prompts: Sequence[str],
                   classifier: nn.Module | None) -> dict[str, Any]:
-    """PSNR/SSIM vs the reference (mean, min), task accuracy and the Fréchet distance of the classifier's features."""
+    """PSNR/SSIM vs the reference (mean, min), task accuracy and the Fréchet distance of the classifier's features.
+
+    ``psnr`` is the mean of per-image PSNR with identical images counted as 100 dB, so a method that leaves most
+    images untouched scores high whatever it does to the rest: ``untouched`` counts those images and
+    ``psnr_of_mean_mse`` (the PSNR of the mean squared error over all images, 100 if all are identical) does not
+    reward them.
+    """
     from DeepCache.tools.metrics import frechet_distance, psnr, ssim
 
     values = psnr(images, reference)
     finite = np.minimum(values, 100.0)  # identical images: inf, capped for means
+    mse = float(((images - reference) ** 2).mean())
     row: dict[str, Any] = {"psnr": float(finite.mean()), "psnr_min": float(finite.min()),
-                           "ssim": float(np.mean(ssim(images, reference)))}
+                           "psnr_of_mean_mse": min(100.0, float(10 * np.log10(1 / mse))) if mse > 0 else 100.0,
+                           "untouched": int(np.isinf(values).sum()), "ssim": float(np.mean(ssim(images, reference)))}
     if classifier is not None:
         from DeepCache.tools.scoring import classify, prompt_labels
 

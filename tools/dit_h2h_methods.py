@@ -110,11 +110,14 @@ def ours_split(interval: int, front: int, back: int, forecast: bool = False) -> 
     return Method(family, f"I={interval} F{front}B{back}", enable, _disable_helper, fullgraph=True)
 
 
-def ours_forecast(interval: int, branch: int, start_step: int = 0) -> Method:
+def ours_forecast(interval: int, branch: int, start_step: int = 0, end_step: int | None = None) -> Method:
     """Uniform full steps, retrieval steps forecast the middle residual along the line of the last two full steps
-    (``forecast="linear"``); ``start_step`` full warm-up steps first (TaylorSeer's ``disable_cache_before_step``)."""
-    enable = _enabling(cache_interval=interval, cache_branch_id=branch, forecast="linear", start_step=start_step)
-    label = f"I={interval} B={branch}" + (f" W={start_step}" if start_step else "")
+    (``forecast="linear"``); ``start_step`` full warm-up steps first (TaylorSeer's ``disable_cache_before_step``),
+    full steps again from ``end_step`` on (e.g. 27 of 28: the last step, whose error goes straight to the image)."""
+    enable = _enabling(cache_interval=interval, cache_branch_id=branch, forecast="linear", start_step=start_step,
+                       end_step=end_step)
+    label = f"I={interval} B={branch}" + (f" W={start_step}" if start_step else "") + (f" E={end_step}" if end_step
+                                                                                          is not None else "")
     return Method("ours: uniform forecast", label, enable, _disable_helper, fullgraph=True)
 
 
@@ -261,14 +264,17 @@ def catalogue(table: CountTable, steps: int, budgets: tuple[float, ...] = (0.5, 
     methods = [uncached()] + [uncached(s) for s in (14, 9, 7)]
     methods += [ours_uniform(i, b) for b in (0, 1, 2) for i in (2, 3, 4)]
     methods += [ours_forecast(i, 0, w) for w in (0, 1, 2, 3) for i in (2, 3, 4, 5)] + [ours_forecast(2, 0, 26)]
+    methods += [ours_forecast(i, 0, end_step=steps - 1) for i in (2, 3, 4)]  # the last step full
     methods += [ours_split(i, 1, 0, f) for f in (False, True) for i in (2, 3, 4)]
     methods += [ours_calibrated(full_steps_for(table, steps, x, b), b) for b in (0, 1) for x in budgets]
     methods += [ours_calibrated(full_steps_for(table, steps, 1 / 3, 0), 0, forecast=True)]
     methods += [ours_calibrated(13, 0)]  # 0.468 of the MACs: MagCache t=0.15's cost (13 full steps of 28)
+    # 26-27 of 28 full steps (0.93-0.965 of the MACs): FirstBlockCache t=0.05's near-uncached point (0.95-0.99)
+    methods += [ours_calibrated(27, 0)] + [ours_calibrated(k, 0, forecast=True) for k in (27, 26)]
     methods += [taylorseer()] + [taylorseer(i, 1) for i in (2, 3, 4)] + [taylorseer(3, 2)]
     methods += [taylorseer(lite=True)] + [taylorseer(i, 1, lite=True) for i in (2, 3, 4)]
-    methods += [ours_adaptive(t, 6) for t in (0.05, 0.1, 0.2, 0.4)]
-    methods += [ours_adaptive(t, 6, forecast=True) for t in (0.05, 0.1, 0.2, 0.4)]
+    methods += [ours_adaptive(t, 6) for t in (0.01, 0.02, 0.03, 0.04, 0.045, 0.05, 0.1, 0.2, 0.4)]
+    methods += [ours_adaptive(t, 6, forecast=True) for t in (0.01, 0.02, 0.03, 0.04, 0.045, 0.05, 0.1, 0.2, 0.4)]
     methods += [first_block_cache(t) for t in (0.05, 0.1, 0.2, 0.4)]
     methods += [mag_cache(t, k) for t, k in ((0.06, 3), (0.15, 5), (0.4, 10))]
     # cache-dit last: after cache_dit.disable_cache(pipe) diffusers' hooks failed on the same pipeline (docs/dit.md)

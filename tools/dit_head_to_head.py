@@ -218,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Reports of runs split by guidance and by method: one mode per guidance, rows in order, uncached once (an ok
-    row replaces a failed one of the same setting, keeping its error under ``replaces``); each
-    run's timings kept apart under ``timing_runs`` (their ratios are to that run's own uncached pipeline)."""
+    """Reports of runs split by guidance and by method: one mode per guidance, rows in order, one row per setting (a
+    later ok row, a rerun, replaces the earlier row of the same setting in place, keeping a failure's error under
+    ``replaces``); each run's timings kept apart under ``timing_runs`` (their ratios are to that run's own uncached
+    pipeline)."""
     modes: dict[float, dict[str, Any]] = {}
     for part in parts:
         for mode in part["modes"]:
@@ -233,8 +234,10 @@ def merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 key = (row["family"], row["label"])
                 if key not in index:
                     merged["rows"].append(row)
-                elif row.get("status") == "ok" and merged["rows"][index[key]].get("status") != "ok":
-                    merged["rows"][index[key]] = {**row, "replaces": merged["rows"][index[key]].get("error")}
+                elif row.get("status") == "ok":
+                    earlier = merged["rows"][index[key]]
+                    failed = {"replaces": earlier.get("error")} if earlier.get("status") != "ok" else {}
+                    merged["rows"][index[key]] = {**row, **failed}
             if timing:
                 merged["timing_runs"].append(timing)
     return {**parts[0], "modes": sorted(modes.values(), key=lambda m: -m["cfg"])}

@@ -6,11 +6,12 @@ sees each retrieval step with the *recorded* inputs; in a real run a step's erro
 ``calibrate(K, forecast=True)`` finally decides on is therefore judged here: :func:`recorded` runs the call once
 uncached (the recording, the reference it scores against and ``rewind()``, which puts the call's random state back), and
 :func:`closed_loop_sample_errors` runs it again per candidate under DeepCache (a U-Net or a transformer: the
-generation of the model's family), scored by :func:`latent_errors` (log10 MSE per sample, lower is better).
+generation of the model's family), scored by :func:`log_mse` (log10 MSE per sample, lower is better).
 
 What is scored (:func:`scored_call`, one rule for the recording and every run): the **decoded image** (or video)
 of each sample, through the pipeline's own decode path: the call runs with ``output_type="pt"`` whatever output
-the caller asked for, so the score is ``-PSNR / 10`` of each sample against the uncached image (pixels in [0, 1]).
+the caller asked for (and without a safety checker, which would black out flagged images: :func:`_unchecked`), so
+the score is ``-PSNR / 10`` of each sample against the uncached image (pixels in [0, 1]).
 Final latents rank schedules differently from the images a user sees: on the tiny Flux DiT at K = 9 even spacing
 beats the DP's steps on 4 of 8 calibration samples by latents, 7 of 8 by image PSNR (docs/schedules.md). A pipeline
 that cannot decode in the call (its ``__call__`` takes no ``output_type``, or it has no ``vae``) is scored on its
@@ -114,11 +115,28 @@ def scored_call(pipeline: Any, call_kwargs: dict) -> tuple[dict, bool]:
     return dict(call_kwargs), False
 
 
+@contextlib.contextmanager
+def _unchecked(pipeline: Any) -> Iterator[None]:
+    """The pipeline with its safety checker (Stable Diffusion and its variants) set aside for the block: the closed
+    loop scores images, it shows them to no one, and a flagged image (blacked out: the reference's or a candidate's)
+    would turn its sample's score into noise. Only the instance attribute changes (not the pipeline's config, so
+    ``save_pretrained`` inside the block would still name the checker); it is put back on exit, whatever happens."""
+    checker = vars(pipeline).get("safety_checker")
+    if checker is None:
+        yield
+        return
+    object.__setattr__(pipeline, "safety_checker", None)  # past DiffusionPipeline.__setattr__, which edits the config
+    try:
+        yield
+    finally:
+        object.__setattr__(pipeline, "safety_checker", checker)
+
+
 def _output(pipeline: Any, call_kwargs: dict) -> torch.Tensor:
-    """Run the call once (:func:`scored_call`); return what is scored: the decoded images (float, batch first) or
-    the final latents."""
+    """Run the call once (:func:`scored_call`; without the safety checker: :func:`_unchecked`); return what is
+    scored: the decoded images (float, batch first) or the final latents."""
     call, decoded = scored_call(pipeline, call_kwargs)
-    with _final_latents(pipeline.scheduler) as final:
+    with _final_latents(pipeline.scheduler) as final, _unchecked(pipeline):
         out = pipeline(**call)
     if not decoded:
         return final[-1]
@@ -129,16 +147,11 @@ def _output(pipeline: Any, call_kwargs: dict) -> torch.Tensor:
     return images.detach().float().clone()
 
 
-def latent_errors(latents: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+def log_mse(output: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
     """``log10`` of each sample's mean squared error (lower is better; -PSNR/10 for images in [0, 1]); the
     closed loop's score of decoded images, or of latents where the pipeline cannot decode (:func:`scored_call`)."""
-    mse = (latents.float() - reference.float()).pow(2).flatten(1).mean(1).clamp_min(1e-20)
+    mse = (output.float() - reference.float()).pow(2).flatten(1).mean(1).clamp_min(1e-20)
     return mse.log10().double().cpu().numpy()
-
-
-def latent_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over the batch of :func:`latent_errors`."""
-    return float(latent_errors(latents, reference).mean())
 
 
 def closed_loop_errors(pipeline: Any, unet: nn.Module, candidates: Sequence[CacheParams], reference: torch.Tensor,
@@ -152,7 +165,7 @@ def closed_loop_errors(pipeline: Any, unet: nn.Module, candidates: Sequence[Cach
 def closed_loop_sample_errors(pipeline: Any, unet: nn.Module, candidates: Sequence[CacheParams], reference: torch.Tensor,
                               rewind: Callable[[], None], call_kwargs: dict) -> np.ndarray:
     """Run the pipeline once per candidate (the same noise): shape ``(candidates, samples)``, the
-    :func:`latent_errors` of each candidate's decoded images (final latents where the pipeline cannot decode:
+    :func:`log_mse` of each candidate's decoded images (final latents where the pipeline cannot decode:
     :func:`scored_call`) against ``reference`` (:func:`recorded`'s, of the same call)."""
     scores = []
     lease = engine.acquire_all(unet, engine.extra_denoisers(pipeline))  # Wan 2.2: transformer_2 is cached too
@@ -160,7 +173,7 @@ def closed_loop_sample_errors(pipeline: Any, unet: nn.Module, candidates: Sequen
         for params in candidates:
             rewind()
             with engine.running_call(lease, params), torch.no_grad():
-                scores.append(latent_errors(_output(pipeline, call_kwargs), reference))
+                scores.append(log_mse(_output(pipeline, call_kwargs), reference))
     finally:
         lease.release()
     return np.asarray(scores).reshape(len(candidates), -1)

@@ -5,7 +5,7 @@ Fitting a forecast (the caps' closed-loop choice and the refinement of :mod:`Dee
 judging it on the same prompts overfits them: on other prompts such a forecast lost up to 3.9 dB against calibrated
 reuse (issue 25). The replay and every closed-loop run already process the whole calibration batch at once, and
 they are scored per sample (:func:`~DeepCache.schedules.forecast_calibration.sample_l1`,
-:func:`~DeepCache.schedules.closed_loop.latent_errors`), so fitting on part of the batch is an average over those
+:func:`~DeepCache.schedules.closed_loop.log_mse`), so fitting on part of the batch is an average over those
 samples with no extra replay; each closed-loop run scores every sample at once.
 
 The rule (:func:`choose`), a *ladder* of options (``LADDER``, mildest first, fixed in advance):
