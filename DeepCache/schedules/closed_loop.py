@@ -121,7 +121,7 @@ def _unchecked(pipeline: Any) -> Iterator[None]:
     loop scores images, it shows them to no one, and a flagged image (blacked out: the reference's or a candidate's)
     would turn its sample's score into noise. Only the instance attribute changes (not the pipeline's config, so
     ``save_pretrained`` inside the block would still name the checker); it is put back on exit, whatever happens."""
-    checker = vars(pipeline).get("safety_checker")
+    checker = getattr(pipeline, "__dict__", {}).get("safety_checker")
     if checker is None:
         yield
         return
