@@ -179,7 +179,6 @@ def closed_loop_sample_errors(pipeline: Any, unet: nn.Module, candidates: Sequen
     return np.asarray(scores).reshape(len(candidates), -1)
 
 
-
 def memoized_scores(pipeline: Any, unet: nn.Module, reference: torch.Tensor, rewind: Callable[[], None],
                     call_kwargs: dict, cache: dict | None = None) -> Callable[[CacheParams], np.ndarray]:
     """``score(params)``: :func:`closed_loop_sample_errors` of one schedule, run once per distinct ``params``;
@@ -191,6 +190,7 @@ def memoized_scores(pipeline: Any, unet: nn.Module, reference: torch.Tensor, rew
             cache[params] = closed_loop_sample_errors(pipeline, unet, [params], reference, rewind, call_kwargs)[0]
         return cache[params]
     return score
+
 
 @contextlib.contextmanager
 def recorded(pipeline: Any, unet: nn.Module, call_kwargs: dict) -> Iterator[tuple[Recording, torch.Tensor, Callable[[], None]]]:

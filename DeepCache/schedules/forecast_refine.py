@@ -212,7 +212,6 @@ def kfold(samples: int, folds: int = KFOLDS) -> list[list[int]]:
     return [list(range(f, samples, k)) for f in range(k)]
 
 
-
 def fold_splits(samples: int) -> list[tuple[list[int], list[int]]]:
     """``(train, held)`` per fold of :func:`kfold`: each fold's held-out samples and the others; one sample (no fold):
     that sample on both sides.
@@ -222,6 +221,7 @@ def fold_splits(samples: int) -> list[tuple[list[int], list[int]]]:
     """
     everyone = list(range(samples))
     return [([s for s in everyone if s not in held], held) for held in kfold(samples)] or [(everyone, everyone)]
+
 
 def shrink(params: CacheParams, factor: float) -> CacheParams:
     """``params`` with every forecast weight times ``factor`` (toward reuse).
